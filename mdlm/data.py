@@ -1,0 +1,75 @@
+"""Local data: where the shipped corpora/tokenizers are, the GPT-2 tokenizer, and the published ``wrap`` chunking.
+
+No network is used. The data folder is ``$MDLM_DATA_DIR`` if set, else ``../shared/data`` next to the
+source checkout or the current directory, whichever exists.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["data_dir", "gpt2_tokenizer", "GPT2_EOS", "GPT2_VOCAB", "wrap_chunks", "load_corpus_tokens"]
+
+GPT2_EOS = 50256      # <|endoftext|>, also used as BOS in the published wrap mode
+GPT2_VOCAB = 50257    # MASK is appended as id 50257 -> model vocab 50258
+
+
+def data_dir(required: bool = True) -> Path | None:
+    """The shipped data folder; ``None`` (or a FileNotFoundError if ``required``) when it is absent."""
+    candidates = []
+    if os.environ.get("MDLM_DATA_DIR"):
+        candidates.append(Path(os.environ["MDLM_DATA_DIR"]))
+    candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    if required:
+        raise FileNotFoundError("no data folder found: set MDLM_DATA_DIR to a folder holding tokenizers/ and "
+                                f"corpora/ (looked in: {[str(c) for c in candidates]})")
+    return None
+
+
+def gpt2_tokenizer(root: str | os.PathLike | None = None):
+    """GPT-2 byte-level BPE from local ``tokenizers/gpt2/{vocab.json,merges.txt}`` (HF ``tokenizers``)."""
+    try:
+        from tokenizers import ByteLevelBPETokenizer
+    except ImportError as e:
+        raise ImportError("the GPT-2 tokenizer needs the 'tokenizers' package: pip install tokenizers") from e
+    root = Path(root) if root is not None else data_dir() / "tokenizers" / "gpt2"
+    vocab, merges = root / "vocab.json", root / "merges.txt"
+    for f in (vocab, merges):
+        if not f.is_file():
+            raise FileNotFoundError(f"GPT-2 tokenizer file missing: {f}")
+    return ByteLevelBPETokenizer(str(vocab), str(merges))
+
+
+def wrap_chunks(ids: torch.Tensor, length: int, bos: int = GPT2_EOS, eos: int = GPT2_EOS) -> torch.Tensor:
+    """Published ``wrap`` mode: a 1-D token stream cut into blocks of length-2, each framed [BOS ... EOS].
+
+    ids (N,) -> (N // (length - 2), length) int64; the tail that does not fill a block is dropped.
+    """
+    if length < 3:
+        raise ValueError(f"length must be >= 3 for wrap mode, got {length}")
+    body = length - 2
+    n = ids.numel() // body
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens are fewer than one block of {body}")
+    blocks = ids[: n * body].reshape(n, body).long()
+    return torch.cat([torch.full((n, 1), bos), blocks, torch.full((n, 1), eos)], dim=1)
+
+
+def load_corpus_tokens(name: str = "tinyshakespeare/input.txt", split: str = "train", train_fraction: float = 0.9,
+                       root: str | os.PathLike | None = None) -> torch.Tensor:
+    """GPT-2 tokens (N,) of a shipped corpus file, split by characters (first 90% train, rest validation)."""
+    path = (Path(root) if root is not None else data_dir() / "corpora") / name
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    cut = int(len(text) * train_fraction)
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    text = text[:cut] if split == "train" else text[cut:]
+    return torch.tensor(gpt2_tokenizer().encode(text).ids, dtype=torch.int64)

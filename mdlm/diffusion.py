@@ -1,0 +1,253 @@
+"""Masked diffusion in plain PyTorch: forward masking, parameterizations and losses (the spec).
+
+Follows the published ``diffusion.py`` op for op. ``MDLM`` wraps a backbone (``mdlm.nn.DIT`` or ``AR``),
+a noise schedule and the config; ``MDLM.loss(x0)`` is the training/validation objective.
+
+Shapes: x0, xt (B, L) int64; t, sigma, dsigma (B,); logits / log-probs (B, L, V); per-token losses (B, L).
+
+One deliberate difference: the published code runs the parameterization (logsumexp etc.) in the
+logits' dtype, which is bf16 under its autocast; here logits are upcast to fp32 first, which is what the
+fused kernels compute (log-sum-exp in fp32). On CPU both are fp32 anyway.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .config import to_config
+from .nn import AR, DIT, check_token_ids
+from .schedules import get_noise
+
+__all__ = ["MDLM", "Loss", "sample_t", "q_xt", "subs_parameterization", "d3pm_parameterization",
+           "sedd_parameterization", "score_entropy", "d3pm_loss", "NEG_INFINITY", "PARAMETERIZATIONS"]
+
+NEG_INFINITY = -1000000.0  # the published "minus infinity" for logits
+PARAMETERIZATIONS = ("subs", "d3pm", "sedd", "ar")
+
+
+class Loss(NamedTuple):
+    loss: torch.Tensor        # scalar: sum of per-token NELBO over non-pad tokens / their count
+    nlls: torch.Tensor        # (B, L) per-token NELBO, zero at pad positions
+    token_mask: torch.Tensor  # (B, L) 1 for counted tokens
+
+
+def sample_t(n: int, device, sampling_eps: float = 1e-3, antithetic: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Diffusion times t (n,) in [sampling_eps, 1].
+
+    Antithetic (low-discrepancy) as published: u_i = (r_i / n + i / n) mod 1 with r_i ~ U[0, 1), so the
+    batch covers [0, 1) evenly; t = (1 - sampling_eps) u + sampling_eps.
+    """
+    u = torch.rand(n, device=device, generator=generator)
+    if antithetic:
+        offset = torch.arange(n, device=device) / n
+        u = (u / n + offset) % 1
+    return (1 - sampling_eps) * u + sampling_eps
+
+
+def q_xt(x0: torch.Tensor, move_chance: torch.Tensor, mask_index: int,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Forward masking q(x_t | x_0): each token becomes MASK independently with prob move_chance (B, 1)."""
+    move_indices = torch.rand(*x0.shape, device=x0.device, generator=generator) < move_chance
+    return torch.where(move_indices, mask_index, x0)
+
+
+def subs_parameterization(logits: torch.Tensor, xt: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """SUBS: log p_theta(x0 | xt) (B, L, V) in fp32.
+
+    Zero masking probability (MASK logit - 1e6, then log-softmax) and carry-over unmasking (an unmasked
+    position puts all mass on its own token: log-prob 0 there, -1e6 elsewhere).
+    """
+    logits = logits.float().clone()
+    logits[:, :, mask_index] += NEG_INFINITY
+    logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    unmasked = xt != mask_index
+    logits[unmasked] = NEG_INFINITY
+    logits[unmasked, xt[unmasked]] = 0
+    return logits
+
+
+def d3pm_parameterization(logits: torch.Tensor, mask_index: int, subs_masking: bool = False) -> torch.Tensor:
+    logits = logits.float().clone()
+    if subs_masking:
+        logits[:, :, mask_index] += NEG_INFINITY
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def sedd_parameterization(logits: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """SEDD log-score: logits - log(e^sigma - 1) - log(V - 1), with 0 at the input token."""
+    logits = logits.float()
+    esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log().to(logits.dtype)
+    logits = logits - esigm1_log[:, None, None] - torch.log(torch.tensor(logits.shape[-1] - 1.0))
+    return torch.scatter(logits, -1, xt[..., None], torch.zeros_like(logits[..., :1]))
+
+
+def score_entropy(log_score: torch.Tensor, sigma: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor,
+                  mask_index: int) -> torch.Tensor:
+    """SEDD score entropy per token (B, L); sigma (B, 1). Zero at unmasked positions."""
+    masked = xt == mask_index
+    expsig_minus_1 = torch.expm1(sigma).expand_as(xt)
+    q_ratio = 1 / expsig_minus_1[masked]
+    words_that_were_masked = x0[masked]
+    masked_log_score = log_score[masked]
+    neg_term = q_ratio * torch.gather(masked_log_score, -1, words_that_were_masked[..., None]).squeeze(-1)
+    score = masked_log_score.exp()
+    vocab_size = log_score.shape[-1]
+    if mask_index == vocab_size - 1:
+        pos_term = score[:, :-1].sum(dim=-1)
+    else:
+        pos_term = score[:, :mask_index].sum(dim=-1) + score[:, mask_index + 1:].sum(dim=-1)
+    const = q_ratio * (q_ratio.log() - 1)
+    entropy = torch.zeros(*xt.shape, device=xt.device, dtype=score.dtype)
+    entropy[masked] += pos_term - neg_term + const
+    return entropy
+
+
+def d3pm_loss(model_output: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+              T: int, mask_index: int) -> torch.Tensor:
+    """Discrete-time (T steps) NELBO term per token (B, L), published form; t (B,) in {1/T, ..., 1}."""
+    dt = 1 / T
+    t = t[:, None].clamp(0.0, 1.0 - 1e-4)
+    alpha_t = 1 - t + torch.zeros_like(xt)
+    alpha_s = 1 - (t - dt) + torch.zeros_like(xt)
+    log_x_theta_at_x0 = torch.gather(model_output, -1, x0[:, :, None]).squeeze(-1)
+    x_theta_at_m = model_output[:, :, mask_index].exp()
+    term_1_coef = dt / t
+    term_1_log_nr = torch.log(alpha_t * x_theta_at_m / t + 1)
+    term_1_log_dr = log_x_theta_at_x0
+    term_2_coef = 1 - dt / t
+    term_2_log_nr = term_1_log_nr
+    term_2_log_dr = torch.log(alpha_s * x_theta_at_m / (t - dt) + 1)
+    l_vb_masked = (term_1_coef * (term_1_log_nr - term_1_log_dr)
+                   + term_2_coef * (term_2_log_nr - term_2_log_dr))
+    return T * l_vb_masked * (xt == mask_index)
+
+
+class MDLM(nn.Module):
+    """Masked diffusion LM (the published ``Diffusion`` module without Lightning).
+
+    Args:
+        config: ``mdlm.config.Config`` / dict / OmegaConf tree (see ``mdlm.config.preset``).
+        vocab_size: V including the MASK token (50258 for GPT-2 + MASK).
+        mask_index: id of MASK (default V - 1, as published when the tokenizer has no mask token).
+        backbone: optional pre-built backbone; default ``DIT(config, V)`` (``AR`` for parameterization 'ar').
+    """
+
+    neg_infinity = NEG_INFINITY
+
+    def __init__(self, config, vocab_size: int, mask_index: int | None = None, backbone: nn.Module | None = None):
+        super().__init__()
+        config = to_config(config)
+        self.config = config
+        self.vocab_size = vocab_size
+        self.mask_index = vocab_size - 1 if mask_index is None else mask_index
+        if not 0 <= self.mask_index < vocab_size:
+            raise ValueError(f"mask_index {self.mask_index} outside [0, {vocab_size})")
+        self.parameterization = config.parameterization
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {self.parameterization!r}; one of {PARAMETERIZATIONS}")
+        self.T = int(config.get("T", 0))
+        self.time_conditioning = bool(config.time_conditioning)
+        self.subs_masking = bool(config.get("subs_masking", False))
+        tr = config.training
+        self.antithetic_sampling = bool(tr.antithetic_sampling)
+        self.importance_sampling = bool(tr.importance_sampling)
+        self.change_of_variables = bool(tr.change_of_variables)
+        self.sampling_eps = float(tr.sampling_eps)
+        if self.parameterization == "d3pm" and self.T == 0:
+            raise ValueError("parameterization 'd3pm' needs discrete time: set T > 0")
+        if self.parameterization == "sedd" and self.T > 0:
+            raise ValueError("parameterization 'sedd' is continuous-time only (T = 0)")
+        self.noise = get_noise(config)
+        if backbone is None:
+            backbone = (AR(config, vocab_size, self.mask_index) if self.parameterization == "ar"
+                        else DIT(config, vocab_size))
+        self.backbone = backbone
+
+    # ----------------------------------------------------------------------------------------- model
+    def _process_sigma(self, sigma: torch.Tensor | None) -> torch.Tensor | None:
+        if sigma is None:
+            return None
+        if sigma.ndim > 1:
+            sigma = sigma.squeeze(-1)
+        if not self.time_conditioning:
+            sigma = torch.zeros_like(sigma)
+        return sigma
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x (B, L), sigma (B,) or (B, 1) -> the parameterization's log-probs / log-scores (B, L, V), fp32."""
+        sigma = self._process_sigma(sigma)
+        logits = self.backbone(x, sigma)
+        if self.parameterization == "subs":
+            return subs_parameterization(logits, x, self.mask_index)
+        if self.parameterization == "sedd":
+            return sedd_parameterization(logits, x, sigma)
+        if self.parameterization == "d3pm":
+            return d3pm_parameterization(logits, self.mask_index, self.subs_masking)
+        return logits.float()
+
+    # -------------------------------------------------------------------------------------- training
+    def sample_t(self, n: int, device, generator=None) -> torch.Tensor:
+        t = sample_t(n, device, self.sampling_eps, self.antithetic_sampling, generator)
+        if self.importance_sampling:
+            return self.noise.importance_sampling_transformation(t)
+        return t
+
+    def q_xt(self, x0, move_chance, generator=None):
+        return q_xt(x0, move_chance, self.mask_index, generator)
+
+    def reconstruction_loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """-log p_theta(x0 | x0) at t = 0 (the D3PM reconstruction term), (B, L)."""
+        t0 = torch.zeros(x0.shape[0], device=x0.device)
+        out = self.forward(x0, self.noise(t0)[0][:, None])
+        return -torch.gather(out, -1, x0[:, :, None]).squeeze(-1)
+
+    def forward_pass_diffusion(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        """Per-token NELBO (B, L) for one draw of t and x_t."""
+        t = self.sample_t(x0.shape[0], x0.device, generator)
+        if self.T > 0:
+            t = (t * self.T).to(torch.int) / self.T + 1 / self.T  # t in {1/T, ..., 1}
+        if self.change_of_variables:
+            unet_conditioning = t[:, None]
+            f_T = torch.log1p(-torch.exp(-self.noise.sigma_max))
+            f_0 = torch.log1p(-torch.exp(-self.noise.sigma_min))
+            move_chance = torch.exp(f_0 + t * (f_T - f_0))[:, None]
+        else:
+            sigma, dsigma = self.noise(t)
+            unet_conditioning = sigma[:, None]
+            move_chance = 1 - torch.exp(-sigma[:, None])
+        xt = self.q_xt(x0, move_chance, generator)
+        model_output = self.forward(xt, unet_conditioning)
+
+        if self.parameterization == "sedd":
+            return dsigma[:, None] * score_entropy(model_output, sigma[:, None], xt, x0, self.mask_index)
+        if self.T > 0:
+            diffusion_loss = d3pm_loss(model_output, xt, x0, t, self.T, self.mask_index)
+            if self.parameterization == "d3pm":
+                return self.reconstruction_loss(x0) + diffusion_loss
+            return diffusion_loss
+        # SUBS, continuous time: weight dsigma / expm1(sigma) (= 1/t for loglinear).
+        log_p_theta = torch.gather(model_output, -1, x0[:, :, None]).squeeze(-1)
+        if self.change_of_variables or self.importance_sampling:
+            return log_p_theta * torch.log1p(-torch.exp(-self.noise.sigma_min))
+        return -log_p_theta * (dsigma / torch.expm1(sigma))[:, None]
+
+    def loss(self, x0: torch.Tensor, attention_mask: torch.Tensor | None = None, generator=None) -> Loss:
+        """Token-averaged NELBO (diffusion) or NLL (AR) of a batch x0 (B, L); attention_mask (B, L) 0 = pad."""
+        check_token_ids(x0, self.vocab_size, "x0")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(x0, dtype=torch.float32)
+        elif attention_mask.shape != x0.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != x0 shape {tuple(x0.shape)}")
+        x0 = x0.long()
+        if self.parameterization == "ar":
+            inputs, targets, attention_mask = x0[:, :-1], x0[:, 1:], attention_mask[:, 1:]
+            logprobs = self.backbone(inputs, None)
+            loss = -logprobs.gather(-1, targets[:, :, None])[:, :, 0]
+        else:
+            loss = self.forward_pass_diffusion(x0, generator)
+        nlls = loss * attention_mask
+        count = attention_mask.sum()
+        return Loss(loss=nlls.sum() / count, nlls=nlls, token_mask=attention_mask)
