@@ -120,8 +120,11 @@ def d3pm_loss(model_output: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor, t:
     term_2_coef = 1 - dt / t
     term_2_log_nr = term_1_log_nr
     term_2_log_dr = torch.log(alpha_s * x_theta_at_m / (t - dt) + 1)
-    l_vb_masked = (term_1_coef * (term_1_log_nr - term_1_log_dr)
-                   + term_2_coef * (term_2_log_nr - term_2_log_dr))
+    # At the first step (s = t - dt = 0) the published code evaluates 0 * log(0/0 + 1) = NaN whenever the
+    # model gives MASK zero probability (always, under SUBS). The coefficient 1 - dt/t is exactly 0 there
+    # and the term's limit is 0, so it is dropped for those rows.
+    term_2 = torch.where(t - dt > 0, term_2_coef * (term_2_log_nr - term_2_log_dr), 0.0)
+    l_vb_masked = term_1_coef * (term_1_log_nr - term_1_log_dr) + term_2
     return T * l_vb_masked * (xt == mask_index)
 
 

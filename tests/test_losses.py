@@ -1,0 +1,203 @@
+"""Parameterizations and losses (mdlm.diffusion): SUBS carry-over, the continuous-time NELBO against an
+independent masked-rows cross-entropy, perfect denoisers, D3PM, SEDD and the AR baseline.
+
+Tolerances (fp32 on CPU): loss vs independent recomputation rtol 1e-5, atol 1e-5; "zero" losses of a
+perfect denoiser below 1e-5 per token (the logit margin is 60 nats, exp(-60) ~ 1e-26).
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mdlm
+from mdlm.diffusion import MDLM, sample_t, score_entropy, subs_parameterization
+
+V, MASK = 97, 96
+
+
+def _model(seed=0, **over):
+    cfg = mdlm.preset("tiny", **{"model.dropout": 0.0, "model.n_blocks": 1, "model.hidden_size": 32,
+                                  "model.n_heads": 2, "model.cond_dim": 16, **over})
+    torch.manual_seed(seed)
+    m = MDLM(cfg, V)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+class Oracle(nn.Module):
+    """A backbone that knows x0: logits = margin * one_hot(x0)."""
+
+    def __init__(self, x0, margin=60.0):
+        super().__init__()
+        self.x0, self.margin = x0, margin
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, sigma):
+        return self.margin * F.one_hot(self.x0, V).float()
+
+
+@pytest.mark.parametrize("L", [1, 37])
+def test_subs_parameterization_carry_over_and_zero_mask_probability(L):
+    g = torch.Generator().manual_seed(L)
+    logits = torch.randn(3, L, V, generator=g) * 5
+    xt = torch.randint(0, V, (3, L), generator=g)
+    xt[:, ::2] = MASK
+    logp = subs_parameterization(logits, xt, MASK)
+    masked = xt == MASK
+    # masked rows: a distribution over the non-MASK tokens, MASK has (numerically) zero probability
+    torch.testing.assert_close(logp[masked].exp().sum(-1), torch.ones(int(masked.sum())), rtol=1e-5, atol=1e-5)
+    assert torch.all(logp[masked][:, MASK].exp() == 0)
+    ref = torch.log_softmax(torch.cat([logits[..., :MASK], logits[..., MASK + 1:]], -1), -1)
+    torch.testing.assert_close(torch.cat([logp[..., :MASK], logp[..., MASK + 1:]], -1)[masked], ref[masked],
+                               rtol=1e-5, atol=1e-5)
+    # unmasked rows: all mass on the observed token
+    um = ~masked
+    assert torch.all(logp[um].gather(-1, xt[um][:, None]) == 0)
+    assert torch.all(logp[um].exp().sum(-1) == 1)
+
+
+def test_continuous_subs_loss_equals_masked_rows_cross_entropy():
+    """The NELBO = sum over MASKED positions of (1/t) * CE(logits without the MASK column, x0), over all tokens."""
+    m = _model()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, MASK, (4, 37), generator=g)
+    seed = 1234
+    out = m.loss(x0, generator=torch.Generator().manual_seed(seed))
+    # replay the same draws of t and x_t
+    g2 = torch.Generator().manual_seed(seed)
+    t = sample_t(4, "cpu", 1e-3, True, g2)
+    move = (1 - 1e-3) * t
+    xt = torch.where(torch.rand(4, 37, generator=g2) < (1 - torch.exp(torch.log1p(-move)))[:, None], MASK, x0)
+    logits = m.backbone(xt, torch.zeros(4)).float()
+    masked = xt == MASK
+    assert masked.any() and (~masked).any()
+    ce = F.cross_entropy(logits[..., :MASK][masked], x0[masked], reduction="none")
+    w = (1 / t)[:, None].expand_as(x0)[masked]
+    expected = (ce * w).sum() / x0.numel()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(out.nlls[~masked] == 0)  # carry-over: unmasked positions have exactly zero loss
+
+
+def test_unmasked_positions_get_zero_gradient():
+    m = _model()
+    x0 = torch.randint(0, MASK, (2, 16))
+    sigma = torch.zeros(2)
+    xt = x0.clone()
+    xt[:, 8:] = MASK
+    xt_ = xt.clone()
+    logits = m.backbone(xt, sigma)
+    logits.retain_grad()
+    logp = subs_parameterization(logits, xt_, MASK)
+    loss = -logp.gather(-1, x0[..., None]).sum()
+    loss.backward()
+    assert torch.all(logits.grad[:, :8] == 0)
+    assert torch.any(logits.grad[:, 8:] != 0)
+
+
+@pytest.mark.parametrize("param, T", [("subs", 0), ("subs", 10), ("d3pm", 10)])
+def test_perfect_denoiser_has_zero_loss(param, T):
+    x0 = torch.randint(0, MASK, (8, 37))
+    cfg = mdlm.preset("tiny", **{"parameterization": param, "T": T})
+    m = MDLM(cfg, V, backbone=Oracle(x0))
+    out = m.loss(x0, generator=torch.Generator().manual_seed(0))
+    assert float(out.nlls.abs().max()) < 1e-5
+
+
+def test_untrained_subs_loss_is_log_vocab():
+    """Zero logits: every masked token costs log(V-1)/t; E over antithetic t of 1{masked}/t = 1 - eps."""
+    cfg = mdlm.preset("tiny")
+    m = MDLM(cfg, V)  # zero-initialised output layer
+    x0 = torch.randint(0, MASK, (256, 64))
+    out = m.loss(x0, generator=torch.Generator().manual_seed(0))
+    expected = torch.log(torch.tensor(V - 1.0)) * (1 - 1e-3)
+    assert abs(out.loss.item() - float(expected)) < 0.05 * float(expected)
+
+
+def test_attention_mask_excludes_padding():
+    m = _model()
+    x0 = torch.randint(0, MASK, (3, 20))
+    am = torch.ones(3, 20)
+    am[:, 15:] = 0
+    out = m.loss(x0, am, generator=torch.Generator().manual_seed(5))
+    assert torch.all(out.nlls[:, 15:] == 0)
+    torch.testing.assert_close(out.loss, out.nlls.sum() / 45)
+
+
+def test_sedd_score_entropy_nonnegative_and_zero_at_true_score():
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 11
+    x0 = torch.randint(0, MASK, (B, L), generator=g)
+    xt = x0.clone()
+    xt[:, ::3] = MASK
+    sigma = torch.rand(B, 1, generator=g) + 0.1
+    log_score = torch.randn(B, L, V, generator=g)
+    ent = score_entropy(log_score, sigma, xt, x0, MASK)
+    assert torch.all(ent >= -1e-5) and torch.all(ent[xt != MASK] == 0)
+    true = torch.full((B, L, V), -1e4)
+    true.scatter_(-1, x0[..., None], (-torch.log(torch.expm1(sigma)))[:, :, None].expand(B, L, 1))
+    ent0 = score_entropy(true, sigma, xt, x0, MASK)
+    assert float(ent0.abs().max()) < 1e-4
+
+
+def test_sedd_and_d3pm_losses_are_finite_and_train():
+    for over in ({"parameterization": "sedd", "time_conditioning": True}, {"parameterization": "d3pm", "T": 20}):
+        m = _model(**over)
+        x0 = torch.randint(0, MASK, (4, 16))
+        out = m.loss(x0, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out.loss) and out.loss.item() > 0
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_ar_loss_is_next_token_cross_entropy_without_mask():
+    m = _model(parameterization="ar")
+    x0 = torch.randint(0, MASK, (2, 13))
+    out = m.loss(x0)
+    logits = m.backbone.output_layer(_ar_hidden(m.backbone, x0[:, :-1])).float()
+    ce = F.cross_entropy(logits[..., :MASK].reshape(-1, MASK), x0[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce, rtol=1e-5, atol=1e-5)
+
+
+def _ar_hidden(ar, x):
+    h = ar.vocab_embed(x)
+    cs = ar.rotary_emb(h)
+    for b in ar.blocks:
+        h = b(h, cs)
+    return h
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.full((2, 5), V), "outside"),
+    (torch.zeros(2, 5), "integer"),
+    (torch.zeros(5, dtype=torch.long), "shape"),
+])
+def test_loss_rejects_bad_tokens(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _model().loss(bad)
+
+
+def test_bad_configs_are_clear_errors():
+    with pytest.raises(ValueError, match="parameterization"):
+        MDLM(mdlm.preset("tiny", parameterization="foo"), V)
+    with pytest.raises(ValueError, match="T > 0"):
+        MDLM(mdlm.preset("tiny", parameterization="d3pm"), V)
+    with pytest.raises(ValueError, match="mask_index"):
+        MDLM(mdlm.preset("tiny"), V, mask_index=V)
+    with pytest.raises(KeyError, match="unknown config key"):
+        mdlm.preset("tiny", **{"model.hidden": 3})
+
+
+def test_discrete_time_first_step_is_finite():
+    """t = 1/T means s = 0: the published formula is 0 * log(0/0 + 1) there; it must be 0, not NaN."""
+    from mdlm.diffusion import d3pm_loss
+    T = 10
+    x0 = torch.randint(0, MASK, (2, 5))
+    xt = torch.full_like(x0, MASK)
+    logits = torch.randn(2, 5, V)
+    logp = subs_parameterization(logits, xt, MASK)
+    out = d3pm_loss(logp, xt, x0, torch.full((2,), 1 / T), T, MASK)
+    assert torch.isfinite(out).all()
+    # at t = 1/T only the first term remains: T * (dt/t) * (0 - log p(x0)) = -T log p(x0)
+    torch.testing.assert_close(out, -T * logp.gather(-1, x0[..., None])[..., 0], rtol=1e-5, atol=1e-5)
