@@ -1,0 +1,286 @@
+"""Training throughput of MDLM providers, side by side in one process.
+
+    python bench/throughput.py                      # GPU: DiT small, B=16 x L=1024, bf16; CPU: tiny preset
+    python bench/throughput.py --preset small --batch 64 --providers reference,masked_compiled
+
+A provider is one way of computing the published training loss; every provider runs the same full
+training step: forward, backward, AdamW (lr 3e-4, betas 0.9/0.999, wd 0), gradient clipping at 1.0
+and the EMA update (decay 0.9999 with the (1+n)/(10+n) warm-up, as ``torch._foreach`` ops).
+
+Providers available now:
+  reference        the published loss: (B, L, V) logits, SUBS parameterization, gather (eager)
+  masked           LM head + cross-entropy on masked rows only, MASK column dropped (eager)
+  compiled         torch.compile of the reference loss function
+  masked_compiled  torch.compile of the masked-rows loss
+The fused-kernel provider is added with the fused kernels; it is not faked here.
+
+Per provider: step time (median and inter-quartile range over the timed steps), tokens/s, peak memory,
+and model FLOP utilisation (MFU) against the matmul rate measured in the same run. MFU counts the model's
+FLOPs with the full LM head for every provider (so it is proportional to tokens/s); a masked-rows provider
+skips about half of the LM head and can therefore show more MFU than the hardware really sustains. Results are printed as a
+table and written as JSON (plus a PNG bar chart if matplotlib is installed) under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import mdlm
+except ImportError:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+    import mdlm
+
+PROVIDERS = ("reference", "masked", "compiled", "masked_compiled")
+VOCAB = 50258  # GPT-2 + MASK
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device, dtype, n: int, reps: int = 5) -> float:
+    """Measured dense matmul rate (FLOP/s) for n x n x n in ``dtype``: the MFU denominator."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def model_flops_per_token(cfg, vocab: int, length: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), full LM head, attention included.
+
+    Per token and layer: qkv 3d^2, out d^2, MLP 8d^2 multiply-adds, attention scores + values 2 L d;
+    LM head d V. One multiply-add = 2 FLOPs; training = 3x forward.
+    """
+    d, n = cfg.model.hidden_size, cfg.model.n_blocks
+    fwd_macs = n * (12 * d * d + 2 * length * d) + d * vocab
+    return 3 * 2 * fwd_macs
+
+
+class EMA:
+    """Published EMA (decay min(0.9999, (1+n)/(10+n))) with fused foreach ops."""
+
+    def __init__(self, params, decay=0.9999):
+        self.params = [p for p in params if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    @torch.no_grad()
+    def update(self):
+        self.n += 1
+        decay = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
+
+
+def make_step(provider: str, model: mdlm.MDLM, device, bf16: bool):
+    masked = provider.startswith("masked")
+
+    def loss_fn(x0):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            return model.loss(x0, masked_rows=masked).loss
+
+    if provider.endswith("compiled"):
+        loss_fn = torch.compile(loss_fn)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                            **({"fused": True} if fused else {"foreach": True}))
+    ema = EMA(model.parameters())
+
+    def step(x0):
+        loss = loss_fn(x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        ema.update()
+        return loss
+
+    return step
+
+
+def run_provider(provider, cfg, args, device):
+    torch.manual_seed(0)
+    model = mdlm.MDLM(cfg, VOCAB).to(device)
+    model.backbone.validate_inputs = False  # inputs are generated in range; skip the per-step host sync
+    model.train()
+    step = make_step(provider, model, device, args.bf16)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    batches = [torch.randint(0, VOCAB - 1, (args.batch, args.length), generator=g).to(device)
+               for _ in range(4)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_first = time.perf_counter()
+    losses = []
+    for i in range(args.warmup):
+        losses.append(step(batches[i % 4]))
+    _sync(device)
+    warmup_s = time.perf_counter() - t_first
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step(batches[i % 4]))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    final_loss = losses[-1].detach().float().item()
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    del model, step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    med = statistics.median(times)
+    return {"provider": provider, "median_s": med, "q1_s": q[0], "q3_s": q[2], "warmup_s": warmup_s,
+            "tokens_per_s": args.batch * args.length / med, "peak_mem_gib": peak,
+            "peak_mem_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS",
+            "final_loss": final_loss, "steps_timed": len(times)}
+
+
+def environment(device) -> dict:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or None
+    except Exception:
+        rev = None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_revision": rev,
+           "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+           "device": device.type, "host": platform.node(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small" if cuda else "tiny", choices=mdlm.PRESETS)
+    p.add_argument("--batch", type=int, default=16 if cuda else 4)
+    p.add_argument("--length", type=int, default=None, help="sequence length (default: the preset's)")
+    p.add_argument("--providers", default="reference,masked,compiled,masked_compiled" if cuda else "reference,masked",
+                   help=f"comma-separated subset of {PROVIDERS}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per provider")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 2)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 on GPU (CPU is always fp32)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and PNG")
+    p.add_argument("--tag", default=None, help="file name stem (default: throughput_<device>_<preset>)")
+    args = p.parse_args(argv)
+    args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
+    unknown = [s for s in args.providers if s not in PROVIDERS]
+    if unknown:
+        p.error(f"unknown provider(s) {unknown}; choose from {PROVIDERS}")
+    if args.steps < 1 or args.batch < 1:
+        p.error("--steps and --batch must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cfg = mdlm.preset(args.preset)
+    args.length = args.length or cfg.model.length
+    cfg.model.length = args.length
+    dtype = torch.bfloat16 if (device.type == "cuda" and args.bf16) else torch.float32
+    ceiling = matmul_ceiling(device, dtype, 8192 if device.type == "cuda" else 2048)
+    flops_tok = model_flops_per_token(cfg, VOCAB, args.length)
+    env = environment(device)
+    print(f"# MDLM training throughput: preset {args.preset}, B={args.batch}, L={args.length}, V={VOCAB}, "
+          f"{'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'} on {env.get('gpu', env.get('cpu'))} "
+          f"({device.type}); torch {env['torch']}, git {env['git_revision']}")
+    print(f"# measured {dtype} matmul ceiling: {ceiling / 1e12:.2f} TFLOP/s; model: {flops_tok / 1e9:.3f} GFLOP/token "
+          "(fwd+bwd)")
+    rows = []
+    for prov in args.providers:
+        try:
+            r = run_provider(prov, cfg, args, device)
+        except Exception as e:  # one provider failing (e.g. no compiler for torch.compile) must not hide the others
+            print(f"  {prov}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            rows.append({"provider": prov, "error": f"{type(e).__name__}: {e}"[:2000]})
+            continue
+        r["mfu"] = r["tokens_per_s"] * flops_tok / ceiling
+        rows.append(r)
+    ok = [r for r in rows if "error" not in r]
+    base = next((r for r in ok if r["provider"] == "reference"), None)
+    hdr = f"{'provider':<16} {'step ms (median)':>17} {'IQR ms':>13} {'tokens/s':>11} {'vs ref':>7} {'MFU':>6} {'peak GiB':>9} {'loss':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['provider']:<16} failed: {r['error'].splitlines()[0][:80]}")
+            continue
+        speed = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
+        print(f"{r['provider']:<16} {r['median_s'] * 1e3:>17.1f} {r['q1_s'] * 1e3:>6.1f}-{r['q3_s'] * 1e3:<6.1f} "
+              f"{r['tokens_per_s']:>11,.0f} {speed:>7} {r['mfu'] * 100:>5.1f}% {r['peak_mem_gib']:>9.2f} "
+              f"{r['final_loss']:>7.3f}")
+    if device.type != "cuda":
+        print("# CPU figures (no GPU here): they show the pipeline works, not GPU speed. Peak memory on CPU is "
+              "the process's max RSS, cumulative over providers.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.tag or f"throughput_{device.type}_{args.preset}"
+    result = {"benchmark": "throughput", "preset": args.preset, "batch": args.batch, "length": args.length,
+              "vocab": VOCAB, "dtype": str(dtype), "matmul_ceiling_flops": ceiling,
+              "model_flops_per_token": flops_tok, "environment": env, "results": rows}
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    _plot(ok, out / f"{stem}.png", f"{args.preset} B={args.batch} L={args.length} on {env.get('gpu', device.type)}")
+    print(f"# wrote {out / (stem + '.json')}")
+    return 0 if ok else 1
+
+
+def _plot(rows, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar([r["provider"] for r in rows], [r["tokens_per_s"] for r in rows], color="#4c72b0")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
