@@ -227,3 +227,12 @@ def test_masked_rows_loss_equals_published_loss_and_gradients(mask_index):
         assert err <= 1e-5 * scale, (name, err, scale)
     with pytest.raises(ValueError, match="masked_rows"):
         _model(T=5).loss(x0, masked_rows=True)
+
+
+def test_time_conditioning_off_feeds_zeros_on_feeds_sigma():
+    x = torch.randint(0, MASK, (2, 9))
+    x[:, ::2] = MASK
+    off = _model().eval()
+    torch.testing.assert_close(off(x, torch.zeros(2)), off(x, torch.full((2, 1), 3.0)), rtol=0, atol=0)
+    on = _model(time_conditioning=True).eval()
+    assert not torch.allclose(on(x, torch.zeros(2)), on(x, torch.full((2, 1), 3.0)))
