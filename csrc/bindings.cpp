@@ -1,0 +1,166 @@
+// The one pybind11 file of mdlm_kernels._C. Framework-free: Python passes data pointers (ints),
+// sizes, dtype codes and the CUDA stream (int). Errors:
+//   std::invalid_argument -> ValueError   (bad sizes / dtype codes, validated here)
+//   std::runtime_error    -> RuntimeError (CUDA errors; mdlm_kernels re-raises as KernelError)
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mdlm/ops.h"
+#include "mdlm/philox.h"
+
+namespace py = pybind11;
+
+#ifndef MDLM_CUDA_ARCHS
+#define MDLM_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+constexpr int64_t kMaxDim = int64_t(0xFFFFFFFF);  // row/col indices are uint32 counter words
+
+void check_sizes(const char* op, int64_t rows, int64_t cols, int64_t elem_size) {
+  if (rows < 0 || cols < 0) {
+    throw std::invalid_argument(std::string(op) + ": rows and cols must be >= 0, got rows=" +
+                                std::to_string(rows) + ", cols=" + std::to_string(cols));
+  }
+  if (rows > kMaxDim || cols > kMaxDim) {
+    throw std::invalid_argument(std::string(op) + ": rows and cols must be < 2^32 (they are uint32 " +
+                                "Philox counter words), got rows=" + std::to_string(rows) +
+                                ", cols=" + std::to_string(cols));
+  }
+  if (cols != 0 && rows > std::numeric_limits<int64_t>::max() / elem_size / cols) {
+    throw std::invalid_argument(std::string(op) + ": rows*cols*itemsize overflows int64 (rows=" +
+                                std::to_string(rows) + ", cols=" + std::to_string(cols) + ")");
+  }
+}
+
+int64_t uniform_elem_size(const char* op, int dtype) {
+  if (dtype == mdlm::kFloat64) return 8;
+  if (dtype == mdlm::kFloat32) return 4;
+  throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(dtype) + " (" +
+                              mdlm::dtype_name(dtype) + "); supported: 0 (float32), 3 (float64)");
+}
+
+void* as_ptr(const char* op, std::uintptr_t p, bool nonempty) {
+  if (nonempty && p == 0) throw std::invalid_argument(std::string(op) + ": null data pointer");
+  return reinterpret_cast<void*>(p);
+}
+
+#if MDLM_WITH_CUDA
+[[noreturn]] void throw_cuda(const char* op, int code) {
+  throw std::runtime_error(std::string("mdlm_kernels CUDA error in ") + op + ": " + mdlm::cuda_error_string(code) +
+                           " (code " + std::to_string(code) + ")");
+}
+
+void check_cuda(const char* op, int code) {
+  if (code != 0) throw_cuda(op, code);
+}
+
+// Refuse to launch when the runtime sees no device (no driver, no GPU): a clear error instead of
+// whatever the launch would do.
+void require_device(const char* op) {
+  int count = 0;
+  int err = mdlm::cuda_device_count(&count);
+  if (count <= 0) {
+    throw std::runtime_error(std::string("mdlm_kernels CUDA error in ") + op +
+                             ": no CUDA device available (cudaGetDeviceCount: " + mdlm::cuda_error_string(err) +
+                             ", code " + std::to_string(err) + ")");
+  }
+}
+#else
+[[noreturn]] void no_cuda(const char* op) {
+  throw std::runtime_error(std::string("mdlm_kernels: ") + op +
+                           " is unavailable: the extension was built without CUDA (nvcc was not found at "
+                           "build time or MDLM_SKIP_CUDA=1); rebuild with nvcc on PATH or CUDA_HOME set");
+}
+#endif
+
+std::array<uint32_t, 4> philox4x32(const std::vector<uint64_t>& ctr, const std::vector<uint64_t>& key) {
+  if (ctr.size() != 4 || key.size() != 2) {
+    throw std::invalid_argument("philox4x32: need 4 counter words and 2 key words, got " +
+                                std::to_string(ctr.size()) + " and " + std::to_string(key.size()));
+  }
+  uint32_t c[4], k[2], out[4];
+  for (int i = 0; i < 4; ++i) {
+    if (ctr[i] > 0xFFFFFFFFull) throw std::invalid_argument("philox4x32: counter words must be in [0, 2^32)");
+    c[i] = static_cast<uint32_t>(ctr[i]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (key[i] > 0xFFFFFFFFull) throw std::invalid_argument("philox4x32: key words must be in [0, 2^32)");
+    k[i] = static_cast<uint32_t>(key[i]);
+  }
+  mdlm::philox4x32_cpu(c, k, out);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+void philox_uniform_cpu(std::uintptr_t out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype) {
+  const char* op = "philox_uniform_cpu";
+  check_sizes(op, rows, cols, uniform_elem_size(op, dtype));
+  void* p = as_ptr(op, out, rows * cols > 0);
+  py::gil_scoped_release release;
+  mdlm::philox_uniform_cpu(p, rows, cols, seed, offset, dtype);
+}
+
+void philox_uniform_cuda(std::uintptr_t out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype,
+                         std::uintptr_t stream) {
+  const char* op = "philox_uniform_cuda";
+  check_sizes(op, rows, cols, uniform_elem_size(op, dtype));
+#if MDLM_WITH_CUDA
+  void* p = as_ptr(op, out, rows * cols > 0);
+  if (rows * cols == 0) return;
+  require_device(op);
+  int err;
+  {
+    py::gil_scoped_release release;
+    err = mdlm::philox_uniform_cuda(p, rows, cols, seed, offset, dtype, reinterpret_cast<void*>(stream));
+  }
+  check_cuda(op, err);
+#else
+  (void)out;
+  (void)seed;
+  (void)offset;
+  (void)stream;
+  no_cuda(op);
+#endif
+}
+
+int cuda_device_count() {
+#if MDLM_WITH_CUDA
+  int count = 0;
+  mdlm::cuda_device_count(&count);
+  return count;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mdlm-kernels compiled extension (framework-free C++/CUDA)";
+  m.def("philox4x32", &philox4x32, py::arg("ctr"), py::arg("key"),
+        "Philox4x32-10 of one block: 4 counter words, 2 key words -> 4 words (known-answer tests).");
+  m.def("uniform53", [](uint32_t w0, uint32_t w1) { return mdlm::uniform53(w0, w1); }, py::arg("w0"), py::arg("w1"),
+        "Header helper uniform53 (host instantiation), for tests.");
+  m.def("uniform24", [](uint32_t w) { return static_cast<double>(mdlm::uniform24(w)); }, py::arg("w"),
+        "Header helper uniform24 (host instantiation, returned widened to double), for tests.");
+  m.def("philox_uniform_cpu", &philox_uniform_cpu, py::arg("out_ptr"), py::arg("rows"), py::arg("cols"),
+        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"),
+        "Fill a (rows, cols) row-major host buffer with Philox uniforms in (0, 1).");
+  m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("out_ptr"), py::arg("rows"), py::arg("cols"),
+        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("stream"),
+        "Same as philox_uniform_cpu on a device buffer, launched on `stream` (cudaStream_t as int).");
+  m.def("cuda_compiled", []() { return MDLM_WITH_CUDA != 0; }, "True when the CUDA sources were compiled in.");
+  m.def("cuda_archs", []() { return std::string(MDLM_CUDA_ARCHS); }, "CUDA archs compiled for ('' if none).");
+  m.def("cuda_device_count", &cuda_device_count, "cudaGetDeviceCount, or 0 (never raises) without driver/GPU.");
+  m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(mdlm::kFloat32), py::arg("bfloat16") = int(mdlm::kBFloat16),
+                                   py::arg("float16") = int(mdlm::kFloat16), py::arg("float64") = int(mdlm::kFloat64),
+                                   py::arg("int64") = int(mdlm::kInt64), py::arg("int32") = int(mdlm::kInt32));
+}

@@ -1,0 +1,28 @@
+// Host launcher declarations shared by bindings.cpp, the CPU twins (csrc/cpu) and the CUDA
+// launchers (csrc/cuda). CUDA launchers take the stream as an opaque pointer and return the
+// cudaError_t as an int (0 = success), so bindings.cpp needs neither CUDA headers nor exceptions
+// from device code.
+#pragma once
+
+#include <cstdint>
+
+#include "mdlm/common.h"
+
+namespace mdlm {
+
+// ---- CPU (always built) ----------------------------------------------------------------------
+// out: rows x cols row-major, dtype kFloat64 (uniform53) or kFloat32 (uniform24).
+void philox_uniform_cpu(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
+                        int out_dtype);
+void philox4x32_cpu(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+
+#if MDLM_WITH_CUDA
+// ---- CUDA (built when nvcc is found) ---------------------------------------------------------
+int philox_uniform_cuda(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
+                        int out_dtype, void* stream);
+// Runtime helpers (csrc/cuda/runtime.cu): never throw.
+int cuda_device_count(int* count);           // returns the cudaError_t of cudaGetDeviceCount
+const char* cuda_error_string(int code);     // cudaGetErrorString
+#endif
+
+}  // namespace mdlm

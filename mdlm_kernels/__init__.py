@@ -1,0 +1,42 @@
+"""mdlm-kernels: fused CUDA/C++ and Triton kernels for masked diffusion language models.
+
+Imports without the compiled extension (``mdlm_kernels._C``) and without triton; ``available()``
+reports what this process can use. Backends: see :mod:`mdlm_kernels.backend`.
+"""
+
+from __future__ import annotations
+
+from . import _ext, _triton, backend
+from .backend import BACKENDS
+from .errors import BackendUnavailableError, KernelError
+from .ops.philox import philox4x32, philox_uniform
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "KernelError",
+    "available",
+    "backend",
+    "philox4x32",
+    "philox_uniform",
+]
+
+__version__ = "0.1.0"
+
+
+def available() -> dict:
+    """What this process can run: compiled extension, CUDA, triton, interpreter mode."""
+    import torch
+
+    m = _ext.load()
+    cuda_compiled = bool(m is not None and m.cuda_compiled())
+    return {
+        "extension": m is not None,
+        "extension_error": _ext.error(),
+        "cuda_compiled": cuda_compiled,
+        "cuda_archs": m.cuda_archs() if m is not None else "",
+        "cuda_runtime_devices": int(m.cuda_device_count()) if cuda_compiled else 0,
+        "torch_cuda": bool(torch.cuda.is_available()),
+        "triton": _triton.HAS_TRITON,
+        "triton_interpret": _triton.interpret_env(),
+    }

@@ -1,0 +1,140 @@
+"""Backend selection shared by every op.
+
+Backends (in auto order):
+  "cpp"       the compiled extension mdlm_kernels._C: its CUDA kernel for CUDA tensors, its CPU twin
+              (same header code, OpenMP) for CPU tensors. Alias: "cuda".
+  "triton"    Triton kernels; on CPU tensors only under TRITON_INTERPRET=1 (set before import).
+  "reference" plain PyTorch, the spec; always available.
+
+Forcing: the per-call ``backend=`` argument wins, else the environment variable MDLM_BACKEND
+("auto" or empty = automatic). A forced backend that cannot run raises BackendUnavailableError
+with the reason; automatic mode silently falls back along the order above.
+
+How an op uses it::
+
+    impls = {"cpp": _cpp, "triton": _triton, "reference": _reference}
+    name = backend.resolve("my_op", backend_arg, x.device,
+                           {"cpp": None, "triton": lambda dev: "needs fp32" if bad else None,
+                            "reference": None})
+    return impls[name](...)
+
+or in one call: ``backend.dispatch("my_op", impls, backend_arg, x.device, *args, supported=...)``.
+A predicate receives the torch.device and returns None/True (ok), False (unsupported) or a
+string (unsupported, with this reason). The generic availability (extension imported, CUDA
+compiled, triton installed, interpreter mode) is checked here, so predicates only add
+op-specific limits. ``last_used[op_name]`` records the backend chosen by the latest call.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+
+from . import _ext, _triton
+from .errors import BackendUnavailableError
+
+BACKENDS = ("cpp", "triton", "reference")
+ENV_VAR = "MDLM_BACKEND"
+_ALIASES = {"cuda": "cpp", "ext": "cpp", "torch": "reference"}
+
+Predicate = Optional[Callable[[torch.device], Union[bool, str, None]]]
+
+# op name -> backend used by the latest call (tests and benchmarks read it)
+last_used: dict[str, str] = {}
+
+
+def normalize(name: Optional[str]) -> Optional[str]:
+    """Canonical backend name, or None for automatic selection."""
+    if name is None:
+        return None
+    key = str(name).strip().lower()
+    if key in ("", "auto"):
+        return None
+    key = _ALIASES.get(key, key)
+    if key not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} (or 'auto')")
+    return key
+
+
+def unavailable_reason(backend: str, device: Union[torch.device, str]) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` in this process, or None if it can."""
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type not in ("cpu", "cuda"):
+            return f"the compiled extension supports cpu and cuda tensors, not {device.type}"
+        if not _ext.available():
+            return f"the compiled extension mdlm_kernels._C is not available ({_ext.error()})"
+        if device.type == "cuda" and not _ext.cuda_compiled():
+            return ("the extension was built without CUDA (nvcc not found at build time or "
+                    "MDLM_SKIP_CUDA=1); rebuild with nvcc available")
+        return None
+    if backend == "triton":
+        if not _triton.HAS_TRITON:
+            return f"triton is not installed ({_triton.ERROR})"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if not _triton.interpret_env():
+                return "TRITON_INTERPRET=1 is needed to run Triton on CPU tensors"
+            if not _triton.INTERPRETED:
+                return ("TRITON_INTERPRET=1 was set after mdlm_kernels was imported; set it before "
+                        "the import so the Triton kernels are created in interpreter mode")
+            return None
+        return f"triton does not run on {device.type} tensors"
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _predicate_reason(pred: Predicate, device: torch.device) -> Optional[str]:
+    if pred is None:
+        return None
+    r = pred(device)
+    if r is None or r is True:
+        return None
+    if r is False:
+        return "this backend does not support these inputs"
+    return str(r)
+
+
+def resolve(op_name: str, requested: Optional[str], device: Union[torch.device, str],
+            supported: Mapping[str, Predicate]) -> str:
+    """Pick the backend for one call of ``op_name`` (see the module docstring)."""
+    device = torch.device(device)
+    source = "backend="
+    forced = normalize(requested)
+    if forced is None and requested is None:
+        forced = normalize(os.environ.get(ENV_VAR))
+        source = f"{ENV_VAR}={os.environ.get(ENV_VAR)!r}"
+    if forced is not None:
+        if forced not in supported:
+            raise BackendUnavailableError(
+                f"backend {forced!r} requested for {op_name} ({source}) but {op_name} has no {forced} "
+                f"implementation (available: {tuple(b for b in BACKENDS if b in supported)})")
+        reason = unavailable_reason(forced, device) or _predicate_reason(supported[forced], device)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend {forced!r} requested for {op_name} ({source}) but {reason}")
+        last_used[op_name] = forced
+        return forced
+    reasons = []
+    for b in BACKENDS:
+        if b not in supported:
+            continue
+        reason = unavailable_reason(b, device) or _predicate_reason(supported[b], device)
+        if reason is None:
+            last_used[op_name] = b
+            return b
+        reasons.append(f"{b}: {reason}")
+    raise BackendUnavailableError(f"no backend can run {op_name} on {device}: " + "; ".join(reasons))
+
+
+def dispatch(op_name: str, impls: Mapping[str, Callable], requested: Optional[str],
+             device: Union[torch.device, str], *args, supported: Optional[Mapping[str, Predicate]] = None,
+             **kwargs):
+    """resolve() over the backends in ``impls`` and call the chosen implementation."""
+    preds = {b: (supported or {}).get(b) for b in impls}
+    name = resolve(op_name, requested, device, preds)
+    return impls[name](*args, **kwargs)
