@@ -9,16 +9,22 @@ from __future__ import annotations
 from . import _ext, _triton, backend
 from .backend import BACKENDS
 from .errors import BackendUnavailableError, KernelError
+from .ops.masking import MaskOutput, forward_mask
 from .ops.philox import philox4x32, philox_uniform
+from .ops.linear_ce import LinearCEOutput, subs_linear_cross_entropy
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "KernelError",
+    "MaskOutput",
     "available",
     "backend",
+    "forward_mask",
     "philox4x32",
     "philox_uniform",
+    "LinearCEOutput",
+    "subs_linear_cross_entropy",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,291 @@
+"""Fused SUBS linear-cross-entropy: loss and gradients of the LM head + SUBS NELBO on masked rows,
+without ever holding an (N, V) tensor.
+
+    loss = sum_i w_i * (logsumexp_{v != MASK} z_iv - z_i,x0_i),   z = h W^T + b
+
+h (N, d) are the final hidden states of the masked positions, W (V, d) / b (V,) the output Linear, x0
+their clean tokens, w_i the per-row NELBO weight dsigma/expm1(sigma) (1/t for loglinear). The MASK
+column is excluded exactly (it gets neither probability nor gradient). With ``mask_index=None`` it is
+plain cross-entropy over all V columns; the AR baseline calls it with the MASK id excluded, as the
+published AR model does (its MASK logit is set to -1e6).
+
+Gradient (per row i, with p_i = softmax over v != MASK of z_i):
+  (1) dL/dz_iv = w_i (p_iv - [v = x0_i])   for v != MASK;   dL/dz_i,MASK = 0
+  (2) dL/dh_i  = sum_v dL/dz_iv W_v           -> grad_h = G W        (G = dL/dz, a row chunk)
+  (3) dL/dW_v  = sum_i dL/dz_iv h_i           -> grad_W += G^T h     (fp32 accumulator)
+  (4) dL/db_v  = sum_i dL/dz_iv               -> grad_b += G^T 1     (fp32)
+The loss is a sum, so its gradients are computed during the forward pass, chunk by chunk, and the
+backward only scales them by the incoming scalar gradient.
+
+Memory traffic per chunk of C rows: the GEMM writes z (C, V) once in the compute dtype; the row kernel
+reads it twice (online log-sum-exp, then softmax) and overwrites it with G in place; two GEMMs read G.
+Extra memory: one (C, V) chunk (C sized to ~256 MiB), the fp32 grad_W (V, d) and grad_b (V,).
+
+Backends: "triton" (the row kernel in Triton; GEMMs by cuBLAS) and "reference" (the same chunked
+algorithm in PyTorch, for CPUs). The plain-PyTorch spec is ``mdlm.diffusion.subs_nelbo_masked_rows``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import backend as _backend
+from .._triton import HAS_TRITON, INTERPRETED, tl, triton
+
+OP = "subs_linear_cross_entropy"
+CHUNK_BYTES = 256 * 2 ** 20  # target size of one (C, V) logits chunk
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: one program per row of the chunk
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _subs_ce_rows_kernel(
+        z_ptr,          # (C, V) logits chunk, compute dtype, row stride `z_stride`; overwritten with dL/dz
+        z_stride,
+        tgt_ptr,        # (C,) int64 target ids
+        w_ptr,          # (C,) fp32 row weights
+        loss_ptr,       # (C,) fp32 out: per-row weighted loss
+        V,
+        mask_index,     # column excluded from the softmax (-1: none)
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * z_stride
+        tgt = tl.load(tgt_ptr + row)
+        w = tl.load(w_ptr + row)
+        # pass 1: online log-sum-exp over v != MASK, in fp32
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            keep = (offs < V) & (offs != mask_index)
+            x = tl.load(z_row + offs, mask=keep, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        ok = (tgt >= 0) & (tgt < V) & (tgt != mask_index)  # an invalid target gives NaN, never a stray read
+        z_t = tl.load(z_row + tgt, mask=ok, other=0.0).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(ok, w * (lse - z_t), float("nan")))
+        # pass 2: dL/dz = w (softmax - onehot), 0 on the MASK column; written in place
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inb = offs < V
+            x = tl.load(z_row + offs, mask=inb, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(offs == tgt, 1.0, 0.0)
+            g = tl.where(offs == mask_index, 0.0, g) * w
+            g = tl.where(ok, g, float("nan"))
+            tl.store(z_row + offs, g.to(z_ptr.dtype.element_ty), mask=inb)
+
+
+def _rows_triton(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """Per-row loss (C,) fp32; overwrites z (C, V) with dL/dz."""
+    C, V = z.shape
+    loss = torch.empty(C, dtype=torch.float32, device=z.device)
+    if C == 0:
+        return loss
+    # The interpreter's cost is per block iteration, the GPU's per register: wider blocks under TRITON_INTERPRET.
+    block = min(16384 if INTERPRETED else 4096, triton.next_power_of_2(V))
+    kwargs = {"num_warps": 8} if z.is_cuda else {}
+    _subs_ce_rows_kernel[(C,)](z, z.stride(0), tgt, w, loss, V, mask_index, BLOCK_V=block, **kwargs)
+    return loss
+
+
+def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index: int) -> torch.Tensor:
+    """The row kernel in PyTorch (fp32 math on one chunk): same contract as ``_rows_triton``."""
+    C, V = z.shape
+    zf = z.float()
+    if mask_index >= 0:
+        zf[:, mask_index] = float("-inf")
+    lse = torch.logsumexp(zf, dim=-1)
+    ok = (tgt >= 0) & (tgt < V) & (tgt != mask_index)
+    safe = torch.where(ok, tgt, 0)
+    z_t = zf.gather(1, safe[:, None])[:, 0]
+    loss = torch.where(ok, w * (lse - z_t), float("nan"))
+    g = torch.exp(zf - lse[:, None])  # exp(-inf) = 0 on the MASK column
+    g[torch.arange(C, device=z.device), safe] -= ok.to(g.dtype)
+    g = g * torch.where(ok, w, float("nan"))[:, None]
+    z.copy_(g)
+    return loss
+
+
+_ROWS = {"triton": _rows_triton, "reference": _rows_reference}
+_SUPPORTED = {"triton": None, "reference": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: chunked GEMMs around the row kernel
+# ---------------------------------------------------------------------------------------------
+def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with fp32 accumulation and no low-precision rounding of the partial sum."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # bf16/fp16 GEMM, fp32 output (cuBLAS)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def chunk_rows_for(V: int, dtype: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // (V * torch.empty((), dtype=dtype).element_size()))
+
+
+def _forward_and_grads(h, W, b, tgt, w, mask_index: int, rows_impl: str, need_grads: bool, chunk_rows: int):
+    """Per-row losses (N,) fp32 and, if need_grads, grad_h (N, d) in h's dtype, grad_W (V, d) fp32,
+    grad_b (V,) fp32 (empty when b is None)."""
+    N, d = h.shape
+    V = W.shape[0]
+    rows = _ROWS[rows_impl]
+    losses = torch.empty(N, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if need_grads else h.new_empty(0)
+    grad_W = torch.zeros(V, d, dtype=torch.float32, device=h.device) if need_grads else h.new_empty(0)
+    grad_b = (torch.zeros(V, dtype=torch.float32, device=h.device) if (need_grads and b is not None)
+              else h.new_empty(0))
+    for s in range(0, N, chunk_rows):
+        e = min(N, s + chunk_rows)
+        hc = h[s:e]
+        z = torch.addmm(b, hc, W.t()) if b is not None else hc @ W.t()  # (C, V) compute dtype
+        losses[s:e] = rows(z, tgt[s:e], w[s:e], mask_index)            # z now holds dL/dz
+        if need_grads:
+            torch.mm(z, W, out=grad_h[s:e])                            # (2)
+            _mm_into_fp32(grad_W, z.t(), hc)                           # (3)
+            if b is not None:
+                grad_b += z.sum(0, dtype=torch.float32)               # (4)
+        del z
+    return losses, grad_h, grad_W, grad_b
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration + autograd
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mdlm::subs_linear_cross_entropy", mutates_args=())
+def _linear_ce_op(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
+                  w: torch.Tensor, mask_index: int, need_grads: bool, chunk_rows: int,
+                  backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:
+    name = _backend.resolve(OP, backend, h.device, _SUPPORTED)
+    losses, gh, gW, gb = _forward_and_grads(h, W, b, tgt, w, mask_index, name, need_grads, chunk_rows)
+    return losses.sum(), losses, gh, gW, gb
+
+
+@_linear_ce_op.register_fake
+def _(h, W, b, tgt, w, mask_index, need_grads, chunk_rows, backend=None):
+    N, d = h.shape
+    V = W.shape[0]
+    gh = h.new_empty((N, d)) if need_grads else h.new_empty(0)
+    gW = h.new_empty((V, d), dtype=torch.float32) if need_grads else h.new_empty(0)
+    gb = h.new_empty((V,), dtype=torch.float32) if (need_grads and b is not None) else h.new_empty(0)
+    return (h.new_empty((), dtype=torch.float32), h.new_empty((N,), dtype=torch.float32), gh, gW, gb)
+
+
+def _setup_context(ctx, inputs, output):
+    h, W, b, *_ = inputs
+    _, _, gh, gW, gb = output
+    ctx.save_for_backward(gh, gW, gb)
+    ctx.has_bias = b is not None
+    ctx.W_dtype = W.dtype
+    ctx.b_dtype = b.dtype if b is not None else None
+
+
+def _backward(ctx, g_loss, g_rows, g_gh, g_gW, g_gb):
+    gh, gW, gb = ctx.saved_tensors
+    if gh.numel() == 0 and ctx.needs_input_grad[0]:
+        raise RuntimeError("subs_linear_cross_entropy: gradients were not computed in forward "
+                           "(need_grads=False); call it with grad mode enabled")
+    dh = gh * g_loss.to(gh.dtype) if ctx.needs_input_grad[0] else None
+    dW = (gW * g_loss).to(ctx.W_dtype) if ctx.needs_input_grad[1] else None
+    db = (gb * g_loss).to(ctx.b_dtype) if (ctx.has_bias and ctx.needs_input_grad[2]) else None
+    return dh, dW, db, None, None, None, None, None, None
+
+
+_linear_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+class LinearCEOutput(NamedTuple):
+    loss: torch.Tensor        # () fp32: sum_i w_i * CE_i, differentiable w.r.t. hidden, weight, bias
+    row_losses: torch.Tensor  # (N,) fp32: w_i * CE_i, for logging (no gradient flows through it)
+
+
+def _check(hidden, weight, bias, targets, row_weights, mask_index):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"{OP}: hidden must be (N, d) and weight (V, d), got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    N, d = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"{OP}: hidden width {d} != weight width {weight.shape[1]}")
+    if V < 2:
+        raise ValueError(f"{OP}: need a vocabulary of at least 2, got V={V}")
+    if hidden.dtype not in _DTYPES or weight.dtype != hidden.dtype:
+        raise TypeError(f"{OP}: hidden and weight must share one of {_DTYPES}, got {hidden.dtype} and "
+                        f"{weight.dtype} (under autocast they are cast to the autocast dtype)")
+    if bias is not None and (bias.shape != (V,) or bias.dtype != hidden.dtype):
+        raise ValueError(f"{OP}: bias must be ({V},) {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if targets.shape != (N,) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{OP}: targets must be ({N},) int64/int32, got {tuple(targets.shape)} {targets.dtype}")
+    if row_weights is not None and (row_weights.shape != (N,) or not row_weights.is_floating_point()):
+        raise ValueError(f"{OP}: row_weights must be ({N},) floating point, got {tuple(row_weights.shape)} "
+                         f"{row_weights.dtype}")
+    devices = {t.device for t in (hidden, weight, bias, targets, row_weights) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{OP}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if mask_index is not None and not 0 <= mask_index < V:
+        raise ValueError(f"{OP}: mask_index {mask_index} outside [0, {V})")
+
+
+def subs_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              targets: torch.Tensor, row_weights: Optional[torch.Tensor] = None,
+                              mask_index: Optional[int] = None, *, validate: bool = True,
+                              chunk_rows: Optional[int] = None, backend: Optional[str] = None) -> LinearCEOutput:
+    """sum_i w_i * (logsumexp_{v != mask_index}(h_i W^T + b) - (h_i W^T + b)[targets_i]) without (N, V) logits.
+
+    hidden (N, d), weight (V, d), bias (V,) or None: one dtype (fp32/bf16/fp16; under autocast both are
+    cast to the autocast dtype); targets (N,) int; row_weights (N,) (default 1); mask_index: the column
+    excluded exactly (None: plain cross-entropy). Log-sum-exp and gradient accumulation in fp32.
+
+    ``validate`` checks target ids and weights (one host synchronisation); with ``validate=False`` an
+    invalid target or a NaN weight yields a NaN loss (never an out-of-bounds read or a silent number).
+    """
+    _check(hidden, weight, bias, targets, row_weights, mask_index)
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    device = hidden.device
+    if torch.is_autocast_enabled(device.type):
+        dt = torch.get_autocast_dtype(device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    mi = -1 if mask_index is None else int(mask_index)
+    w = (torch.ones(N, dtype=torch.float32, device=device) if row_weights is None
+         else row_weights.detach().to(torch.float32))
+    tgt = targets.to(torch.int64)
+    if validate and N > 0:
+        bad_t = ((tgt < 0) | (tgt >= V) | (tgt == mi)).any()
+        bad_w = ~torch.isfinite(w).all()
+        bt, bw = torch.stack([bad_t, bad_w]).tolist()  # one host sync
+        if bt:
+            lo, hi = int(tgt.min()), int(tgt.max())
+            raise ValueError(f"{OP}: targets must be in [0, {V}) and != mask_index {mask_index} "
+                             f"(got min {lo}, max {hi}{', and the mask id' if (tgt == mi).any() else ''})")
+        if bw:
+            raise ValueError(f"{OP}: row_weights contain NaN or inf")
+    need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
+                                             (bias is not None and bias.requires_grad))
+    chunk = int(chunk_rows) if chunk_rows else chunk_rows_for(V, hidden.dtype)
+    if chunk < 1:
+        raise ValueError(f"{OP}: chunk_rows must be >= 1, got {chunk_rows}")
+    if backend is not None:
+        _backend.normalize(backend)
+    loss, rows, *_ = torch.ops.mdlm.subs_linear_cross_entropy(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), tgt.contiguous(),
+        w.contiguous(), mi, need_grads, chunk, backend)
+    return LinearCEOutput(loss, rows.detach())

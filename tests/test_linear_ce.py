@@ -1,0 +1,191 @@
+"""Fused SUBS linear-cross-entropy (mdlm_kernels.subs_linear_cross_entropy) against the spec
+(mdlm.diffusion.subs_nelbo_masked_rows; plain cross-entropy for mask_index=None), on CPU: the Triton row
+kernel under TRITON_INTERPRET=1 and the chunked PyTorch backend.
+
+Tolerances:
+- fp32 inputs: loss rtol 1e-5 (atol 1e-4 on sums of up to 1023 rows); each gradient: max abs error
+  <= 1e-5 x (its largest entry) + 1e-7.
+- bf16 inputs: the error of the fused result against the fp32 spec on upcast inputs must be at most
+  2x the error of the same spec computed from bf16 logits (the published LM head in bf16), plus 1e-3 x
+  the quantity's scale (flash-attention's criterion).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mdlm_kernels as mk
+from mdlm.diffusion import subs_nelbo_masked_rows
+from mdlm_kernels import backend as kb
+
+BACKENDS = ["triton", "reference"]
+
+# (N, d, V, mask_index): awkward N, both widths, the tiny and the GPT-2+MASK vocabulary, MASK last/first/none
+SHAPES = [
+    (1, 64, 37, 36),
+    (37, 64, 37, 0),
+    (1023, 64, 37, None),
+    (1, 768, 50258, 50257),
+    (37, 768, 50258, 50257),
+    (1023, 64, 50258, 17),
+]
+
+
+def _inputs(N, d, V, mask_index, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g)
+    W = torch.randn(V, d, generator=g) / d ** 0.5 * 2
+    b = torch.randn(V, generator=g) * 0.5
+    tgt = torch.randint(0, V, (N,), generator=g)
+    tgt[0] = V - 1 if mask_index != V - 1 else V - 2     # the last id is a legal target unless it is MASK
+    if mask_index is not None:
+        tgt[tgt == mask_index] = (mask_index + 1) % V
+    w = torch.rand(N, generator=g) * 10 + 1.0                # like 1/t
+    return [x.to(dtype) for x in (h, W, b)] + [tgt, w]
+
+
+def _spec(h, W, b, tgt, w, mask_index):
+    """The spec on the given tensors (fp32 math on whatever precision the logits come in)."""
+    if mask_index is None:
+        z = F.linear(h, W, b).float()
+        return F.cross_entropy(z, tgt, reduction="none") * w
+    return subs_nelbo_masked_rows(h, W, b, tgt, w, mask_index)
+
+
+def _grads(fn, tensors):
+    ts = [t.detach().clone().requires_grad_() for t in tensors]
+    loss = fn(*ts)
+    loss.backward()
+    return loss.detach(), [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,d,V,mask_index", SHAPES)
+def test_fp32_matches_spec(backend, N, d, V, mask_index):
+    h, W, b, tgt, w = _inputs(N, d, V, mask_index, torch.float32)
+    chunk = 16 if N > 16 else None  # several chunks, including a ragged last one
+    out_loss, out_g = _grads(lambda h, W, b: mk.subs_linear_cross_entropy(
+        h, W, b, tgt, w, mask_index, chunk_rows=chunk, backend=backend).loss, (h, W, b))
+    assert kb.last_used["subs_linear_cross_entropy"] == backend
+    ref_loss, ref_g = _grads(lambda h, W, b: _spec(h, W, b, tgt, w, mask_index).sum(), (h, W, b))
+    torch.testing.assert_close(out_loss, ref_loss, rtol=1e-5, atol=1e-4)
+    for name, a, r in zip("hWb", out_g, ref_g):
+        err, scale = (a - r).abs().max().item(), r.abs().max().item()
+        assert err <= 1e-5 * scale + 1e-7, (name, err, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,d,V,mask_index", [s for s in SHAPES if s[0] * s[2] <= 37 * 50258])
+def test_bf16_error_within_twice_the_bf16_reference(backend, N, d, V, mask_index):
+    h, W, b, tgt, w = _inputs(N, d, V, mask_index, torch.bfloat16)
+    exact_loss, exact_g = _grads(lambda h, W, b: _spec(h, W, b, tgt, w, mask_index).sum(),
+                                 [x.float() for x in (h, W, b)])
+    low_loss, low_g = _grads(lambda h, W, b: _spec(h, W, b, tgt, w, mask_index).sum(), (h, W, b))
+    out = mk.subs_linear_cross_entropy(h.requires_grad_(), W.requires_grad_(), b.requires_grad_(), tgt, w,
+                                       mask_index, backend=backend)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16 and W.grad.dtype == torch.bfloat16
+    for name, a, lo, ex in [("loss", out.loss.detach(), low_loss, exact_loss)] + [
+            (n, x.grad, lg, eg) for n, x, lg, eg in zip("hWb", (h, W, b), low_g, exact_g)]:
+        err = (a.float() - ex).abs().max().item()
+        ref_err = (lo.float() - ex).abs().max().item()
+        scale = ex.abs().max().item()
+        assert err <= 2 * ref_err + 1e-3 * scale, (name, err, ref_err, scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_losses_and_no_grad_mode(backend):
+    h, W, b, tgt, w = _inputs(37, 64, 37, 36, torch.float32)
+    with torch.no_grad():
+        out = mk.subs_linear_cross_entropy(h, W, b, tgt, w, 36, backend=backend)
+    torch.testing.assert_close(out.row_losses, _spec(h, W, b, tgt, w, 36), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, out.row_losses.sum(), rtol=1e-6, atol=1e-5)
+    assert not out.loss.requires_grad
+
+
+def test_mask_column_gets_no_gradient_and_no_bias():
+    h, W, b, tgt, w = _inputs(37, 64, 37, 5, torch.float32)
+    W.requires_grad_()
+    mk.subs_linear_cross_entropy(h, W, None, tgt, w, 5, backend="triton").loss.backward()
+    assert torch.all(W.grad[5] == 0) and torch.any(W.grad[6] != 0)
+    ref = _grads(lambda W: _spec(h, W, None, tgt, w, 5).sum(), (W,))[1][0]
+    assert (W.grad - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-7
+
+
+def test_backward_scales_with_upstream_gradient():
+    h, W, b, tgt, w = _inputs(5, 64, 37, 36, torch.float32)
+    h1 = h.clone().requires_grad_()
+    (3.0 * mk.subs_linear_cross_entropy(h1, W, b, tgt, w, 36, backend="reference").loss).backward()
+    h2 = h.clone().requires_grad_()
+    mk.subs_linear_cross_entropy(h2, W, b, tgt, w, 36, backend="reference").loss.backward()
+    torch.testing.assert_close(h1.grad, 3.0 * h2.grad)
+
+
+def test_empty_input():
+    h, W, b, tgt, w = _inputs(1, 64, 37, 36, torch.float32)
+    out = mk.subs_linear_cross_entropy(h[:0].requires_grad_(), W, b, tgt[:0], w[:0], 36, backend="triton")
+    assert out.loss.item() == 0.0 and out.row_losses.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_targets_and_weights(backend):
+    h, W, b, tgt, w = _inputs(8, 64, 37, 36, torch.float32)
+    for bad, msg in [(37, "targets must be in"), (-1, "targets must be in"), (36, "mask id")]:
+        t = tgt.clone()
+        t[3] = bad
+        with pytest.raises(ValueError, match=msg):
+            mk.subs_linear_cross_entropy(h, W, b, t, w, 36, backend=backend)
+        # without validation: NaN, never a silent number or a stray read
+        out = mk.subs_linear_cross_entropy(h, W, b, t, w, 36, validate=False, backend=backend)
+        assert torch.isnan(out.row_losses[3]) and torch.isfinite(out.row_losses[:3]).all()
+    w2 = w.clone()
+    w2[2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        mk.subs_linear_cross_entropy(h, W, b, tgt, w2, 36, backend=backend)
+
+
+def test_bad_shapes_dtypes_devices():
+    h, W, b, tgt, w = _inputs(8, 64, 37, 36, torch.float32)
+    f = mk.subs_linear_cross_entropy
+    with pytest.raises(ValueError, match="width"):
+        f(h[:, :32], W, b, tgt, w, 36)
+    with pytest.raises(TypeError, match="share one of"):
+        f(h.double(), W.double(), b.double(), tgt, w, 36)
+    with pytest.raises(TypeError, match="share one of"):
+        f(h.bfloat16(), W, b, tgt, w, 36)
+    with pytest.raises(ValueError, match="targets must be"):
+        f(h, W, b, tgt.float(), w, 36)
+    with pytest.raises(ValueError, match="bias"):
+        f(h, W, b[:5], tgt, w, 36)
+    with pytest.raises(ValueError, match="mask_index"):
+        f(h, W, b, tgt, w, 37)
+    with pytest.raises(ValueError, match="one device"):
+        f(h, W, b, tgt, w.to("meta"), 36)
+    with pytest.raises(mk.BackendUnavailableError, match="no cpp implementation"):
+        f(h, W, b, tgt, w, 36, backend="cpp")
+
+
+def test_autocast_casts_to_the_autocast_dtype():
+    h, W, b, tgt, w = _inputs(8, 64, 37, 36, torch.float32)
+    W.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mk.subs_linear_cross_entropy(h, W, b, tgt, w, 36, backend="reference")
+    out.loss.backward()
+    assert W.grad.dtype == torch.float32
+    ref = _spec(h.bfloat16(), W.detach().bfloat16(), b.bfloat16(), tgt, w, 36).sum()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    h, W, b, tgt, w = _inputs(8, 64, 37, 36, torch.float32)
+
+    def step(h, W, b):
+        return mk.subs_linear_cross_entropy(h, W, b, tgt, w, 36, validate=False, backend="reference").loss
+
+    Wc = W.clone().requires_grad_()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(h, Wc, b)
+    loss.backward()
+    We = W.clone().requires_grad_()
+    step(h, We, b).backward()
+    torch.testing.assert_close(loss, step(h, W, b))
+    torch.testing.assert_close(Wc.grad, We.grad)
