@@ -7,12 +7,13 @@ A provider is one way of computing the published training loss; every provider r
 training step: forward, backward, AdamW (lr 3e-4, betas 0.9/0.999, wd 0), gradient clipping at 1.0
 and the EMA update (decay 0.9999 with the (1+n)/(10+n) warm-up, as ``torch._foreach`` ops).
 
-Providers available now:
+Providers:
+  fused            this library: fused masking kernel + fused SUBS linear-cross-entropy (masked rows only)
   reference        the published loss: (B, L, V) logits, SUBS parameterization, gather (eager)
   masked           LM head + cross-entropy on masked rows only, MASK column dropped (eager)
   compiled         torch.compile of the reference loss function
-  masked_compiled  torch.compile of the masked-rows loss
-The fused-kernel provider is added with the fused kernels; it is not faked here.
+  masked_compiled  torch.compile of the masked-rows loss (the strongest plain-PyTorch path)
+The DiT blocks are the plain-PyTorch reference in every provider (fused block kernels are not in yet).
 
 Per provider: step time (median and inter-quartile range over the timed steps), tokens/s, peak memory,
 and model FLOP utilisation (MFU) against the matmul rate measured in the same run. MFU counts the model's
@@ -44,7 +45,9 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
     import mdlm
 
-PROVIDERS = ("reference", "masked", "compiled", "masked_compiled")
+PROVIDERS = ("fused", "reference", "masked", "compiled", "masked_compiled")
+_IMPL = {"fused": "fused", "reference": "reference", "masked": "masked", "compiled": "reference",
+         "masked_compiled": "masked"}
 VOCAB = 50258  # GPT-2 + MASK
 
 
@@ -95,11 +98,11 @@ class EMA:
 
 
 def make_step(provider: str, model: mdlm.MDLM, device, bf16: bool):
-    masked = provider.startswith("masked")
+    impl = _IMPL[provider]
 
     def loss_fn(x0):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            return model.loss(x0, masked_rows=masked).loss
+            return model.loss(x0, impl=impl).loss
 
     if provider.endswith("compiled"):
         loss_fn = torch.compile(loss_fn)
@@ -123,7 +126,7 @@ def make_step(provider: str, model: mdlm.MDLM, device, bf16: bool):
 def run_provider(provider, cfg, args, device):
     torch.manual_seed(0)
     model = mdlm.MDLM(cfg, VOCAB).to(device)
-    model.backbone.validate_inputs = False  # inputs are generated in range; skip the per-step host sync
+    model.validate_inputs = model.backbone.validate_inputs = False  # ids are generated in range: no range-check sync
     model.train()
     step = make_step(provider, model, device, args.bf16)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -193,7 +196,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="small" if cuda else "tiny", choices=mdlm.PRESETS)
     p.add_argument("--batch", type=int, default=16 if cuda else 4)
     p.add_argument("--length", type=int, default=None, help="sequence length (default: the preset's)")
-    p.add_argument("--providers", default="reference,masked,compiled,masked_compiled" if cuda else "reference,masked",
+    p.add_argument("--providers", default="fused,reference,masked,compiled,masked_compiled" if cuda else "fused,reference,masked",
                    help=f"comma-separated subset of {PROVIDERS}")
     p.add_argument("--steps", type=int, default=10, help="timed steps per provider")
     p.add_argument("--warmup", type=int, default=3 if cuda else 2)
@@ -238,6 +241,13 @@ def main(argv=None):
         rows.append(r)
     ok = [r for r in rows if "error" not in r]
     base = next((r for r in ok if r["provider"] == "reference"), None)
+    try:
+        import mdlm_kernels
+        from mdlm_kernels.backend import last_used
+        backends = dict(last_used)
+        avail = mdlm_kernels.available()
+    except Exception as e:  # the benchmark must still report the plain-PyTorch providers
+        backends, avail = {}, {"error": str(e)}
     hdr = f"{'provider':<16} {'step ms (median)':>17} {'IQR ms':>13} {'tokens/s':>11} {'vs ref':>7} {'MFU':>6} {'peak GiB':>9} {'loss':>7}"
     print(hdr)
     print("-" * len(hdr))
@@ -249,6 +259,8 @@ def main(argv=None):
         print(f"{r['provider']:<16} {r['median_s'] * 1e3:>17.1f} {r['q1_s'] * 1e3:>6.1f}-{r['q3_s'] * 1e3:<6.1f} "
               f"{r['tokens_per_s']:>11,.0f} {speed:>7} {r['mfu'] * 100:>5.1f}% {r['peak_mem_gib']:>9.2f} "
               f"{r['final_loss']:>7.3f}")
+    if backends:
+        print("# kernel backends used: " + ", ".join(f"{k}={v}" for k, v in sorted(backends.items())))
     if device.type != "cuda":
         print("# CPU figures (no GPU here): they show the pipeline works, not GPU speed. Peak memory on CPU is "
               "the process's max RSS, cumulative over providers.")
@@ -257,7 +269,8 @@ def main(argv=None):
     stem = args.tag or f"throughput_{device.type}_{args.preset}"
     result = {"benchmark": "throughput", "preset": args.preset, "batch": args.batch, "length": args.length,
               "vocab": VOCAB, "dtype": str(dtype), "matmul_ceiling_flops": ceiling,
-              "model_flops_per_token": flops_tok, "environment": env, "results": rows}
+              "model_flops_per_token": flops_tok, "environment": env, "kernel_backends": backends,
+              "mdlm_kernels": avail, "results": rows}
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     _plot(ok, out / f"{stem}.png", f"{args.preset} B={args.batch} L={args.length} on {env.get('gpu', device.type)}")
     print(f"# wrote {out / (stem + '.json')}")

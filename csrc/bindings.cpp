@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "mdlm/masking.h"
 #include "mdlm/ops.h"
 #include "mdlm/philox.h"
 
@@ -131,6 +132,105 @@ void philox_uniform_cuda(std::uintptr_t out, int64_t rows, int64_t cols, uint64_
 #endif
 }
 
+// ---- forward masking ---------------------------------------------------------------------------
+struct MaskCall {
+  const void* x0;
+  void* xt;
+  const float* t_in;
+  float *t_out, *sigma, *weight, *move_chance;
+  int32_t* row_counts;
+  mdlm::MaskParams params;
+};
+
+MaskCall check_forward_mask(const char* op, std::uintptr_t x0, std::uintptr_t xt, int dtype, std::uintptr_t t_in,
+                            std::uintptr_t t_out, std::uintptr_t sigma, std::uintptr_t weight,
+                            std::uintptr_t move_chance, std::uintptr_t row_counts, int64_t rows, int64_t cols,
+                            int64_t mask_index, int schedule, double eps, double sigma_min, double sigma_max,
+                            double sampling_eps, bool antithetic) {
+  int64_t elem_size;
+  int64_t max_index;
+  if (dtype == mdlm::kInt64) {
+    elem_size = 8;
+    max_index = std::numeric_limits<int64_t>::max();
+  } else if (dtype == mdlm::kInt32) {
+    elem_size = 4;
+    max_index = std::numeric_limits<int32_t>::max();
+  } else {
+    throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(dtype) + " (" +
+                                mdlm::dtype_name(dtype) + "); supported: 4 (int64), 5 (int32)");
+  }
+  check_sizes(op, rows, cols, elem_size);
+  if (cols > int64_t(std::numeric_limits<int32_t>::max())) {
+    throw std::invalid_argument(std::string(op) + ": cols must be < 2^31 (row_counts is int32), got " +
+                                std::to_string(cols));
+  }
+  if (mask_index < 0 || mask_index > max_index) {
+    throw std::invalid_argument(std::string(op) + ": mask_index must be in [0, " + std::to_string(max_index) +
+                                "] for " + mdlm::dtype_name(dtype) + ", got " + std::to_string(mask_index));
+  }
+  if (schedule < 0 || schedule >= mdlm::kNumSchedules) {
+    throw std::invalid_argument(std::string(op) + ": unknown schedule code " + std::to_string(schedule));
+  }
+  if (!(sampling_eps >= 0.0 && sampling_eps < 1.0)) {
+    throw std::invalid_argument(std::string(op) + ": sampling_eps must be in [0, 1), got " +
+                                std::to_string(sampling_eps));
+  }
+  const bool nonempty = rows > 0;
+  MaskCall c;
+  c.x0 = as_ptr(op, x0, rows * cols > 0);
+  c.xt = as_ptr(op, xt, rows * cols > 0);
+  c.t_in = static_cast<const float*>(as_ptr(op, t_in, false));  // 0: draw t in the kernel
+  c.t_out = static_cast<float*>(as_ptr(op, t_out, nonempty));
+  c.sigma = static_cast<float*>(as_ptr(op, sigma, nonempty));
+  c.weight = static_cast<float*>(as_ptr(op, weight, nonempty));
+  c.move_chance = static_cast<float*>(as_ptr(op, move_chance, nonempty));
+  c.row_counts = static_cast<int32_t*>(as_ptr(op, row_counts, nonempty));
+  c.params = mdlm::MaskParams{schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic ? 1 : 0};
+  return c;
+}
+
+void forward_mask_cpu(std::uintptr_t x0, std::uintptr_t xt, int dtype, std::uintptr_t t_in, std::uintptr_t t_out,
+                      std::uintptr_t sigma, std::uintptr_t weight, std::uintptr_t move_chance,
+                      std::uintptr_t row_counts, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
+                      int64_t mask_index, int schedule, double eps, double sigma_min, double sigma_max,
+                      double sampling_eps, bool antithetic) {
+  const char* op = "forward_mask_cpu";
+  const MaskCall c = check_forward_mask(op, x0, xt, dtype, t_in, t_out, sigma, weight, move_chance, row_counts, rows,
+                                        cols, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps,
+                                        antithetic);
+  py::gil_scoped_release release;
+  mdlm::forward_mask_cpu(c.x0, c.xt, dtype, c.t_in, c.t_out, c.sigma, c.weight, c.move_chance, c.row_counts, rows,
+                         cols, seed, offset, mask_index, c.params);
+}
+
+void forward_mask_cuda(std::uintptr_t x0, std::uintptr_t xt, int dtype, std::uintptr_t t_in, std::uintptr_t t_out,
+                       std::uintptr_t sigma, std::uintptr_t weight, std::uintptr_t move_chance,
+                       std::uintptr_t row_counts, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
+                       int64_t mask_index, int schedule, double eps, double sigma_min, double sigma_max,
+                       double sampling_eps, bool antithetic, std::uintptr_t stream) {
+  const char* op = "forward_mask_cuda";
+  const MaskCall c = check_forward_mask(op, x0, xt, dtype, t_in, t_out, sigma, weight, move_chance, row_counts, rows,
+                                        cols, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps,
+                                        antithetic);
+#if MDLM_WITH_CUDA
+  if (rows == 0) return;
+  require_device(op);
+  int err;
+  {
+    py::gil_scoped_release release;
+    err = mdlm::forward_mask_cuda(c.x0, c.xt, dtype, c.t_in, c.t_out, c.sigma, c.weight, c.move_chance, c.row_counts,
+                                  rows, cols, seed, offset, mask_index, c.params, reinterpret_cast<void*>(stream));
+  }
+  check_cuda(op, err);
+#else
+  (void)c;
+  (void)seed;
+  (void)offset;
+  (void)stream;
+  no_cuda(op);
+#endif
+}
+
 int cuda_device_count() {
 #if MDLM_WITH_CUDA
   int count = 0;
@@ -157,6 +257,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("out_ptr"), py::arg("rows"), py::arg("cols"),
         py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("stream"),
         "Same as philox_uniform_cpu on a device buffer, launched on `stream` (cudaStream_t as int).");
+  m.def("forward_mask_cpu", &forward_mask_cpu, py::arg("x0_ptr"), py::arg("xt_ptr"), py::arg("dtype_code"),
+        py::arg("t_in_ptr"), py::arg("t_out_ptr"), py::arg("sigma_ptr"), py::arg("weight_ptr"),
+        py::arg("move_chance_ptr"), py::arg("row_counts_ptr"), py::arg("rows"), py::arg("cols"), py::arg("seed"),
+        py::arg("offset"), py::arg("mask_index"), py::arg("schedule"), py::arg("eps"), py::arg("sigma_min"),
+        py::arg("sigma_max"), py::arg("sampling_eps"), py::arg("antithetic"),
+        "Forward masking (mdlm/masking.h) on host buffers; t_in_ptr = 0 draws t per row in the kernel.");
+  m.def("forward_mask_cuda", &forward_mask_cuda, py::arg("x0_ptr"), py::arg("xt_ptr"), py::arg("dtype_code"),
+        py::arg("t_in_ptr"), py::arg("t_out_ptr"), py::arg("sigma_ptr"), py::arg("weight_ptr"),
+        py::arg("move_chance_ptr"), py::arg("row_counts_ptr"), py::arg("rows"), py::arg("cols"), py::arg("seed"),
+        py::arg("offset"), py::arg("mask_index"), py::arg("schedule"), py::arg("eps"), py::arg("sigma_min"),
+        py::arg("sigma_max"), py::arg("sampling_eps"), py::arg("antithetic"), py::arg("stream"),
+        "Same as forward_mask_cpu on device buffers, launched on `stream` (cudaStream_t as int).");
+  m.attr("SCHEDULE_CODES") = py::dict(py::arg("loglinear") = int(mdlm::kLogLinear), py::arg("linear") = int(mdlm::kLinear),
+                                      py::arg("geometric") = int(mdlm::kGeometric), py::arg("cosine") = int(mdlm::kCosine),
+                                      py::arg("cosinesqr") = int(mdlm::kCosineSqr));
   m.def("cuda_compiled", []() { return MDLM_WITH_CUDA != 0; }, "True when the CUDA sources were compiled in.");
   m.def("cuda_archs", []() { return std::string(MDLM_CUDA_ARCHS); }, "CUDA archs compiled for ('' if none).");
   m.def("cuda_device_count", &cuda_device_count, "cudaGetDeviceCount, or 0 (never raises) without driver/GPU.");

@@ -114,6 +114,10 @@ def save_published_checkpoint(model: nn.Module, path, ema_shadow: list[torch.Ten
                               global_step: int = 0, ema_decay: float = 0.9999) -> None:
     """Write ``model``'s backbone in the published Lightning layout (``backbone.`` prefix, optional EMA).
 
+    The file holds the weights and EMA entries only (no Lightning loop/optimizer state): it loads with
+    ``load_published_checkpoint`` here and with ``load_state_dict`` in the published code, not with the
+    published ``Diffusion.load_from_checkpoint``, which also expects Lightning's training-loop state.
+
     The file is written to a temporary name, fsynced and renamed, so a crash never leaves a partial file.
     """
     backbone = _backbone(model)

@@ -18,14 +18,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import to_config
-from .nn import AR, DIT, check_token_ids
+import contextlib
+
+from .nn import AR, DIT, _autocast, check_token_ids
 from .schedules import get_noise
 
 __all__ = ["MDLM", "Loss", "sample_t", "q_xt", "subs_parameterization", "d3pm_parameterization",
-           "sedd_parameterization", "score_entropy", "subs_nelbo_masked_rows", "d3pm_loss", "NEG_INFINITY", "PARAMETERIZATIONS"]
+           "sedd_parameterization", "score_entropy", "subs_nelbo_masked_rows", "d3pm_loss", "NEG_INFINITY", "PARAMETERIZATIONS",
+           "LOSS_IMPLS"]
 
 NEG_INFINITY = -1000000.0  # the published "minus infinity" for logits
 PARAMETERIZATIONS = ("subs", "d3pm", "sedd", "ar")
+LOSS_IMPLS = ("reference", "masked", "fused")
+
+
+def _fp32_outside_blocks(x: torch.Tensor):
+    """The published ``Diffusion.forward`` wraps the backbone in ``torch.cuda.amp.autocast(dtype=float32)``:
+    an outer bf16 autocast does not reach the embedding and sigma_map (the blocks re-enable bf16 inside)."""
+    return torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
 
 
 class Loss(NamedTuple):
@@ -120,11 +130,13 @@ def d3pm_loss(model_output: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor, t:
     term_1_log_dr = log_x_theta_at_x0
     term_2_coef = 1 - dt / t
     term_2_log_nr = term_1_log_nr
-    term_2_log_dr = torch.log(alpha_s * x_theta_at_m / (t - dt) + 1)
     # At the first step (s = t - dt = 0) the published code evaluates 0 * log(0/0 + 1) = NaN whenever the
     # model gives MASK zero probability (always, under SUBS). The coefficient 1 - dt/t is exactly 0 there
-    # and the term's limit is 0, so it is dropped for those rows.
-    term_2 = torch.where(t - dt > 0, term_2_coef * (term_2_log_nr - term_2_log_dr), 0.0)
+    # and the term's limit is 0, so it is dropped for those rows; the denominator is made safe first so
+    # that no NaN reaches the gradient through the discarded branch either.
+    first = (t - dt) <= 0
+    term_2_log_dr = torch.log(alpha_s * x_theta_at_m / torch.where(first, 1.0, t - dt) + 1)
+    term_2 = torch.where(first, 0.0, term_2_coef * (term_2_log_nr - term_2_log_dr))
     l_vb_masked = term_1_coef * (term_1_log_nr - term_1_log_dr) + term_2
     return T * l_vb_masked * (xt == mask_index)
 
@@ -175,15 +187,26 @@ class MDLM(nn.Module):
         self.importance_sampling = bool(tr.importance_sampling)
         self.change_of_variables = bool(tr.change_of_variables)
         self.sampling_eps = float(tr.sampling_eps)
-        if self.parameterization == "d3pm" and self.T == 0:
-            raise ValueError("parameterization 'd3pm' needs discrete time: set T > 0")
-        if self.parameterization == "sedd" and self.T > 0:
-            raise ValueError("parameterization 'sedd' is continuous-time only (T = 0)")
+        self._validate_configuration()
+        self.validate_inputs = True  # token-id range checks (one host sync each); the trainer may turn them off
         self.noise = get_noise(config)
         if backbone is None:
             backbone = (AR(config, vocab_size, self.mask_index) if self.parameterization == "ar"
                         else DIT(config, vocab_size))
         self.backbone = backbone
+
+    def _validate_configuration(self):
+        """The published ``_validate_configuration`` checks, as ValueErrors."""
+        if self.change_of_variables and self.importance_sampling:
+            raise ValueError("change_of_variables and importance_sampling cannot both be on")
+        if self.parameterization == "sedd" and (self.importance_sampling or self.change_of_variables):
+            raise ValueError("parameterization 'sedd' supports neither importance sampling nor change of variables")
+        if self.parameterization == "d3pm" and self.T == 0:
+            raise ValueError("parameterization 'd3pm' needs discrete time: set T > 0")
+        if self.T > 0 and self.parameterization not in ("d3pm", "subs"):
+            raise ValueError(f"discrete time (T > 0) supports 'd3pm' and 'subs', not {self.parameterization!r}")
+        if self.subs_masking and self.parameterization != "d3pm":
+            raise ValueError("subs_masking applies to parameterization 'd3pm' only")
 
     # ----------------------------------------------------------------------------------------- model
     def _process_sigma(self, sigma: torch.Tensor | None) -> torch.Tensor | None:
@@ -198,7 +221,8 @@ class MDLM(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x (B, L), sigma (B,) or (B, 1) -> the parameterization's log-probs / log-scores (B, L, V), fp32."""
         sigma = self._process_sigma(sigma)
-        logits = self.backbone(x, sigma)
+        with _fp32_outside_blocks(x):
+            logits = self.backbone(x, sigma)
         if self.parameterization == "subs":
             return subs_parameterization(logits, x, self.mask_index)
         if self.parameterization == "sedd":
@@ -253,45 +277,108 @@ class MDLM(nn.Module):
             return log_p_theta * torch.log1p(-torch.exp(-self.noise.sigma_min))
         return -log_p_theta * (dsigma / torch.expm1(sigma))[:, None]
 
-    def masked_rows_loss(self, x0: torch.Tensor, attention_mask: torch.Tensor, generator=None) -> Loss:
-        """Continuous-time SUBS NELBO with the LM head applied to masked rows only (plain PyTorch).
+    # ------------------------------------------------- continuous-time SUBS: three implementations
+    def supports_masked_rows(self) -> bool:
+        """Whether the loss can be computed on masked rows only (continuous-time SUBS, DIT backbone)."""
+        return (self.parameterization == "subs" and self.T == 0 and not self.importance_sampling
+                and not self.change_of_variables and hasattr(self.backbone, "hidden_states"))
 
-        Same draws of t and x_t, same value and gradients as the published path, but about half the
-        LM-head FLOPs and no (B, L, V) tensor. The boolean gather sizes its output on the host (one sync).
-        ``nlls`` is filled at masked rows only (unmasked rows are exactly zero in the published loss too).
+    def draw_fused(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        """t, sigma, NELBO weight and x_t from the fused masking kernel (Philox, no host sync).
+
+        The kernel's seed is drawn from ``generator`` (default: torch's global CPU generator, so
+        ``torch.manual_seed`` makes the step reproducible). Returns (t, sigma, weight, xt).
         """
-        t = self.sample_t(x0.shape[0], x0.device, generator)
-        sigma, dsigma = self.noise(t)
-        xt = self.q_xt(x0, 1 - torch.exp(-sigma[:, None]), generator)
-        hidden, _ = self.backbone.hidden_states(xt, self._process_sigma(sigma[:, None]))
-        masked = xt == self.mask_index
-        w = (dsigma / torch.expm1(sigma))[:, None].expand_as(x0)
+        import mdlm_kernels as mk
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
+                                 device=generator.device if generator is not None else "cpu").item())
+        nz = self.config.noise
+        out = mk.forward_mask(
+            x0, seed, 0, mask_index=self.mask_index, schedule=self.noise.name,
+            noise_eps=float(nz.get("eps", 1e-3)), sigma_min=nz.get("sigma_min"), sigma_max=nz.get("sigma_max"),
+            sampling_eps=self.sampling_eps, antithetic=self.antithetic_sampling)
+        return out.t, out.sigma, out.weight, out.xt
+
+    def subs_loss_given(self, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor, weight: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None, impl: str = "reference") -> Loss:
+        """Continuous-time SUBS NELBO for given draws: x0, xt (B, L); sigma, weight (B,) (weight =
+        dsigma/expm1(sigma)). ``impl``:
+
+        - "reference": the published path: (B, L, V) logits, SUBS parameterization, gather;
+        - "masked": LM head + cross-entropy on masked rows only, MASK column dropped (plain PyTorch);
+        - "fused": the same rows through ``mdlm_kernels.subs_linear_cross_entropy`` (no (N, V) logits).
+
+        All three give the same loss and gradients. "masked" and "fused" size the masked-row gather on the
+        host (one sync); their ``nlls`` carry no gradient (logging only).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(x0, dtype=torch.float32)
+        if impl == "reference":
+            out = self.forward(xt, sigma[:, None])
+            log_p = torch.gather(out, -1, x0[:, :, None]).squeeze(-1)
+            nlls = -log_p * weight[:, None] * attention_mask
+            return Loss(loss=nlls.sum() / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
+        if impl not in ("masked", "fused"):
+            raise ValueError(f"unknown loss implementation {impl!r}; one of {LOSS_IMPLS}")
+        if not self.supports_masked_rows():
+            raise ValueError(f"impl={impl!r} needs continuous-time SUBS without importance sampling or change of "
+                             "variables, and a DIT backbone")
+        B, L = x0.shape
+        with _fp32_outside_blocks(xt):
+            hidden, _ = self.backbone.hidden_states(xt, self._process_sigma(sigma[:, None]))
+        idx = (xt == self.mask_index).reshape(-1).nonzero().squeeze(1)        # the one host sync
+        h = hidden.reshape(B * L, -1).index_select(0, idx)
+        tgt = x0.reshape(-1).index_select(0, idx)
+        w = (weight[:, None] * attention_mask).reshape(-1).index_select(0, idx).float()
         lin = self.backbone.output_layer.linear
-        per_row = subs_nelbo_masked_rows(hidden[masked], lin.weight, lin.bias, x0[masked], w[masked],
-                                         self.mask_index)
-        nlls = torch.zeros(x0.shape, dtype=per_row.dtype, device=x0.device).masked_scatter(masked, per_row)
-        nlls = nlls * attention_mask
-        return Loss(loss=nlls.sum() / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
+        with _autocast(h):  # the published LM head runs under bf16 autocast on CUDA
+            if impl == "masked":
+                rows = subs_nelbo_masked_rows(h, lin.weight, lin.bias, tgt, w, self.mask_index)
+                total, rows_log = rows.sum(), rows.detach()
+            else:
+                import mdlm_kernels as mk
+                total, rows_log = mk.subs_linear_cross_entropy(h, lin.weight, lin.bias, tgt, w, self.mask_index,
+                                                               validate=False)
+        nlls = torch.zeros(B * L, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log).view(B, L)
+        return Loss(loss=total / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
+
+    def default_loss_impl(self) -> str:
+        impl = self.config.get("loss_impl", "auto")
+        if impl in (None, "auto"):
+            return "fused" if self.supports_masked_rows() else "reference"
+        return impl
 
     def loss(self, x0: torch.Tensor, attention_mask: torch.Tensor | None = None, generator=None,
-             masked_rows: bool = False) -> Loss:
+             impl: str | None = None) -> Loss:
         """Token-averaged NELBO (diffusion) or NLL (AR) of a batch x0 (B, L); attention_mask (B, L) 0 = pad.
 
-        ``masked_rows=True`` (continuous-time SUBS with a DIT backbone only) computes the same loss with the
-        LM head on masked rows only; see ``masked_rows_loss``.
+        ``impl`` (default: ``config.loss_impl``, "auto" = "fused" for continuous-time SUBS, else
+        "reference"): "reference" draws t and x_t with torch's RNG and runs the published path; "masked"
+        uses the same torch draws with the LM head on masked rows only; "fused" draws with the fused masking
+        kernel (Philox) and computes the loss with the fused linear-cross-entropy. See ``subs_loss_given``.
         """
-        check_token_ids(x0, self.vocab_size, "x0")
+        if self.validate_inputs:
+            check_token_ids(x0, self.vocab_size, "x0")
         if attention_mask is None:
             attention_mask = torch.ones_like(x0, dtype=torch.float32)
         elif attention_mask.shape != x0.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != x0 shape {tuple(x0.shape)}")
         x0 = x0.long()
-        if masked_rows:
-            if (self.parameterization != "subs" or self.T > 0 or self.importance_sampling
-                    or self.change_of_variables or not hasattr(self.backbone, "hidden_states")):
-                raise ValueError("masked_rows=True needs continuous-time SUBS without importance sampling or "
+        impl = impl or self.default_loss_impl()
+        if impl not in LOSS_IMPLS:
+            raise ValueError(f"unknown loss implementation {impl!r}; one of {LOSS_IMPLS}")
+        if impl != "reference":
+            if not self.supports_masked_rows():
+                raise ValueError(f"impl={impl!r} needs continuous-time SUBS without importance sampling or "
                                  "change of variables, and a DIT backbone")
-            return self.masked_rows_loss(x0, attention_mask, generator)
+            if impl == "fused":
+                _, sigma, weight, xt = self.draw_fused(x0, generator)
+            else:
+                t = self.sample_t(x0.shape[0], x0.device, generator)
+                sigma, dsigma = self.noise(t)
+                xt = self.q_xt(x0, 1 - torch.exp(-sigma[:, None]), generator)
+                weight = dsigma / torch.expm1(sigma)
+            return self.subs_loss_given(x0, xt, sigma, weight, attention_mask, impl)
         if self.parameterization == "ar":
             inputs, targets, attention_mask = x0[:, :-1], x0[:, 1:], attention_mask[:, 1:]
             logprobs = self.backbone(inputs, None)

@@ -153,6 +153,12 @@ def sample(model, batch_size: int = 1, length: int | None = None, steps: int | N
     device = next(model.parameters()).device
     x = _check_x_init(model, x_init, batch_size, length, device)
 
+    with _eval_mode(model):
+        return _sample_loop(model, x, sampler, steps, eps, noise_removal, generator, gumbel_dtype, progress)
+
+
+def _sample_loop(model, x, sampler, steps, eps, noise_removal, generator, gumbel_dtype, progress):
+    device = x.device
     timesteps = torch.linspace(1, eps, steps + 1, device=device)
     dt = (1 - eps) / steps
     p_x0_cache = None
@@ -182,28 +188,65 @@ def sample(model, batch_size: int = 1, length: int | None = None, steps: int | N
 
 @torch.no_grad()
 def semi_ar_sample(model, batch_size: int = 1, stride_length: int | None = None, num_strides: int | None = None,
-                   steps: int | None = None, generator=None, gumbel_dtype=torch.float32, **kwargs) -> torch.Tensor:
+                   steps: int | None = None, generator=None, gumbel_dtype=torch.float32, length: int | None = None,
+                   return_nfe: bool = False):
     """Semi-autoregressive generation beyond the context length (published ``_semi_ar_sampler``).
 
     Generates one window of L = config.model.length tokens, then ``num_strides`` times: emits the first
     ``stride_length`` tokens, shifts the window left by that much, keeps the rest as given tokens and
-    samples ``stride_length`` new ones at the end. Returns (B, L + num_strides * stride_length).
+    samples ``stride_length`` new ones at the end. Each window runs the published grid: ``ddpm_cache``
+    steps at t = 1 - i/steps for i = 0..steps (the last one, at t = 0, unmasks every remaining token),
+    then an argmax at sigma = 0. Returns (B, L + num_strides * stride_length) token ids, and with
+    ``return_nfe`` also the number of model evaluations (cache misses) as in the published code.
     """
     cfg = model.config.sampling
     stride = int(stride_length if stride_length is not None else cfg.stride_length)
     num_strides = int(num_strides if num_strides is not None else cfg.num_strides)
-    L = int(kwargs.pop("length", None) or model.config.model.length)
+    steps = int(steps if steps is not None else cfg.steps)
+    L = int(length or model.config.model.length)
     if not 0 < stride <= L:
         raise ValueError(f"stride_length must be in [1, {L}], got {stride}")
     if num_strides < 0:
         raise ValueError(f"num_strides must be >= 0, got {num_strides}")
-    x = sample(model, batch_size, L, steps, generator=generator, gumbel_dtype=gumbel_dtype, **kwargs)
-    pieces = []
-    for _ in range(num_strides):
-        pieces.append(x[:, :stride])
-        x_init = torch.full_like(x, model.mask_index)
-        x_init[:, :L - stride] = x[:, stride:]
-        x = sample(model, batch_size, L, steps, x_init=x_init, generator=generator,
-                   gumbel_dtype=gumbel_dtype, **kwargs)
-    pieces.append(x)
-    return torch.cat(pieces, dim=1)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if model.noise.name != "loglinear":
+        raise ValueError("semi-autoregressive sampling uses ddpm_cache, which assumes the loglinear schedule")
+    device = next(model.parameters()).device
+    ones = torch.ones(batch_size, device=device)
+    dt = 1.0 / steps
+    pieces, target, nfe = [], None, 0
+    with _eval_mode(model):
+        for _ in range(num_strides + 1):
+            x = torch.full((batch_size, L), model.mask_index, dtype=torch.int64, device=device)
+            if target is not None:
+                x[:, :L - stride] = target
+            p_x0 = None
+            for i in range(steps + 1):
+                if p_x0 is None:
+                    nfe += 1
+                p_x0, x_next = ddpm_caching_update(model, x, (1 - i * dt) * ones, dt, p_x0, generator, gumbel_dtype)
+                if not torch.equal(x_next, x) or model.time_conditioning:
+                    p_x0 = None
+                x = x_next
+            x = model.forward(x, 0 * ones).argmax(dim=-1)
+            pieces.append(x[:, :stride])
+            target = x[:, stride:]
+    pieces.append(target)
+    out = torch.cat(pieces, dim=1)
+    return (out, nfe) if return_nfe else out
+
+
+class _eval_mode:
+    """Run the sampler in eval mode (no dropout) and restore the caller's mode afterwards."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+        return False

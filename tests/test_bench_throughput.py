@@ -18,14 +18,14 @@ def _load():
 def test_throughput_smoke(tmp_path):
     tp = _load()
     rc = tp.main(["--device", "cpu", "--preset", "tiny", "--batch", "2", "--length", "16", "--steps", "2",
-                  "--warmup", "1", "--providers", "reference,masked", "--out", str(tmp_path), "--tag", "t"])
+                  "--warmup", "1", "--providers", "reference,masked,fused", "--out", str(tmp_path), "--tag", "t"])
     assert rc == 0
     res = json.loads((tmp_path / "t.json").read_text())
-    assert [r["provider"] for r in res["results"]] == ["reference", "masked"]
+    assert [r["provider"] for r in res["results"]] == ["reference", "masked", "fused"]
     for r in res["results"]:
         assert "error" not in r and r["tokens_per_s"] > 0 and r["median_s"] > 0 and r["steps_timed"] == 2
     # same seeds and draws: both providers train the same model the same way
-    a, b = (r["final_loss"] for r in res["results"])
+    a, b, _ = (r["final_loss"] for r in res["results"])
     assert a == pytest.approx(b, rel=1e-3)
     assert res["environment"]["torch"] and res["model_flops_per_token"] > 0
 

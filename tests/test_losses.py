@@ -65,7 +65,7 @@ def test_continuous_subs_loss_equals_masked_rows_cross_entropy():
     g = torch.Generator().manual_seed(3)
     x0 = torch.randint(0, MASK, (4, 37), generator=g)
     seed = 1234
-    out = m.loss(x0, generator=torch.Generator().manual_seed(seed))
+    out = m.loss(x0, generator=torch.Generator().manual_seed(seed), impl="reference")
     # replay the same draws of t and x_t
     g2 = torch.Generator().manual_seed(seed)
     t = sample_t(4, "cpu", 1e-3, True, g2)
@@ -106,8 +106,10 @@ def test_perfect_denoiser_has_zero_loss(param, T):
     assert float(out.nlls.abs().max()) < 1e-5
 
 
-def test_untrained_subs_loss_is_log_vocab():
-    """Zero logits: every masked token costs log(V-1)/t; E over antithetic t of 1{masked}/t = 1 - eps."""
+def test_untrained_subs_loss_is_log_vocab(monkeypatch):
+    """Zero logits: every masked token costs log(V-1)/t; E over antithetic t of 1{masked}/t = 1 - eps.
+    Default (fused) loss path, PyTorch backends (8k rows are slow in the Triton interpreter)."""
+    monkeypatch.setenv("MDLM_BACKEND", "reference")
     cfg = mdlm.preset("tiny")
     m = MDLM(cfg, V)  # zero-initialised output layer
     x0 = torch.randint(0, MASK, (256, 64))
@@ -184,6 +186,12 @@ def test_bad_configs_are_clear_errors():
         MDLM(mdlm.preset("tiny", parameterization="foo"), V)
     with pytest.raises(ValueError, match="T > 0"):
         MDLM(mdlm.preset("tiny", parameterization="d3pm"), V)
+    with pytest.raises(ValueError, match="cannot both"):
+        MDLM(mdlm.preset("tiny", **{"training.importance_sampling": True, "training.change_of_variables": True}), V)
+    with pytest.raises(ValueError, match="sedd"):
+        MDLM(mdlm.preset("tiny", **{"parameterization": "sedd", "training.importance_sampling": True}), V)
+    with pytest.raises(ValueError, match="subs_masking"):
+        MDLM(mdlm.preset("tiny", subs_masking=True), V)
     with pytest.raises(ValueError, match="mask_index"):
         MDLM(mdlm.preset("tiny"), V, mask_index=V)
     with pytest.raises(KeyError, match="unknown config key"):
@@ -204,29 +212,88 @@ def test_discrete_time_first_step_is_finite():
     torch.testing.assert_close(out, -T * logp.gather(-1, x0[..., None])[..., 0], rtol=1e-5, atol=1e-5)
 
 
+def _loss_and_grads(m, fn):
+    m.zero_grad()
+    out = fn()
+    out.loss.backward()
+    return out, [p.grad.clone() for p in m.parameters()]
+
+
+def _assert_grads_close(m, ga, gb):
+    for (name, _), a, b in zip(m.named_parameters(), ga, gb):
+        # fp32, different summation order: max error within 1e-5 of the gradient's largest entry
+        err, scale = (a - b).abs().max().item(), b.abs().max().item()
+        assert err <= 1e-5 * scale + 1e-7, (name, err, scale)
+
+
 @pytest.mark.parametrize("mask_index", [MASK, 0, 40])
 def test_masked_rows_loss_equals_published_loss_and_gradients(mask_index):
-    """Same draws, same value and same gradients as the published (B, L, V) path, for any MASK position."""
+    """Same torch draws: the masked-rows path gives the published value, nlls and gradients, for any MASK id."""
     m = _model()
     m.mask_index = mask_index
     x0 = torch.randint(0, V, (3, 37))
     x0[x0 == mask_index] = (mask_index + 1) % V
     am = torch.ones(3, 37)
     am[2, 30:] = 0
-    ref = m.loss(x0, am, generator=torch.Generator().manual_seed(9))
-    ref.loss.backward()
-    g_ref = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad()
-    out = m.loss(x0, am, generator=torch.Generator().manual_seed(9), masked_rows=True)
-    out.loss.backward()
+    ref, g_ref = _loss_and_grads(m, lambda: m.loss(x0, am, torch.Generator().manual_seed(9), impl="reference"))
+    out, g_out = _loss_and_grads(m, lambda: m.loss(x0, am, torch.Generator().manual_seed(9), impl="masked"))
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.nlls, ref.nlls, rtol=1e-5, atol=1e-5)
-    for (name, p), g in zip(m.named_parameters(), g_ref):
-        # fp32, different summation order: max error within 1e-5 of the gradient's largest entry
-        err, scale = (p.grad - g).abs().max().item(), g.abs().max().item()
-        assert err <= 1e-5 * scale, (name, err, scale)
-    with pytest.raises(ValueError, match="masked_rows"):
-        _model(T=5).loss(x0, masked_rows=True)
+    torch.testing.assert_close(out.nlls, ref.nlls.detach(), rtol=1e-5, atol=1e-5)
+    _assert_grads_close(m, g_out, g_ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fused_training_step_equals_published_step_for_the_same_masking(backend, monkeypatch):
+    """Whole loss step, identical weights, the same draws from the fused masking kernel: the fused
+    linear-cross-entropy path gives the published loss and gradients."""
+    monkeypatch.setenv("MDLM_BACKEND", backend if backend == "reference" else "auto")
+    m = _model()
+    x0 = torch.randint(0, MASK, (4, 37))
+    am = torch.ones(4, 37)
+    am[3, 20:] = 0
+    t, sigma, weight, xt = m.draw_fused(x0, torch.Generator().manual_seed(3))
+    assert (xt == MASK).any() and (xt != MASK).any()
+    torch.testing.assert_close(weight, 1 / t, rtol=1e-6, atol=0)  # loglinear
+    ref, g_ref = _loss_and_grads(m, lambda: m.subs_loss_given(x0, xt, sigma, weight, am, impl="reference"))
+    out, g_out = _loss_and_grads(m, lambda: m.subs_loss_given(x0, xt, sigma, weight, am, impl="fused"))
+    from mdlm_kernels.backend import last_used
+    assert last_used["subs_linear_cross_entropy"] == backend
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.nlls, ref.nlls.detach(), rtol=1e-5, atol=1e-5)
+    _assert_grads_close(m, g_out, g_ref)
+
+
+def test_default_loss_is_fused_for_continuous_subs_and_reference_otherwise():
+    assert _model().default_loss_impl() == "fused"
+    assert _model(T=5).default_loss_impl() == "reference"
+    assert _model(loss_impl="reference").default_loss_impl() == "reference"
+    x0 = torch.randint(0, MASK, (2, 9))
+    for impl in ("masked", "fused"):
+        with pytest.raises(ValueError, match="continuous-time SUBS"):
+            _model(T=5).loss(x0, impl=impl)
+    with pytest.raises(ValueError, match="unknown loss implementation"):
+        _model().loss(x0, impl="magic")
+
+
+def test_fused_loss_is_reproducible_from_the_torch_seed():
+    m = _model()
+    x0 = torch.randint(0, MASK, (2, 16))
+    a = m.loss(x0, generator=torch.Generator().manual_seed(1)).loss
+    b = m.loss(x0, generator=torch.Generator().manual_seed(1)).loss
+    c = m.loss(x0, generator=torch.Generator().manual_seed(2)).loss
+    assert a.item() == b.item() and a.item() != c.item()
+
+
+def test_discrete_time_gradients_are_finite_at_the_first_step():
+    """t = 1/T rows (always drawn when B >= T under antithetic sampling) must not put NaN in the gradient."""
+    for param in ("subs", "d3pm"):
+        m = _model(parameterization=param, T=4)
+        x0 = torch.randint(0, MASK, (8, 12))
+        out = m.loss(x0, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        for name, p in m.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), (param, name)
 
 
 def test_time_conditioning_off_feeds_zeros_on_feeds_sigma():

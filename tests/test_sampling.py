@@ -82,8 +82,18 @@ def test_sample_categorical_distribution(dtype):
 
 def test_semi_ar_generates_beyond_the_context():
     m = _model()
-    out = semi_ar_sample(m, 2, stride_length=8, num_strides=3, steps=6, generator=torch.Generator().manual_seed(0))
+    out, nfe = semi_ar_sample(m, 2, stride_length=8, num_strides=3, steps=6,
+                              generator=torch.Generator().manual_seed(0), return_nfe=True)
     assert out.shape == (2, 24 + 3 * 8) and not torch.any(out == MASK)
+    assert 4 <= nfe <= 4 * 7  # at least one model call per window, at most one per step
+
+
+def test_samplers_run_in_eval_mode_and_restore_the_mode():
+    m = _model(**{"model.dropout": 0.5})
+    m.train()
+    a = sample(m, 2, steps=4, generator=torch.Generator().manual_seed(0))
+    b = sample(m, 2, steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and m.training  # no dropout noise inside, train mode restored
 
 
 def test_bad_sampler_arguments():

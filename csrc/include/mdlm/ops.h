@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "mdlm/common.h"
+#include "mdlm/masking.h"
 
 namespace mdlm {
 
@@ -15,11 +16,20 @@ namespace mdlm {
 void philox_uniform_cpu(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
                         int out_dtype);
 void philox4x32_cpu(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+// Forward masking (mdlm/masking.h): x0, xt rows x cols row-major, dtype kInt64 or kInt32;
+// t_in (rows,) float32 or nullptr (draw t in the kernel); t_out, sigma, weight, move_chance (rows,)
+// float32; row_counts (rows,) int32 (masked positions per row).
+void forward_mask_cpu(const void* x0, void* xt, int x_dtype, const float* t_in, float* t_out, float* sigma,
+                      float* weight, float* move_chance, int32_t* row_counts, int64_t rows, int64_t cols,
+                      uint64_t seed, uint64_t offset, int64_t mask_index, const MaskParams& params);
 
 #if MDLM_WITH_CUDA
 // ---- CUDA (built when nvcc is found) ---------------------------------------------------------
 int philox_uniform_cuda(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
                         int out_dtype, void* stream);
+int forward_mask_cuda(const void* x0, void* xt, int x_dtype, const float* t_in, float* t_out, float* sigma,
+                      float* weight, float* move_chance, int32_t* row_counts, int64_t rows, int64_t cols,
+                      uint64_t seed, uint64_t offset, int64_t mask_index, const MaskParams& params, void* stream);
 // Runtime helpers (csrc/cuda/runtime.cu): never throw.
 int cuda_device_count(int* count);           // returns the cudaError_t of cudaGetDeviceCount
 const char* cuda_error_string(int code);     // cudaGetErrorString

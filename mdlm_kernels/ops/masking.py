@@ -1,0 +1,282 @@
+"""Fused forward masking q(x_t | x_0) of MDLM: per-row time t, noise schedule, move chance, loss
+weight, masked tokens and per-row masked counts in one kernel.
+
+Conventions (csrc/include/mdlm/masking.h documents them in full):
+- element (r, c) masks when uniform24 of Philox element (row=r, col=c) < move_chance_r (float32);
+- the row draw r_i is uniform53 of Philox element (row=i, col=0xFFFFFFFF): that column is reserved
+  for row-level draws; antithetic u_i = (r_i / B + i / B) mod 1, else u_i = r_i;
+  t_i = (1 - sampling_eps) u_i + sampling_eps in float64, returned as float32;
+- sigma, dsigma of the schedule in float64 from the float32 t; move_chance = 1 - exp(-sigma)
+  ((1 - eps) t for loglinear), weight = dsigma / expm1(sigma) (1 / t for loglinear).
+
+Backends: "cpp" (CUDA kernel / CPU twin from one header, bit-identical for t, loglinear move
+chance and xt) and "reference" (plain PyTorch, below, built on the Philox reference). There is
+no Triton implementation. On CPU the reference and the CPU twin agree bit for bit on t, xt and
+row_counts; torch's float64 transcendentals (SLEEF) and the C library's can differ by one
+float64 ulp, so sigma / weight / move_chance of the non-loglinear schedules can differ by one
+float32 ulp (rarely).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _ext, backend as _backend
+from .._dtypes import dtype_code
+from .philox import _M32, _check_u64, _from_i64, _philox_reference, _reference as _philox_uniform_ref
+from .philox import _to_i64, _uniform_from_words
+
+OP = "forward_mask"
+ROW_DRAW_COL = 0xFFFFFFFF  # reserved Philox column of the row-level draw
+SCHEDULES = ("loglinear", "linear", "geometric", "cosine", "cosinesqr")
+SCHEDULE_CODES = {name: i for i, name in enumerate(SCHEDULES)}  # mdlm::Schedule
+_DEFAULT_SIGMAS = {"linear": (0.0, 10.0), "geometric": (1e-3, 1.0)}  # as mdlm.schedules.get_noise
+_INT_MAX = {torch.int64: 2**63 - 1, torch.int32: 2**31 - 1}
+
+
+class MaskOutput(NamedTuple):
+    """Result of :func:`forward_mask`; every field has B rows."""
+
+    xt: torch.Tensor  # (B, L), x0's dtype: mask_index where masked, else x0
+    t: torch.Tensor  # (B,) float32 diffusion time
+    sigma: torch.Tensor  # (B,) float32 total noise sigma(t)
+    weight: torch.Tensor  # (B,) float32 SUBS loss weight dsigma / expm1(sigma)
+    move_chance: torch.Tensor  # (B,) float32 1 - exp(-sigma)
+    row_counts: torch.Tensor  # (B,) int32 masked positions per row
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (plain PyTorch): the header math op for op, float64 per row
+# ---------------------------------------------------------------------------------------------
+def _reference_time(B: int, seed: int, offset: int, sampling_eps: float, antithetic: bool, device):
+    rows = torch.arange(B, dtype=torch.int64, device=device)
+    col = torch.full((B,), ROW_DRAW_COL, dtype=torch.int64, device=device)
+    c2 = torch.full((B,), offset & _M32, dtype=torch.int64, device=device)
+    c3 = torch.full((B,), offset >> 32, dtype=torch.int64, device=device)
+    w0, w1, _, _ = _philox_reference(col, rows, c2, c3, seed & _M32, seed >> 32)
+    u = _uniform_from_words(w0, w1, torch.float64)
+    if antithetic:
+        n = torch.full((B,), float(B), dtype=torch.float64, device=device)  # tensor / tensor: IEEE division
+        u = u / n + rows.to(torch.float64) / n
+        u = torch.where(u >= 1.0, u - 1.0, u)
+    return ((1.0 - sampling_eps) * u + sampling_eps).to(torch.float32)
+
+
+def _reference_rows(t32: torch.Tensor, schedule: str, eps: float, sigma_min: float, sigma_max: float):
+    """(sigma, weight, move_chance) float64 from the float32 t, as mdlm::row_params."""
+    t = t32.to(torch.float64)
+    if schedule == "loglinear":
+        a = 1.0 - eps
+        m = a * t
+        sigma = -torch.log1p(-m)
+        return sigma, torch.ones_like(t) / t, m
+    if schedule == "linear":
+        d = sigma_max - sigma_min
+        sigma = sigma_min + t * d
+        dsigma = torch.full_like(t, d)
+    elif schedule == "geometric":
+        smin = torch.full_like(t, sigma_min)
+        smax = torch.full_like(t, sigma_max)
+        sigma = torch.pow(smin, 1.0 - t) * torch.pow(smax, t)
+        dsigma = sigma * (math.log(sigma_max) - math.log(sigma_min))
+    else:
+        a = 1.0 - eps
+        x = t * math.pi / 2
+        if schedule == "cosine":
+            c = a * torch.cos(x)
+            s = a * torch.sin(x)
+        else:
+            cx = torch.cos(x)
+            c = a * (cx * cx)
+            s = a * torch.sin(t * math.pi)
+        sigma = -torch.log(eps + c)
+        dsigma = (math.pi / 2) * s / (c + eps)
+    return sigma, dsigma / torch.expm1(sigma), 1.0 - torch.exp(-sigma)
+
+
+def _reference(x0, t, seed, offset, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic):
+    B, L = x0.shape
+    device = x0.device
+    if t is None:
+        t32 = _reference_time(B, seed, offset, sampling_eps, antithetic, device)
+    else:
+        t32 = t.to(torch.float32).clone()
+    sigma, weight, mc = _reference_rows(t32, schedule, eps, sigma_min, sigma_max)
+    mc32 = mc.to(torch.float32)
+    u = _philox_uniform_ref(B, L, seed, offset, torch.float32, device)
+    masked = u < mc32[:, None]
+    xt = x0.masked_fill(masked, mask_index).contiguous()
+    counts = masked.sum(dim=1, dtype=torch.int32)
+    return xt, t32, sigma.to(torch.float32), weight.to(torch.float32), mc32, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launcher of the compiled extension (CUDA kernel / CPU twin)
+# ---------------------------------------------------------------------------------------------
+def _cpp(x0, t, seed, offset, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic):
+    x0 = x0.contiguous()
+    B, L = x0.shape
+    device = x0.device
+    xt = torch.empty_like(x0)
+    t_out = torch.empty(B, dtype=torch.float32, device=device)
+    sigma = torch.empty(B, dtype=torch.float32, device=device)
+    weight = torch.empty(B, dtype=torch.float32, device=device)
+    mc = torch.empty(B, dtype=torch.float32, device=device)
+    counts = torch.empty(B, dtype=torch.int32, device=device)
+    if B == 0:
+        return xt, t_out, sigma, weight, mc, counts
+    t_ptr = 0
+    if t is not None:
+        t = t.contiguous()
+        t_ptr = t.data_ptr()
+    args = (x0.data_ptr(), xt.data_ptr(), dtype_code(x0.dtype), t_ptr, t_out.data_ptr(), sigma.data_ptr(),
+            weight.data_ptr(), mc.data_ptr(), counts.data_ptr(), B, L, seed, offset, mask_index,
+            SCHEDULE_CODES[schedule], eps, sigma_min, sigma_max, sampling_eps, antithetic)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _ext.call("forward_mask_cuda", *args, stream)
+    else:
+        _ext.call("forward_mask_cpu", *args)
+    return xt, t_out, sigma, weight, mc, counts
+
+
+_IMPLS = {"cpp": _cpp, "reference": _reference}
+_SUPPORTED = {
+    "cpp": None,
+    "triton": lambda device: "forward_mask has no Triton implementation",
+    "reference": None,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (seed/offset travel as int64 two's complement: the schema's int)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mdlm::forward_mask", mutates_args=())
+def _forward_mask_op(x0: torch.Tensor, t: Optional[torch.Tensor], seed: int, offset: int, mask_index: int,
+                     schedule: str, eps: float, sigma_min: float, sigma_max: float, sampling_eps: float,
+                     antithetic: bool, backend: Optional[str] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = _backend.resolve(OP, backend, x0.device, _SUPPORTED)
+    return _IMPLS[name](x0, t, _from_i64(seed), _from_i64(offset), mask_index, schedule, eps, sigma_min, sigma_max,
+                        sampling_eps, antithetic)
+
+
+@_forward_mask_op.register_fake
+def _(x0, t, seed, offset, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic, backend=None):
+    B, L = x0.shape
+    rows = lambda dtype: x0.new_empty((B,), dtype=dtype)  # noqa: E731
+    return (x0.new_empty((B, L)), rows(torch.float32), rows(torch.float32), rows(torch.float32),
+            rows(torch.float32), rows(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def _check_float(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"forward_mask: {name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"forward_mask: {name} must be finite, got {v}")
+    return v
+
+
+def _is_compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def forward_mask(x0: torch.Tensor, seed: int, offset: int = 0, *, mask_index: int, schedule: str = "loglinear",
+                 noise_eps: float = 1e-3, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                 sampling_eps: float = 1e-3, antithetic: bool = True, t: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> MaskOutput:
+    """Forward masking q(x_t | x_0) of MDLM in one kernel.
+
+    x0: (B, L) int64 or int32 token ids (CPU or CUDA). seed, offset: Python ints in [0, 2^64) (the
+    Philox key and stream position: a new step uses a new offset). t: None to draw per-row times in
+    the kernel (antithetic as published when ``antithetic``; t = (1 - sampling_eps) u + sampling_eps),
+    or a (B,) float32 tensor in (0, 1] on x0's device used as is. schedule: "loglinear" (eps =
+    noise_eps, default), "linear" / "geometric" (sigma_min, sigma_max; defaults as
+    mdlm.schedules.get_noise: (0, 10) / (1e-3, 1)), "cosine" / "cosinesqr" (eps = noise_eps).
+
+    Returns MaskOutput(xt, t, sigma, weight, move_chance, row_counts): xt has x0's dtype; t, sigma,
+    weight (dsigma / expm1(sigma)), move_chance (1 - exp(-sigma)) are (B,) float32; row_counts (B,)
+    int32 counts the masked positions of each row. Token ids are not range-checked (that would
+    synchronise a GPU); neither are the values of a CUDA t. backend: None/"auto", "cpp" (alias
+    "cuda") or "reference"; MDLM_BACKEND sets it globally.
+    """
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"forward_mask: x0 must be a torch.Tensor, got {type(x0).__name__}")
+    if x0.dim() != 2:
+        raise ValueError(f"forward_mask: x0 must have rank 2 (B, L), got shape {tuple(x0.shape)}")
+    if x0.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"forward_mask: x0 must be int64 or int32 token ids, got {x0.dtype}")
+    B, L = x0.shape
+    if B > _M32:
+        raise ValueError(f"forward_mask: B must be < 2^32 (rows are uint32 Philox counter words), got {B}")
+    if L > _M32:
+        raise ValueError(f"forward_mask: L must be < 2^32 (columns are uint32 Philox counter words), got {L}")
+    if L > 2**31 - 1:
+        raise ValueError(f"forward_mask: L must be < 2^31 (row_counts is int32), got {L}")
+    seed = _check_u64_named("seed", seed)
+    offset = _check_u64_named("offset", offset)
+    if isinstance(mask_index, bool) or not isinstance(mask_index, int):
+        raise TypeError(f"forward_mask: mask_index must be an int, got {type(mask_index).__name__}")
+    if not 0 <= mask_index <= _INT_MAX[x0.dtype]:
+        raise ValueError(f"forward_mask: mask_index must be in [0, {_INT_MAX[x0.dtype]}] for {x0.dtype}, "
+                         f"got {mask_index}")
+    if not isinstance(schedule, str) or schedule not in SCHEDULE_CODES:
+        raise ValueError(f"forward_mask: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    eps = _check_float("noise_eps", noise_eps)
+    sampling_eps = _check_float("sampling_eps", sampling_eps)
+    if not 0.0 <= sampling_eps < 1.0:
+        raise ValueError(f"forward_mask: sampling_eps must be in [0, 1), got {sampling_eps}")
+    smin, smax = 0.0, 0.0
+    if schedule in _DEFAULT_SIGMAS:
+        dmin, dmax = _DEFAULT_SIGMAS[schedule]
+        smin = _check_float("sigma_min", dmin if sigma_min is None else sigma_min)
+        smax = _check_float("sigma_max", dmax if sigma_max is None else sigma_max)
+        if schedule == "linear" and not 0.0 <= smin <= smax:
+            raise ValueError(f"forward_mask: linear schedule needs 0 <= sigma_min <= sigma_max, got "
+                             f"sigma_min={smin}, sigma_max={smax}")
+        if schedule == "geometric" and not (smin > 0.0 and smax > 0.0):
+            raise ValueError(f"forward_mask: geometric schedule needs sigma_min > 0 and sigma_max > 0, got "
+                             f"sigma_min={smin}, sigma_max={smax}")
+    elif not 0.0 <= eps < 1.0:
+        raise ValueError(f"forward_mask: noise_eps must be in [0, 1) for the {schedule} schedule, got {eps}")
+    if not isinstance(antithetic, bool):
+        raise TypeError(f"forward_mask: antithetic must be a bool, got {type(antithetic).__name__}")
+    if t is not None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"forward_mask: t must be None or a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"forward_mask: t must be float32, got {t.dtype}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"forward_mask: t must have shape (B,) = ({B},), got {tuple(t.shape)}")
+        if t.device != x0.device:
+            raise ValueError(f"forward_mask: t is on {t.device} but x0 is on {x0.device}; all tensors must be on "
+                             "the same device")
+        # the range check reads the values: CPU only (on a GPU it would synchronise), never while tracing
+        if t.device.type == "cpu" and B > 0 and not _is_compiling():
+            if not bool(((t > 0) & (t <= 1)).all()):
+                raise ValueError("forward_mask: t must lie in (0, 1], got values in "
+                                 f"[{t.min().item()}, {t.max().item()}]")
+    if backend is not None:
+        _backend.normalize(backend)  # unknown names fail here, before tracing
+    xt, t_out, sigma, weight, mc, counts = torch.ops.mdlm.forward_mask(
+        x0, t, _to_i64(seed), _to_i64(offset), mask_index, schedule, eps, smin, smax, sampling_eps, antithetic,
+        backend)
+    return MaskOutput(xt, t_out, sigma, weight, mc, counts)
+
+
+def _check_u64_named(name: str, v) -> int:
+    try:
+        return _check_u64(name, v)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("philox_uniform:", "forward_mask:")) from None
