@@ -25,7 +25,7 @@ from .schedules import get_noise
 
 __all__ = ["MDLM", "Loss", "sample_t", "q_xt", "subs_parameterization", "d3pm_parameterization",
            "sedd_parameterization", "score_entropy", "subs_nelbo_masked_rows", "d3pm_loss", "NEG_INFINITY", "PARAMETERIZATIONS",
-           "LOSS_IMPLS"]
+           "LOSS_IMPLS", "subs_loss_from_hidden", "SUBSLoss"]
 
 NEG_INFINITY = -1000000.0  # the published "minus infinity" for logits
 PARAMETERIZATIONS = ("subs", "d3pm", "sedd", "ar")
@@ -154,6 +154,60 @@ def subs_nelbo_masked_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     logits = torch.cat([logits[:, :mask_index], logits[:, mask_index + 1:]], dim=-1)  # drop the MASK column
     tgt = targets - (targets > mask_index).long()  # column index once MASK is dropped
     return F.cross_entropy(logits, tgt, reduction="none") * row_weights
+
+
+def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x0: torch.Tensor,
+                          xt: torch.Tensor, row_weight: torch.Tensor, mask_index: int,
+                          attention_mask: torch.Tensor | None = None, impl: str = "fused") -> Loss:
+    """Continuous-time SUBS NELBO from the final hidden states (B, L, d) and the LM head (V, d) / (V,).
+
+    Only masked positions (xt == mask_index) contribute: w_b * CE over v != MASK at x0, with
+    w_b = row_weight[b] (B,) times attention_mask (B, L). ``impl`` "masked" runs F.linear + cross-entropy
+    on those rows, "fused" runs ``mdlm_kernels.subs_linear_cross_entropy``; both equal the published
+    (B, L, V) path. The gather of masked rows is sized on the host (one synchronisation). ``nlls`` (B, L)
+    carries no gradient (logging only). The LM head runs under bf16 autocast on CUDA, as published.
+    """
+    if impl not in ("masked", "fused"):
+        raise ValueError(f"unknown implementation {impl!r} for a loss from hidden states; 'masked' or 'fused'")
+    B, L, d = hidden.shape
+    if x0.shape != (B, L) or xt.shape != (B, L):
+        raise ValueError(f"x0 {tuple(x0.shape)} and xt {tuple(xt.shape)} must be (B, L) = {(B, L)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(x0, dtype=torch.float32)
+    idx = (xt == mask_index).reshape(-1).nonzero().squeeze(1)          # the one host sync
+    h = hidden.reshape(B * L, d).index_select(0, idx)
+    tgt = x0.reshape(-1).index_select(0, idx)
+    w = (row_weight[:, None] * attention_mask).reshape(-1).index_select(0, idx).float()
+    with _autocast(h):
+        if impl == "masked":
+            rows = subs_nelbo_masked_rows(h, weight, bias, tgt, w, mask_index)
+            total, rows_log = rows.sum(), rows.detach()
+        else:
+            import mdlm_kernels as mk
+            total, rows_log = mk.subs_linear_cross_entropy(h, weight, bias, tgt, w, mask_index, validate=False)
+    nlls = torch.zeros(B * L, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log).view(B, L)
+    return Loss(loss=total / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
+
+
+class SUBSLoss(nn.Module):
+    """Drop-in SUBS loss for existing MDLM code: from the backbone's final hidden states (the LM head's
+    input), the LM head's weight/bias, x0, xt and t, the published continuous-time NELBO.
+
+    forward(hidden (B, L, d), weight (V, d), bias (V,) | None, x0 (B, L), xt (B, L), t (B,),
+            attention_mask (B, L) | None) -> Loss.   The row weight is dsigma/expm1(sigma) at t (1/t
+    for loglinear). ``impl``: "fused" (default) or "masked" (plain PyTorch on the masked rows).
+    """
+
+    def __init__(self, mask_index: int, noise="loglinear", impl: str = "fused"):
+        super().__init__()
+        self.mask_index = int(mask_index)
+        self.noise = get_noise(noise) if isinstance(noise, str) else noise
+        self.impl = impl
+
+    def forward(self, hidden, weight, bias, x0, xt, t, attention_mask=None) -> Loss:
+        sigma, dsigma = self.noise(t)
+        return subs_loss_from_hidden(hidden, weight, bias, x0, xt, dsigma / torch.expm1(sigma), self.mask_index,
+                                     attention_mask, self.impl)
 
 
 class MDLM(nn.Module):
@@ -308,8 +362,7 @@ class MDLM(nn.Module):
         - "masked": LM head + cross-entropy on masked rows only, MASK column dropped (plain PyTorch);
         - "fused": the same rows through ``mdlm_kernels.subs_linear_cross_entropy`` (no (N, V) logits).
 
-        All three give the same loss and gradients. "masked" and "fused" size the masked-row gather on the
-        host (one sync); their ``nlls`` carry no gradient (logging only).
+        All three give the same loss and gradients (see ``subs_loss_from_hidden``).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(x0, dtype=torch.float32)
@@ -318,34 +371,34 @@ class MDLM(nn.Module):
             log_p = torch.gather(out, -1, x0[:, :, None]).squeeze(-1)
             nlls = -log_p * weight[:, None] * attention_mask
             return Loss(loss=nlls.sum() / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
-        if impl not in ("masked", "fused"):
-            raise ValueError(f"unknown loss implementation {impl!r}; one of {LOSS_IMPLS}")
         if not self.supports_masked_rows():
             raise ValueError(f"impl={impl!r} needs continuous-time SUBS without importance sampling or change of "
                              "variables, and a DIT backbone")
-        B, L = x0.shape
         with _fp32_outside_blocks(xt):
             hidden, _ = self.backbone.hidden_states(xt, self._process_sigma(sigma[:, None]))
-        idx = (xt == self.mask_index).reshape(-1).nonzero().squeeze(1)        # the one host sync
-        h = hidden.reshape(B * L, -1).index_select(0, idx)
-        tgt = x0.reshape(-1).index_select(0, idx)
-        w = (weight[:, None] * attention_mask).reshape(-1).index_select(0, idx).float()
         lin = self.backbone.output_layer.linear
-        with _autocast(h):  # the published LM head runs under bf16 autocast on CUDA
-            if impl == "masked":
-                rows = subs_nelbo_masked_rows(h, lin.weight, lin.bias, tgt, w, self.mask_index)
-                total, rows_log = rows.sum(), rows.detach()
-            else:
-                import mdlm_kernels as mk
-                total, rows_log = mk.subs_linear_cross_entropy(h, lin.weight, lin.bias, tgt, w, self.mask_index,
-                                                               validate=False)
-        nlls = torch.zeros(B * L, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log).view(B, L)
-        return Loss(loss=total / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
+        return subs_loss_from_hidden(hidden, lin.weight, lin.bias, x0, xt, weight, self.mask_index,
+                                     attention_mask, impl)
+
+    def _ar_loss(self, x0: torch.Tensor, attention_mask: torch.Tensor, impl: str) -> Loss:
+        """Next-token NLL: inputs x0[:, :-1], targets x0[:, 1:], MASK excluded from the softmax (published)."""
+        inputs, targets, mask = x0[:, :-1], x0[:, 1:], attention_mask[:, 1:]
+        if impl == "reference":
+            logprobs = self.backbone(inputs, None)
+            nlls = -logprobs.gather(-1, targets[:, :, None])[:, :, 0] * mask
+            return Loss(loss=nlls.sum() / mask.sum(), nlls=nlls, token_mask=mask)
+        hidden = self.backbone.hidden_states(inputs)
+        lin = self.backbone.output_layer.linear
+        # every position is a "masked row" with weight = its attention mask: plain cross-entropy, one code path
+        all_rows = torch.full_like(targets, self.mask_index)
+        return subs_loss_from_hidden(hidden, lin.weight, lin.bias, targets, all_rows, torch.ones_like(mask[:, 0]),
+                                     self.mask_index, mask, impl)
 
     def default_loss_impl(self) -> str:
         impl = self.config.get("loss_impl", "auto")
         if impl in (None, "auto"):
-            return "fused" if self.supports_masked_rows() else "reference"
+            ar_fusable = self.parameterization == "ar" and hasattr(self.backbone, "hidden_states")
+            return "fused" if (self.supports_masked_rows() or ar_fusable) else "reference"
         return impl
 
     def loss(self, x0: torch.Tensor, attention_mask: torch.Tensor | None = None, generator=None,
@@ -367,6 +420,8 @@ class MDLM(nn.Module):
         impl = impl or self.default_loss_impl()
         if impl not in LOSS_IMPLS:
             raise ValueError(f"unknown loss implementation {impl!r}; one of {LOSS_IMPLS}")
+        if self.parameterization == "ar":
+            return self._ar_loss(x0, attention_mask, impl)
         if impl != "reference":
             if not self.supports_masked_rows():
                 raise ValueError(f"impl={impl!r} needs continuous-time SUBS without importance sampling or "
@@ -379,12 +434,7 @@ class MDLM(nn.Module):
                 xt = self.q_xt(x0, 1 - torch.exp(-sigma[:, None]), generator)
                 weight = dsigma / torch.expm1(sigma)
             return self.subs_loss_given(x0, xt, sigma, weight, attention_mask, impl)
-        if self.parameterization == "ar":
-            inputs, targets, attention_mask = x0[:, :-1], x0[:, 1:], attention_mask[:, 1:]
-            logprobs = self.backbone(inputs, None)
-            loss = -logprobs.gather(-1, targets[:, :, None])[:, :, 0]
-        else:
-            loss = self.forward_pass_diffusion(x0, generator)
+        loss = self.forward_pass_diffusion(x0, generator)
         nlls = loss * attention_mask
         count = attention_mask.sum()
         return Loss(loss=nlls.sum() / count, nlls=nlls, token_mask=attention_mask)

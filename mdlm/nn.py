@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .config import to_config
 
 __all__ = ["LayerNorm", "Rotary", "TimestepEmbedder", "EmbeddingLayer", "DDiTBlock", "DDitFinalLayer",
-           "DIT", "DDiTBlockCausal", "AR", "modulate", "rotate_half", "apply_rotary_pos_emb",
+           "DIT", "DDiTBlockCausal", "AR", "SUBSLoss", "modulate", "rotate_half", "apply_rotary_pos_emb",
            "bias_dropout_add_scale", "check_token_ids"]
 
 
@@ -355,7 +355,8 @@ class AR(nn.Module):
         self.output_layer = _FinalLayerNoCond(m.hidden_size, vocab_size)
         self.validate_inputs = True
 
-    def forward(self, indices: torch.Tensor, sigma=None) -> torch.Tensor:
+    def hidden_states(self, indices: torch.Tensor) -> torch.Tensor:
+        """The LM head's input (B, L, d): everything except ``output_layer.linear``."""
         if self.validate_inputs:
             check_token_ids(indices, self.vocab_size)
         x = self.vocab_embed(indices)
@@ -363,7 +364,20 @@ class AR(nn.Module):
         with _autocast(x):
             for block in self.blocks:
                 x = block(x, rotary_cos_sin)
-            logits = self.output_layer(x)
+            return self.output_layer.norm_final(x)
+
+    def forward(self, indices: torch.Tensor, sigma=None) -> torch.Tensor:
+        h = self.hidden_states(indices)
+        with _autocast(h):
+            logits = self.output_layer.linear(h)
         logits = logits.float()
         logits[:, :, self.mask_index] = self.neg_infinity
         return logits.log_softmax(-1)
+
+
+def __getattr__(name):
+    # SUBSLoss lives with the losses (mdlm.diffusion imports this module); re-exported here as a drop-in.
+    if name == "SUBSLoss":
+        from .diffusion import SUBSLoss
+        return SUBSLoss
+    raise AttributeError(f"module 'mdlm.nn' has no attribute {name!r}")
