@@ -120,14 +120,25 @@ _SUPPORTED = {"triton": None, "reference": None}
 # ---------------------------------------------------------------------------------------------
 # Host side: chunked GEMMs around the row kernel
 # ---------------------------------------------------------------------------------------------
+_MM_OUT_DTYPE_OK = True  # torch.mm(..., out_dtype=float32) for bf16/fp16 CUDA inputs (newer torch)
+
+
 def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b with fp32 accumulation and no low-precision rounding of the partial sum."""
+    global _MM_OUT_DTYPE_OK
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # bf16/fp16 GEMM, fp32 output (cuBLAS)
-    else:
-        acc.addmm_(a.float(), b.float())
+        return
+    if a.is_cuda and _MM_OUT_DTYPE_OK:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # bf16/fp16 GEMM, fp32 output (cuBLAS)
+            return
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            _MM_OUT_DTYPE_OK = False
+            import warnings
+            warnings.warn(f"{OP}: torch.mm(out_dtype=float32) unavailable ({e}); accumulating grad_W with an "
+                          "fp32 GEMM on upcast operands (correct, slower)")
+    acc.addmm_(a.float(), b.float())
 
 
 def chunk_rows_for(V: int, dtype: torch.dtype) -> int:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU check, for a machine with a CUDA GPU and no network: install the package from this working tree
+# (no build isolation), run the GPU-marked tests, the loss-stage benchmark and the training throughput
+# benchmark, and write everything into OUT_DIR. Meant to finish in a few minutes on an H200.
+#
+#   bash bench/gpu_check.sh OUT_DIR
+set -uo pipefail
+OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
+  python -c "import triton; print('triton', triton.__version__)" 2>&1
+  git rev-parse --short HEAD 2>/dev/null; } | tee "$OUT/environment.txt"
+
+step "install (pip install --no-build-isolation --no-deps .)"
+MAX_JOBS=${MAX_JOBS:-16} pip install --no-build-isolation --no-deps . > "$OUT/install.log" 2>&1 \
+  || { tail -30 "$OUT/install.log"; echo "install failed"; exit 1; }
+# run from outside the tree so the installed package (with its compiled extension) is imported
+(cd /tmp && python -c "import json, mdlm_kernels as m; print(json.dumps(m.available(), indent=1))") | tee "$OUT/available.json"
+
+step "GPU-marked tests"
+pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "loss stage: reference / masked / masked_compiled / fused (B=64, L=1024, d=768, V=50258, bf16)"
+timeout 300 python bench/bench_linear_ce.py --out "$OUT" 2>&1 | tee "$OUT/bench_linear_ce.txt" | grep -v Warning
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "training throughput: fused / reference / masked (DiT small, B=16, L=1024, bf16)"
+timeout 300 python bench/throughput.py --providers fused,reference,masked --out "$OUT" 2>&1 \
+  | tee "$OUT/throughput.txt" | grep -v Warning
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "summary"
+tail -1 "$OUT/pytest_cuda.txt"
+grep -A8 "^provider" "$OUT/bench_linear_ce.txt"
+grep -A8 "^provider" "$OUT/throughput.txt"
+exit $status
