@@ -337,15 +337,17 @@ class MDLM(nn.Module):
         return (self.parameterization == "subs" and self.T == 0 and not self.importance_sampling
                 and not self.change_of_variables and hasattr(self.backbone, "hidden_states"))
 
-    def draw_fused(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+    def draw_fused(self, x0: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None):
         """t, sigma, NELBO weight and x_t from the fused masking kernel (Philox, no host sync).
 
-        The kernel's seed is drawn from ``generator`` (default: torch's global CPU generator, so
-        ``torch.manual_seed`` makes the step reproducible). Returns (t, sigma, weight, xt).
+        The kernel's seed is ``seed`` if given (what ``torch.compile(fullgraph=True)`` of a whole step needs),
+        else drawn from ``generator`` (default: torch's global CPU generator, so ``torch.manual_seed`` makes
+        the step reproducible). Returns (t, sigma, weight, xt).
         """
         import mdlm_kernels as mk
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
-                                 device=generator.device if generator is not None else "cpu").item())
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
+                                     device=generator.device if generator is not None else "cpu").item())
         nz = self.config.noise
         out = mk.forward_mask(
             x0, seed, 0, mask_index=self.mask_index, schedule=self.noise.name,
@@ -402,13 +404,19 @@ class MDLM(nn.Module):
         return impl
 
     def loss(self, x0: torch.Tensor, attention_mask: torch.Tensor | None = None, generator=None,
-             impl: str | None = None) -> Loss:
+             impl: str | None = None, seed: int | None = None) -> Loss:
         """Token-averaged NELBO (diffusion) or NLL (AR) of a batch x0 (B, L); attention_mask (B, L) 0 = pad.
 
         ``impl`` (default: ``config.loss_impl``, "auto" = "fused" for continuous-time SUBS, else
         "reference"): "reference" draws t and x_t with torch's RNG and runs the published path; "masked"
         uses the same torch draws with the LM head on masked rows only; "fused" draws with the fused masking
         kernel (Philox) and computes the loss with the fused linear-cross-entropy. See ``subs_loss_given``.
+        ``seed`` fixes the fused masking kernel's seed (else it is drawn from ``generator``).
+
+        ``torch.compile(fullgraph=True)`` traces the fused step when ``seed`` is passed, the input checks are
+        off (``validate_inputs = False`` on the model and its backbone) and
+        ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (the masked-row count is data
+        dependent).
         """
         if self.validate_inputs:
             check_token_ids(x0, self.vocab_size, "x0")
@@ -427,7 +435,7 @@ class MDLM(nn.Module):
                 raise ValueError(f"impl={impl!r} needs continuous-time SUBS without importance sampling or "
                                  "change of variables, and a DIT backbone")
             if impl == "fused":
-                _, sigma, weight, xt = self.draw_fused(x0, generator)
+                _, sigma, weight, xt = self.draw_fused(x0, generator, seed)
             else:
                 t = self.sample_t(x0.shape[0], x0.device, generator)
                 sigma, dsigma = self.noise(t)

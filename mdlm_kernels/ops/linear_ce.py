@@ -197,6 +197,7 @@ def _setup_context(ctx, inputs, output):
     h, W, b, *_ = inputs
     _, _, gh, gW, gb = output
     ctx.save_for_backward(gh, gW, gb)
+    ctx.need_grads = inputs[6]
     ctx.has_bias = b is not None
     ctx.W_dtype = W.dtype
     ctx.b_dtype = b.dtype if b is not None else None
@@ -204,7 +205,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_loss, g_rows, g_gh, g_gW, g_gb):
     gh, gW, gb = ctx.saved_tensors
-    if gh.numel() == 0 and ctx.needs_input_grad[0]:
+    if not ctx.need_grads:
         raise RuntimeError("subs_linear_cross_entropy: gradients were not computed in forward "
                            "(need_grads=False); call it with grad mode enabled")
     dh = gh * g_loss.to(gh.dtype) if ctx.needs_input_grad[0] else None
