@@ -161,7 +161,8 @@ def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           attention_mask: torch.Tensor | None = None, impl: str = "fused") -> Loss:
     """Continuous-time SUBS NELBO from the final hidden states (B, L, d) and the LM head (V, d) / (V,).
 
-    Only masked positions (xt == mask_index) contribute: w_b * CE over v != MASK at x0, with
+    Only masked positions (xt == mask_index) contribute (``xt is x0``: every position does, with x0 as the
+    targets; the AR baseline uses this): w_b * CE over v != MASK at x0, with
     w_b = row_weight[b] (B,) times attention_mask (B, L). ``impl`` "masked" runs F.linear + cross-entropy
     on those rows, "fused" runs ``mdlm_kernels.subs_linear_cross_entropy``; both equal the published
     (B, L, V) path. The gather of masked rows is sized on the host (one synchronisation). ``nlls`` (B, L)
@@ -174,10 +175,14 @@ def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         raise ValueError(f"x0 {tuple(x0.shape)} and xt {tuple(xt.shape)} must be (B, L) = {(B, L)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(x0, dtype=torch.float32)
-    idx = (xt == mask_index).reshape(-1).nonzero().squeeze(1)          # the one host sync
-    h = hidden.reshape(B * L, d).index_select(0, idx)
-    tgt = x0.reshape(-1).index_select(0, idx)
-    w = (row_weight[:, None] * attention_mask).reshape(-1).index_select(0, idx).float()
+    w_all = (row_weight[:, None] * attention_mask).reshape(-1).float()
+    if xt is x0:  # every position is a row (the AR baseline): no gather, no sync
+        idx, h, tgt, w = None, hidden.reshape(B * L, d), x0.reshape(-1), w_all
+    else:
+        idx = (xt == mask_index).reshape(-1).nonzero().squeeze(1)      # the one host sync
+        h = hidden.reshape(B * L, d).index_select(0, idx)
+        tgt = x0.reshape(-1).index_select(0, idx)
+        w = w_all.index_select(0, idx)
     with _autocast(h):
         if impl == "masked":
             rows = subs_nelbo_masked_rows(h, weight, bias, tgt, w, mask_index)
@@ -185,7 +190,10 @@ def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         else:
             import mdlm_kernels as mk
             total, rows_log = mk.subs_linear_cross_entropy(h, weight, bias, tgt, w, mask_index, validate=False)
-    nlls = torch.zeros(B * L, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log).view(B, L)
+    if idx is None:
+        nlls = rows_log.view(B, L)
+    else:
+        nlls = torch.zeros(B * L, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log).view(B, L)
     return Loss(loss=total / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
 
 
@@ -342,7 +350,8 @@ class MDLM(nn.Module):
 
         The kernel's seed is ``seed`` if given (what ``torch.compile(fullgraph=True)`` of a whole step needs),
         else drawn from ``generator`` (default: torch's global CPU generator, so ``torch.manual_seed`` makes
-        the step reproducible). Returns (t, sigma, weight, xt).
+        the step reproducible; a CUDA generator costs a host sync here, prefer a CPU one).
+        Returns (t, sigma, weight, xt).
         """
         import mdlm_kernels as mk
         if seed is None:
@@ -391,9 +400,8 @@ class MDLM(nn.Module):
             return Loss(loss=nlls.sum() / mask.sum(), nlls=nlls, token_mask=mask)
         hidden = self.backbone.hidden_states(inputs)
         lin = self.backbone.output_layer.linear
-        # every position is a "masked row" with weight = its attention mask: plain cross-entropy, one code path
-        all_rows = torch.full_like(targets, self.mask_index)
-        return subs_loss_from_hidden(hidden, lin.weight, lin.bias, targets, all_rows, torch.ones_like(mask[:, 0]),
+        # every position is a row with weight = its attention mask: plain cross-entropy, one code path
+        return subs_loss_from_hidden(hidden, lin.weight, lin.bias, targets, targets, torch.ones_like(mask[:, 0]),
                                      self.mask_index, mask, impl)
 
     def default_loss_impl(self) -> str:

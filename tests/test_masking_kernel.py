@@ -414,12 +414,18 @@ def test_gpu_other_schedules_close(schedule):
 
 @pytest.mark.cuda
 def test_gpu_uses_current_stream():
+    """Captured into a CUDA graph: a launch on any stream other than the capturing one breaks the capture."""
     x0 = _x0((64, 4096)).cuda()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        mk.forward_mask(x0, 3, 4, mask_index=MASK)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         out = mk.forward_mask(x0, 3, 4, mask_index=MASK)
-    s.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
     ref = mk.forward_mask(x0.cpu(), 3, 4, mask_index=MASK)
     for a, b in zip(out, ref):
         assert torch.equal(a.cpu(), b)
