@@ -31,6 +31,10 @@ step "loss stage: reference / masked / masked_compiled / fused (B=64, L=1024, d=
 timeout 300 python bench/bench_linear_ce.py --out "$OUT" 2>&1 | tee "$OUT/bench_linear_ce.txt" | grep -v Warning
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "block kernels vs copy bandwidth; DiT small fwd+bwd: kernels / reference / torch.compile (B=64, L=1024, bf16)"
+timeout 300 python bench/bench_blocks.py --out "$OUT" 2>&1 | tee "$OUT/bench_blocks.txt" | grep -v Warning
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "training throughput: fused / reference / masked (DiT small, B=16, L=1024, bf16)"
 timeout 300 python bench/throughput.py --providers fused,reference,masked --out "$OUT" 2>&1 \
   | tee "$OUT/throughput.txt" | grep -v Warning
@@ -39,5 +43,7 @@ timeout 300 python bench/throughput.py --providers fused,reference,masked --out 
 step "summary"
 tail -1 "$OUT/pytest_cuda.txt"
 grep -A8 "^provider" "$OUT/bench_linear_ce.txt"
+grep -A6 "^kernel (forward)" "$OUT/bench_blocks.txt"
+grep -A4 "^DiT fwd+bwd" "$OUT/bench_blocks.txt"
 grep -A8 "^provider" "$OUT/throughput.txt"
 exit $status

@@ -15,6 +15,7 @@
 #include "mdlm/masking.h"
 #include "mdlm/ops.h"
 #include "mdlm/philox.h"
+#include "mdlm/sampling.h"
 
 namespace py = pybind11;
 
@@ -231,6 +232,121 @@ void forward_mask_cuda(std::uintptr_t x0, std::uintptr_t xt, int dtype, std::uin
 #endif
 }
 
+// ---- fused categorical sampling step -------------------------------------------------------------
+struct SampleCall {
+  const void* logits;
+  const float *t, *s;
+  const int64_t* row_ids;
+  int64_t* tokens;
+  float* conf;
+  mdlm::SampleParams params;
+};
+
+SampleCall check_sample_step(const char* op, std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s,
+                             std::uintptr_t row_ids, std::uintptr_t tokens, std::uintptr_t conf, int64_t rows,
+                             int64_t vocab, uint64_t seed, uint64_t offset, int64_t mask_index, double temperature,
+                             int64_t top_k, double top_p, bool greedy) {
+  int64_t elem_size;
+  if (dtype == mdlm::kFloat32) {
+    elem_size = 4;
+  } else if (dtype == mdlm::kBFloat16) {
+    elem_size = 2;
+  } else {
+    throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + std::to_string(dtype) + " (" +
+                                mdlm::dtype_name(dtype) + "); supported: 0 (float32), 1 (bfloat16)");
+  }
+  if (rows < 0) throw std::invalid_argument(std::string(op) + ": rows must be >= 0, got " + std::to_string(rows));
+  if (vocab < 2 || vocab > int64_t(std::numeric_limits<int32_t>::max())) {
+    throw std::invalid_argument(std::string(op) + ": vocab must be in [2, 2^31), got " + std::to_string(vocab));
+  }
+  if (rows > std::numeric_limits<int64_t>::max() / elem_size / vocab) {
+    throw std::invalid_argument(std::string(op) + ": rows*vocab*itemsize overflows int64");
+  }
+  if (mask_index < 0 || mask_index >= vocab) {
+    throw std::invalid_argument(std::string(op) + ": mask_index must be in [0, vocab=" + std::to_string(vocab) +
+                                "), got " + std::to_string(mask_index));
+  }
+  if (!(temperature >= 1e-30 && temperature <= std::numeric_limits<double>::max())) {
+    throw std::invalid_argument(std::string(op) + ": temperature must be finite and >= 1e-30, got " +
+                                std::to_string(temperature));
+  }
+  if (top_k < 0) throw std::invalid_argument(std::string(op) + ": top_k must be >= 0, got " + std::to_string(top_k));
+  if (!(top_p > 0.0 && top_p <= 1.0)) {
+    throw std::invalid_argument(std::string(op) + ": top_p must be in (0, 1], got " + std::to_string(top_p));
+  }
+  const bool nonempty = rows > 0;
+  SampleCall c;
+  c.logits = as_ptr(op, logits, nonempty);
+  c.t = static_cast<const float*>(as_ptr(op, t, nonempty && !greedy));
+  c.s = static_cast<const float*>(as_ptr(op, s, nonempty && !greedy));
+  c.row_ids = static_cast<const int64_t*>(as_ptr(op, row_ids, false));  // 0: row i
+  c.tokens = static_cast<int64_t*>(as_ptr(op, tokens, nonempty));
+  c.conf = static_cast<float*>(as_ptr(op, conf, nonempty));
+  c.params = mdlm::SampleParams{vocab, mask_index, 1.0 / temperature, top_k, top_p, greedy ? 1 : 0, seed, offset};
+  return c;
+}
+
+void sample_step_cpu(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
+                     std::uintptr_t tokens, std::uintptr_t conf, int64_t rows, int64_t vocab, uint64_t seed,
+                     uint64_t offset, int64_t mask_index, double temperature, int64_t top_k, double top_p,
+                     bool greedy) {
+  const char* op = "sample_step_cpu";
+  const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
+                                         mask_index, temperature, top_k, top_p, greedy);
+  py::gil_scoped_release release;
+  mdlm::sample_step_cpu(c.logits, dtype, c.t, c.s, c.row_ids, c.tokens, c.conf, rows, c.params);
+}
+
+void sample_step_cuda(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
+                      std::uintptr_t tokens, std::uintptr_t conf, int64_t rows, int64_t vocab, uint64_t seed,
+                      uint64_t offset, int64_t mask_index, double temperature, int64_t top_k, double top_p,
+                      bool greedy, std::uintptr_t stream) {
+  const char* op = "sample_step_cuda";
+  const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
+                                         mask_index, temperature, top_k, top_p, greedy);
+#if MDLM_WITH_CUDA
+  if (rows == 0) return;
+  require_device(op);
+  int err;
+  {
+    py::gil_scoped_release release;
+    err = mdlm::sample_step_cuda(c.logits, dtype, c.t, c.s, c.row_ids, c.tokens, c.conf, rows, c.params,
+                                 reinterpret_cast<void*>(stream));
+  }
+  check_cuda(op, err);
+#else
+  (void)c;
+  (void)stream;
+  no_cuda(op);
+#endif
+}
+
+// The keep threshold of each row (tests): keys (rows,) uint32 as int64 host buffer.
+void sample_threshold_cpu(std::uintptr_t logits, int dtype, std::uintptr_t keys, int64_t rows, int64_t vocab,
+                          int64_t mask_index, double temperature, int64_t top_k, double top_p) {
+  const char* op = "sample_threshold_cpu";
+  const SampleCall c = check_sample_step(op, logits, dtype, 0, 0, 0, keys, keys, rows, vocab, 0, 0, mask_index,
+                                         temperature, top_k, top_p, true);
+  std::vector<uint32_t> k(static_cast<size_t>(rows));
+  {
+    py::gil_scoped_release release;
+    mdlm::sample_threshold_cpu(c.logits, dtype, rows, c.params, k.data());
+  }
+  int64_t* out = reinterpret_cast<int64_t*>(keys);
+  for (int64_t i = 0; i < rows; ++i) out[i] = static_cast<int64_t>(k[static_cast<size_t>(i)]);
+}
+
+// Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32.
+void sample_math(int fn, std::uintptr_t in, std::uintptr_t out, int64_t n) {
+  const char* op = "sample_math";
+  if (n < 0) throw std::invalid_argument("sample_math: n must be >= 0");
+  if (fn < 0 || fn > 2) throw std::invalid_argument("sample_math: fn must be 0 (log64), 1 (exp64) or 2 (expf32)");
+  const double* pin = static_cast<const double*>(as_ptr(op, in, n > 0));
+  double* pout = static_cast<double*>(as_ptr(op, out, n > 0));
+  py::gil_scoped_release release;
+  mdlm::sample_math_cpu(fn, pin, pout, n);
+}
+
 int cuda_device_count() {
 #if MDLM_WITH_CUDA
   int count = 0;
@@ -269,6 +385,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("offset"), py::arg("mask_index"), py::arg("schedule"), py::arg("eps"), py::arg("sigma_min"),
         py::arg("sigma_max"), py::arg("sampling_eps"), py::arg("antithetic"), py::arg("stream"),
         "Same as forward_mask_cpu on device buffers, launched on `stream` (cudaStream_t as int).");
+  m.def("sample_step_cpu", &sample_step_cpu, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
+        py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
+        py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"),
+        "Fused categorical sampling step (mdlm/sampling.h) on host buffers; row_ids_ptr = 0 uses row i; "
+        "t_ptr / s_ptr may be 0 when greedy.");
+  m.def("sample_step_cuda", &sample_step_cuda, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
+        py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
+        py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("stream"),
+        "Same as sample_step_cpu on device buffers, launched on `stream` (cudaStream_t as int).");
+  m.def("sample_threshold_cpu", &sample_threshold_cpu, py::arg("logits_ptr"), py::arg("dtype_code"),
+        py::arg("keys_ptr"), py::arg("rows"), py::arg("vocab"), py::arg("mask_index"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("top_p"),
+        "Keep threshold (uint32 key of mdlm/sampling.h, 0 = keep all) of each row into an int64 host buffer (tests).");
+  m.def("sample_math", &sample_math, py::arg("fn"), py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"),
+        "Header transcendentals of mdlm/sampling.h on float64 host buffers (tests): 0 log64, 1 exp64, 2 expf32.");
   m.attr("SCHEDULE_CODES") = py::dict(py::arg("loglinear") = int(mdlm::kLogLinear), py::arg("linear") = int(mdlm::kLinear),
                                       py::arg("geometric") = int(mdlm::kGeometric), py::arg("cosine") = int(mdlm::kCosine),
                                       py::arg("cosinesqr") = int(mdlm::kCosineSqr));

@@ -4,17 +4,19 @@
 - ``mdlm.schedules``: noise schedules sigma(t), dsigma(t)
 - ``mdlm.nn``: the published DiT (``DIT``) and AR backbones
 - ``mdlm.diffusion``: forward masking, parameterizations (SUBS, D3PM, SEDD, AR) and losses (``MDLM``)
-- ``mdlm.sampling``: ddpm, ddpm_cache, analytic and semi-autoregressive samplers
+- ``mdlm.sampling``: the published samplers (ddpm, ddpm_cache, analytic, semi-autoregressive): the spec
+- ``mdlm.samplers``: fast samplers on the fused sampling kernel; ``mdlm.sample`` dispatches
 - ``mdlm.checkpoint``: published-layout checkpoint loading
 """
 from .config import Config, preset, PRESETS
 from .schedules import get_noise
 from .nn import DIT, AR
 from .diffusion import MDLM, Loss
-from .sampling import sample, semi_ar_sample
+from .sampling import semi_ar_sample
+from .samplers import sample, fast_sample
 from .checkpoint import load_published_checkpoint, save_published_checkpoint, CheckpointError
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "preset", "PRESETS", "get_noise", "DIT", "AR", "MDLM", "Loss", "sample", "semi_ar_sample",
+__all__ = ["Config", "preset", "PRESETS", "get_noise", "DIT", "AR", "MDLM", "Loss", "sample", "fast_sample", "semi_ar_sample",
            "load_published_checkpoint", "save_published_checkpoint", "CheckpointError", "__version__"]

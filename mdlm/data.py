@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["data_dir", "gpt2_tokenizer", "GPT2_EOS", "GPT2_VOCAB", "wrap_chunks", "load_corpus_tokens"]
+__all__ = ["data_dir", "gpt2_tokenizer", "GPT2_EOS", "GPT2_VOCAB", "wrap_chunks", "load_corpus_tokens", "decode"]
 
 GPT2_EOS = 50256      # <|endoftext|>, also used as BOS in the published wrap mode
 GPT2_VOCAB = 50257    # MASK is appended as id 50257 -> model vocab 50258
@@ -73,3 +73,24 @@ def load_corpus_tokens(name: str = "tinyshakespeare/input.txt", split: str = "tr
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     text = text[:cut] if split == "train" else text[cut:]
     return torch.tensor(gpt2_tokenizer().encode(text).ids, dtype=torch.int64)
+
+
+def decode(tokens: torch.Tensor, tokenizer=None, mask_index: int = GPT2_VOCAB, mask_text: str = "[MASK]") -> list[str]:
+    """Token ids (B, L) -> B strings with the GPT-2 tokenizer (default) or any object with ``decode(ids)``;
+    MASK ids (outside the tokenizer's vocabulary) are rendered as ``mask_text``."""
+    tok = tokenizer or gpt2_tokenizer()
+    out = []
+    for row in tokens.tolist():
+        parts, run = [], []
+        for i in row:
+            if i == mask_index:
+                if run:
+                    parts.append(tok.decode(run))
+                    run = []
+                parts.append(mask_text)
+            else:
+                run.append(i)
+        if run:
+            parts.append(tok.decode(run))
+        out.append("".join(parts))
+    return out

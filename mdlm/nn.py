@@ -239,14 +239,22 @@ class DIT(nn.Module):
     forward(indices (B, L) int, sigma (B,) or (B, 1) float) -> logits (B, L, V); bf16 on CUDA under the
     published autocast, the parameter dtype on CPU. ``config`` is a ``mdlm.config.Config``, a dict or an
     OmegaConf tree with ``config.model.{hidden_size, n_blocks, n_heads, cond_dim, dropout, scale_by_sigma}``.
+
+    ``use_kernels`` (or ``config.model.use_kernels``): None (default) runs the fused block kernels of
+    ``mdlm_kernels`` for CUDA inputs and the reference math on CPU; True / False force them on / off (on CPU
+    the kernels dispatch to Triton under TRITON_INTERPRET=1, else to their PyTorch references). Same
+    parameters and state_dict either way. With kernels, dropout masks come from a counter-based RNG, so
+    they differ from ``torch.nn.Dropout``'s (same distribution).
     """
 
-    def __init__(self, config, vocab_size: int):
+    def __init__(self, config, vocab_size: int, use_kernels: bool | None = None):
         super().__init__()
         config = to_config(config)
         self.config = config
         self.vocab_size = vocab_size
         m = config.model
+        # None: fused kernels for CUDA inputs, the reference math on CPU; True / False: always / never.
+        self.use_kernels = m.get("use_kernels", None) if use_kernels is None else use_kernels
         if m.hidden_size % m.n_heads:
             raise ValueError(f"hidden_size {m.hidden_size} is not divisible by n_heads {m.n_heads}")
         if (m.hidden_size // m.n_heads) % 2:
@@ -259,6 +267,7 @@ class DIT(nn.Module):
         self.output_layer = DDitFinalLayer(m.hidden_size, vocab_size, m.cond_dim)
         self.scale_by_sigma = m.get("scale_by_sigma", True)
         self.validate_inputs = True  # one host sync per forward for the token-id range check
+        self.bf16_autocast = True    # the published bf16 autocast of the blocks (CUDA only); False: fp32
 
     def _check(self, indices, sigma):
         if self.validate_inputs:
@@ -275,21 +284,66 @@ class DIT(nn.Module):
                              f"model on {self.vocab_embed.embedding.device}")
         return sigma
 
-    def hidden_states(self, indices: torch.Tensor, sigma: torch.Tensor):
-        """(final modulated hidden (B, L, d), c (B, cond_dim)): everything except the LM head."""
+    def kernels_enabled(self, x: torch.Tensor) -> bool:
+        return bool(self.use_kernels) if self.use_kernels is not None else x.is_cuda
+
+    def hidden_states(self, indices: torch.Tensor, sigma: torch.Tensor, dropout_seed: int | None = None):
+        """(final modulated hidden (B, L, d), c (B, cond_dim)): everything except the LM head.
+
+        With kernels (see ``use_kernels``) the blocks run the fused path of ``_blocks_fused``; dropout then
+        uses a counter-based RNG keyed by ``dropout_seed`` (default: drawn from torch's CPU generator).
+        """
         sigma = self._check(indices, sigma)
         x = self.vocab_embed(indices)
         c = F.silu(self.sigma_map(sigma))
+        if self.kernels_enabled(x):
+            with _autocast(x, self.bf16_autocast):
+                return self._blocks_fused(x, c, dropout_seed), c
         rotary_cos_sin = self.rotary_emb(x)
-        with _autocast(x):
+        with _autocast(x, self.bf16_autocast):
             for block in self.blocks:
                 x = block(x, rotary_cos_sin, c, seqlens=None)
             h = self.output_layer.hidden(x, c)
         return h, c
 
+    def _blocks_fused(self, x: torch.Tensor, c: torch.Tensor, dropout_seed: int | None) -> torch.Tensor:
+        """The blocks and the final norm with the fused kernels of mdlm_kernels (same math as the blocks):
+
+        LN+modulate of block 0; per block: qkv GEMM -> rotary written in the attention layout -> SDPA ->
+        out GEMM -> [gated residual + dropout + norm2 + modulate] -> MLP GEMM -> bias+GELU -> GEMM ->
+        [gated residual + dropout + the NEXT block's norm1 + modulate (the final layer's norm after the last
+        block)]. The residual stream stays fp32 as in the published code. Dropout site (block i, branch j)
+        uses Philox offset 2 i + j of one seed per forward.
+        """
+        import mdlm_kernels as mk
+        from mdlm_kernels.ops.attention import attention
+        B, L, d = x.shape
+        H = self.blocks[0].n_heads
+        p = float(self.blocks[0].dropout)
+        train = self.training and p > 0
+        if train and dropout_seed is None:
+            dropout_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+        cos, sin = mk.rotary_tables(self.rotary_emb.inv_freq, L, device=x.device)
+        mods = [blk.adaLN_modulation(c) for blk in self.blocks]            # (B, 6d) each
+        final_mod = self.output_layer.adaLN_modulation(c)                  # (B, 2d)
+        y = mk.adaln_modulate(x, self.blocks[0].norm1.weight, mods[0], 0, 1)
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):
+            q, k, v = mk.rotary_qkv(blk.attn_qkv(y).view(B, L, 3, H, d // H), cos, sin)
+            a = attention(q, k, v).transpose(1, 2).reshape(B, L, d)
+            r, y = mk.gated_residual_modulate(x, blk.attn_out(a), mods[i], 2, blk.norm2.weight, 3, 4, p=p,
+                                              seed=dropout_seed, offset=2 * i, training=train)
+            m = blk.mlp[2](mk.bias_gelu(F.linear(y, blk.mlp[0].weight), blk.mlp[0].bias))
+            last = i == n - 1
+            w_next = self.output_layer.norm_final.weight if last else self.blocks[i + 1].norm1.weight
+            x, y = mk.gated_residual_modulate(r, m, mods[i], 5, w_next, 0, 1, p=p, seed=dropout_seed,
+                                              offset=2 * i + 1, training=train,
+                                              mod_next=final_mod if last else mods[i + 1])
+        return y
+
     def forward(self, indices: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         h, _ = self.hidden_states(indices, sigma)
-        with _autocast(h):
+        with _autocast(h, self.bf16_autocast):
             return self.output_layer.linear(h)
 
 

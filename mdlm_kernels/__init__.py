@@ -12,6 +12,10 @@ from .errors import BackendUnavailableError, KernelError
 from .ops.masking import MaskOutput, forward_mask
 from .ops.philox import philox4x32, philox_uniform
 from .ops.linear_ce import LinearCEOutput, subs_linear_cross_entropy
+from .ops.sampling import SampleOutput, sample_step
+from .ops.adaln import adaln_modulate, gated_residual_modulate
+from .ops.rotary import rotary_qkv, rotary_tables
+from .ops.gelu import bias_gelu
 
 __all__ = [
     "BACKENDS",
@@ -25,6 +29,11 @@ __all__ = [
     "philox_uniform",
     "LinearCEOutput",
     "subs_linear_cross_entropy",
+    "adaln_modulate",
+    "gated_residual_modulate",
+    "rotary_qkv",
+    "rotary_tables",
+    "bias_gelu",
 ]
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@
 
 #include "mdlm/common.h"
 #include "mdlm/masking.h"
+#include "mdlm/sampling.h"
 
 namespace mdlm {
 
@@ -22,6 +23,15 @@ void philox4x32_cpu(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4
 void forward_mask_cpu(const void* x0, void* xt, int x_dtype, const float* t_in, float* t_out, float* sigma,
                       float* weight, float* move_chance, int32_t* row_counts, int64_t rows, int64_t cols,
                       uint64_t seed, uint64_t offset, int64_t mask_index, const MaskParams& params);
+// Fused categorical sampling step (mdlm/sampling.h): logits rows x vocab row-major, dtype kFloat32 or
+// kBFloat16 (raw bf16 bits); t, s (rows,) float32 (may be nullptr when params.greedy); row_ids (rows,)
+// int64 Philox row words or nullptr (row i); tokens (rows,) int64 out; conf (rows, 3) float32 out.
+void sample_step_cpu(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
+                     int64_t* tokens, float* conf, int64_t rows, const SampleParams& params);
+// Test hook: the keep threshold kappa of each row (top-k / top-p passes; 0 = keep all); keys (rows,).
+void sample_threshold_cpu(const void* logits, int dtype, int64_t rows, const SampleParams& params, uint32_t* keys);
+// Test hook: header transcendentals on host (fn 0 = log64, 1 = exp64, 2 = expf32).
+void sample_math_cpu(int fn, const double* in, double* out, int64_t n);
 
 #if MDLM_WITH_CUDA
 // ---- CUDA (built when nvcc is found) ---------------------------------------------------------
@@ -30,6 +40,8 @@ int philox_uniform_cuda(void* out, int64_t rows, int64_t cols, uint64_t seed, ui
 int forward_mask_cuda(const void* x0, void* xt, int x_dtype, const float* t_in, float* t_out, float* sigma,
                       float* weight, float* move_chance, int32_t* row_counts, int64_t rows, int64_t cols,
                       uint64_t seed, uint64_t offset, int64_t mask_index, const MaskParams& params, void* stream);
+int sample_step_cuda(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
+                     int64_t* tokens, float* conf, int64_t rows, const SampleParams& params, void* stream);
 // Runtime helpers (csrc/cuda/runtime.cu): never throw.
 int cuda_device_count(int* count);           // returns the cudaError_t of cudaGetDeviceCount
 const char* cuda_error_string(int code);     // cudaGetErrorString

@@ -1,0 +1,218 @@
+"""Bias + GELU(tanh): the elementwise pass between the MLP's two GEMMs.
+
+    y = gelu_tanh(x + bias),   gelu_tanh(z) = 0.5 z (1 + tanh(u)),  u = sqrt(2/pi) (z + 0.044715 z^3)
+
+F.gelu(approximate="tanh") semantics with fp32 math, y in x's dtype. x (..., n) is the first MLP GEMM's
+output computed without its bias (``F.linear(h, W1)``), bias (n,) the Linear's bias (added in fp32; the
+published GEMM adds it before rounding its output, a difference below the output rounding).
+
+Kernel form (no cancellation for negative z): 1 + tanh(u) = 2 sigma(2u), so
+  (1) y     = z * s,   s = 1 / (1 + exp(-2u))
+  (2) dy/dz = s + 2 z s (1 - s) du/dz,   du/dz = sqrt(2/pi) (1 + 3 * 0.044715 z^2)
+  (3) dx    = g * dy/dz;   dbias = sum over rows of dx  (fp32 partial sums per row chunk, then summed)
+
+Backends: "triton" (fp32/bf16/fp16) and "reference" (plain PyTorch ``F.gelu``; also float64). Non-contiguous x
+is copied.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from .._triton import HAS_TRITON, INTERPRETED, tl, triton
+from .adaln import _SM_COUNT, _device_ctx
+if HAS_TRITON:
+    from .adaln import _cast
+
+OP = "bias_gelu"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REF_DTYPES = _DTYPES + (torch.float64,)
+_K0 = 0.7978845608028654  # sqrt(2 / pi)
+_K1 = 0.044715
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gelu_s(z):
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # clamp: no inf (s < 2e-35 there)
+
+    @triton.jit
+    def _bias_gelu_fwd_kernel(
+        x_ptr,       # (M, n) input rows, contiguous
+        b_ptr,       # (n,) bias
+        y_ptr,       # (M, n) out, x's dtype
+        M, n,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cm = cols < n
+        m2 = (rows < M)[:, None] & cm[None, :]
+        offs = rows[:, None] * n + cols[None, :]
+        z = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) \
+            + tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        y = z * _gelu_s(z)                                                       # (1)
+        tl.store(y_ptr + offs, _cast(y, y_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _bias_gelu_bwd_kernel(
+        g_ptr,       # (M, n) dL/dy
+        x_ptr,       # (M, n) forward input
+        b_ptr,       # (n,) bias
+        dx_ptr,      # (M, n) out, x's dtype
+        part_ptr,    # (n_chunks, n) fp32 out: partial dbias of this program's rows
+        M, n, rows_per_chunk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        chunk = tl.program_id(1).to(tl.int64)
+        cm = cols < n
+        bias = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for r0 in range(0, rows_per_chunk, BLOCK_M):
+            rows = chunk * rows_per_chunk + r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            m2 = (rows < M)[:, None] & cm[None, :]
+            offs = rows[:, None] * n + cols[None, :]
+            z = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) + bias
+            g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            s = _gelu_s(z)
+            du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+            dz = g * (s + 2.0 * z * s * (1.0 - s) * du)                          # (2), (3)
+            tl.store(dx_ptr + offs, _cast(dz, dx_ptr.dtype.element_ty), mask=m2)
+            acc += tl.sum(dz, 0)
+        tl.store(part_ptr + chunk * n + cols, acc, mask=cm)
+
+
+def _cfg(M, n, device):
+    interp = INTERPRETED and device.type == "cpu"
+    bn = min(triton.next_power_of_2(n), 4096 if interp else 512)
+    bm = max(1, min(256 if interp else 32, (16384 if interp else 4096) // bn))
+    kw = {"num_warps": 4} if device.type == "cuda" else {}
+    return bm, bn, kw
+
+
+def _fwd_triton(x2, bias):
+    M, n = x2.shape
+    y = torch.empty_like(x2)
+    if M == 0:
+        return y
+    bm, bn, kw = _cfg(M, n, x2.device)
+    with _device_ctx(x2.device):
+        _bias_gelu_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(n, bn))](x2, bias, y, M, n, BLOCK_M=bm, BLOCK_N=bn,
+                                                                         **kw)
+    return y
+
+
+def _bwd_triton(g2, x2, bias):
+    M, n = x2.shape
+    dx = torch.empty_like(x2)
+    if M == 0:
+        return dx, torch.zeros_like(bias)
+    bm, bn, kw = _cfg(M, n, x2.device)
+    ncol = triton.cdiv(n, bn)
+    if x2.device.type == "cuda":
+        dev = x2.device
+        if dev not in _SM_COUNT:
+            _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        nch = max(1, min(triton.cdiv(M, bm), triton.cdiv(4 * _SM_COUNT[dev], ncol)))
+    else:
+        nch = 1
+    rows = triton.cdiv(triton.cdiv(M, nch), bm) * bm
+    nch = triton.cdiv(M, rows)
+    part = torch.empty((nch, n), dtype=torch.float32, device=x2.device)
+    with _device_ctx(x2.device):
+        _bias_gelu_bwd_kernel[(ncol, nch)](g2, x2, bias, dx, part, M, n, rows, BLOCK_M=bm, BLOCK_N=bn, **kw)
+    return dx, part.sum(0).to(bias.dtype)
+
+
+def _cdt(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fwd_reference(x2, bias):
+    cdt = _cdt(x2)
+    return F.gelu(x2.to(cdt) + bias.to(cdt), approximate="tanh").to(x2.dtype)
+
+
+def _bwd_reference(g2, x2, bias):
+    cdt = _cdt(x2)
+    z = x2.to(cdt) + bias.to(cdt)
+    t = torch.tanh(_K0 * (z + _K1 * z ** 3))
+    dz = g2.to(cdt) * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _K0 * (1 + 3 * _K1 * z * z))
+    return dz.to(x2.dtype), dz.sum(0).to(bias.dtype)
+
+
+def _triton_supported(*ts):
+    def pred(device):
+        bad = [t.dtype for t in ts if t.dtype not in _DTYPES]
+        return (f"the triton kernel supports {_DTYPES}, got {bad[0]} (float64: use the reference backend)"
+                if bad else None)
+    return pred
+
+
+@torch.library.custom_op("mdlm::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    name = _backend.resolve(OP, backend, x.device, {"triton": _triton_supported(x, bias), "reference": None})
+    x2 = x.view(-1, x.shape[-1])
+    return (_fwd_triton if name == "triton" else _fwd_reference)(x2, bias).view(x.shape)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, backend=None):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mdlm::bias_gelu_backward", mutates_args=())
+def _bias_gelu_bwd_op(g: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    name = _backend.resolve(OP + "_backward", backend, x.device,
+                            {"triton": _triton_supported(g, x, bias), "reference": None})
+    n = x.shape[-1]
+    dx, db = (_bwd_triton if name == "triton" else _bwd_reference)(g.contiguous().view(-1, n), x.view(-1, n), bias)
+    return dx.view(x.shape), db
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(g, x, bias, backend=None):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _setup(ctx, inputs, output):
+    x, bias, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.backend = backend
+
+
+def _backward(ctx, g):
+    x, bias = ctx.saved_tensors
+    dx, db = torch.ops.mdlm.bias_gelu_backward(g, x, bias, ctx.backend)
+    return dx, db, None
+
+
+_bias_gelu_op.register_autograd(_backward, setup_context=_setup)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """gelu_tanh(x + bias): x (..., n), bias (n,) -> (..., n) in x's dtype (fp32 math).
+
+    Equal to ``F.gelu(x.float() + bias.float(), approximate="tanh").to(x.dtype)``. Differentiable w.r.t. x and
+    bias (dbias reduced in fp32, returned in bias's dtype). Non-contiguous x is copied.
+    """
+    if not torch.is_tensor(x) or not torch.is_tensor(bias):
+        raise TypeError(f"{OP}: x and bias must be tensors")
+    for name, t in (("x", x), ("bias", bias)):
+        if t.dtype not in _REF_DTYPES:
+            raise TypeError(f"{OP}: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16 "
+                            f"(float64 with the reference backend only)")
+    if x.dim() < 1 or bias.dim() != 1 or bias.shape[0] != x.shape[-1] or bias.shape[0] == 0:
+        raise ValueError(f"{OP}: bias must be (n,) with n = x.shape[-1] > 0; got x {tuple(x.shape)}, "
+                         f"bias {tuple(bias.shape)}")
+    if x.device != bias.device:
+        raise ValueError(f"{OP}: x is on {x.device} but bias is on {bias.device}")
+    if backend is not None:
+        _backend.normalize(backend)
+    return torch.ops.mdlm.bias_gelu(x.contiguous(), bias.contiguous(), backend)

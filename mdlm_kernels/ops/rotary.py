@@ -1,0 +1,277 @@
+"""Rotary embedding of q and k straight from the packed qkv projection, written in the layout
+``F.scaled_dot_product_attention`` wants.
+
+    q, k, v = rotary_qkv(qkv (B, L, 3, H, D), cos, sin)      each (B, H, L, D), contiguous
+
+q and k are rotated with the published non-interleaved halves (``mdlm.nn.apply_rotary_pos_emb``): with
+x = (x1, x2) the two halves of the head dim and c/s the tables first rounded to qkv's dtype,
+    out1 = x1 * c - x2 * s,   out2 = x2 * c + x1 * s       (fp32 math, stored in qkv's dtype)
+which is ``x * cos + rotate_half(x) * sin`` with ``cos = cat(c, c)``; v is copied. The backward is the
+inverse rotation (the transpose of the rotation matrix):
+    dx1 = g1 * c + g2 * s,    dx2 = g2 * c - g1 * s
+written back into dqkv (B, L, 3, H, D) together with dv.
+
+Tables: ``cos``/``sin`` are the (L, D/2) fp32 base tables cos/sin(l * inv_freq_j). From an ``mdlm.nn.Rotary``
+module: ``rotary_tables(rotary.inv_freq, L)`` (the same ``outer(arange(L), inv_freq)`` the module computes),
+or pass the module's cached ``(1, L, 3, 1, D)`` tensors directly (``rotary_qkv`` takes their q slot's first
+half, ``cos[0, :, 0, 0, :D/2]``, which holds the same numbers). Tables with more than L rows are cut to L.
+
+Backends: "triton" (fp32/bf16/fp16) and "reference" (plain PyTorch, also float64). Non-contiguous qkv is
+copied to a contiguous tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backend as _backend
+from .._triton import HAS_TRITON, tl, triton
+from .adaln import _device_ctx
+if HAS_TRITON:
+    from .adaln import _cast
+
+OP = "rotary_qkv"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REF_DTYPES = _DTYPES + (torch.float64,)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rotary_fwd_kernel(
+        qkv_ptr,     # (B, L, 3, H, D) packed projection, contiguous
+        cos_ptr,     # (L, HALF) fp32 base table, contiguous
+        sin_ptr,     # (L, HALF) fp32 base table, contiguous
+        q_ptr,       # (B, H, L, D) out, qkv's dtype
+        k_ptr,       # (B, H, L, D) out
+        v_ptr,       # (B, H, L, D) out
+        L, H, HALF,
+        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)          # token row b * L + l
+        b = row // L
+        l = row - b * L
+        D = 2 * HALF
+        hs = tl.arange(0, BLOCK_H).to(tl.int64)
+        js = tl.arange(0, BLOCK_HALF)
+        jm = js < HALF
+        m = (hs < H)[:, None] & jm[None, :]
+        dt = qkv_ptr.dtype.element_ty
+        c = _cast(tl.load(cos_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
+        s = _cast(tl.load(sin_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
+        src = qkv_ptr + row * 3 * H * D + hs[:, None] * D + js[None, :]   # q slot, first half
+        dst = ((b * H + hs[:, None]) * L + l) * D + js[None, :]
+        # q (slot 0) and k (slot 1): rotate
+        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+        tl.store(q_ptr + dst, _cast(x1 * c - x2 * s, dt), mask=m)
+        tl.store(q_ptr + dst + HALF, _cast(x2 * c + x1 * s, dt), mask=m)
+        x1 = tl.load(src + H * D, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + H * D + HALF, mask=m, other=0.0).to(tl.float32)
+        tl.store(k_ptr + dst, _cast(x1 * c - x2 * s, dt), mask=m)
+        tl.store(k_ptr + dst + HALF, _cast(x2 * c + x1 * s, dt), mask=m)
+        # v (slot 2): copy
+        tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=m, other=0.0), mask=m)
+        tl.store(v_ptr + dst + HALF, tl.load(src + 2 * H * D + HALF, mask=m, other=0.0), mask=m)
+
+    @triton.jit
+    def _rotary_bwd_kernel(
+        dq_ptr,      # (B, H, L, D) dL/dq, contiguous
+        dk_ptr,      # (B, H, L, D) dL/dk
+        dv_ptr,      # (B, H, L, D) dL/dv
+        cos_ptr,     # (L, HALF) fp32
+        sin_ptr,     # (L, HALF) fp32
+        dqkv_ptr,    # (B, L, 3, H, D) out, qkv's dtype
+        L, H, HALF,
+        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // L
+        l = row - b * L
+        D = 2 * HALF
+        hs = tl.arange(0, BLOCK_H).to(tl.int64)
+        js = tl.arange(0, BLOCK_HALF)
+        jm = js < HALF
+        m = (hs < H)[:, None] & jm[None, :]
+        dt = dqkv_ptr.dtype.element_ty
+        c = _cast(tl.load(cos_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
+        s = _cast(tl.load(sin_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
+        dst = dqkv_ptr + row * 3 * H * D + hs[:, None] * D + js[None, :]
+        src = ((b * H + hs[:, None]) * L + l) * D + js[None, :]
+        g1 = tl.load(dq_ptr + src, mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(dq_ptr + src + HALF, mask=m, other=0.0).to(tl.float32)
+        tl.store(dst, _cast(g1 * c + g2 * s, dt), mask=m)
+        tl.store(dst + HALF, _cast(g2 * c - g1 * s, dt), mask=m)
+        g1 = tl.load(dk_ptr + src, mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(dk_ptr + src + HALF, mask=m, other=0.0).to(tl.float32)
+        tl.store(dst + H * D, _cast(g1 * c + g2 * s, dt), mask=m)
+        tl.store(dst + H * D + HALF, _cast(g2 * c - g1 * s, dt), mask=m)
+        tl.store(dst + 2 * H * D, _cast(tl.load(dv_ptr + src, mask=m, other=0.0).to(tl.float32), dt), mask=m)
+        tl.store(dst + 2 * H * D + HALF, _cast(tl.load(dv_ptr + src + HALF, mask=m, other=0.0).to(tl.float32), dt), mask=m)
+
+
+def _cfg(H, half, device):
+    kw = {"num_warps": 4} if device.type == "cuda" else {}
+    return triton.next_power_of_2(H), triton.next_power_of_2(half), kw
+
+
+def _fwd_triton(qkv, cos, sin):
+    B, L, _, H, D = qkv.shape
+    q, k, v = (torch.empty((B, H, L, D), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    if B * L * H == 0:
+        return q, k, v
+    bh, bj, kw = _cfg(H, D // 2, qkv.device)
+    with _device_ctx(qkv.device):
+        _rotary_fwd_kernel[(B * L,)](qkv, cos, sin, q, k, v, L, H, D // 2, BLOCK_H=bh, BLOCK_HALF=bj, **kw)
+    return q, k, v
+
+
+def _bwd_triton(dq, dk, dv, cos, sin, dtype):
+    B, H, L, D = dq.shape
+    dqkv = torch.empty((B, L, 3, H, D), dtype=dtype, device=dq.device)
+    if B * L * H == 0:
+        return dqkv
+    bh, bj, kw = _cfg(H, D // 2, dq.device)
+    with _device_ctx(dq.device):
+        _rotary_bwd_kernel[(B * L,)](dq, dk, dv, cos, sin, dqkv, L, H, D // 2, BLOCK_H=bh, BLOCK_HALF=bj, **kw)
+    return dqkv
+
+
+def _full_tables(cos, sin, dtype, cdt):
+    """(1, L, 1, D) tables as mdlm.nn.Rotary builds them (cat of the halves), rounded to dtype, in cdt."""
+    c = torch.cat((cos, cos), dim=-1).to(dtype).to(cdt)[None, :, None, :]
+    s = torch.cat((sin, sin), dim=-1).to(dtype).to(cdt)[None, :, None, :]
+    return c, s
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _fwd_reference(qkv, cos, sin):
+    """mdlm.nn.apply_rotary_pos_emb on q and k, then the (B, H, L, D) layout of mdlm.nn._attention."""
+    cdt = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    c, s = _full_tables(cos, sin, qkv.dtype, cdt)
+    q, k, v = qkv.unbind(2)                                    # (B, L, H, D)
+    rot = [(x.to(cdt) * c + _rotate_half(x.to(cdt)) * s).to(qkv.dtype) for x in (q, k)]
+    return tuple(x.transpose(1, 2).clone(memory_format=torch.contiguous_format) for x in (*rot, v))  # fresh
+
+
+def _bwd_reference(dq, dk, dv, cos, sin, dtype):
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    c, s = _full_tables(cos, sin, dtype, cdt)
+    # transpose of x -> x*c + rotate_half(x)*s is g -> g*c - rotate_half(g)*s
+    gs = [g.transpose(1, 2).to(cdt) for g in (dq, dk)]        # (B, L, H, D)
+    dqk = [(g * c - _rotate_half(g) * s).to(dtype) for g in gs]
+    return torch.stack((*dqk, dv.transpose(1, 2).to(dtype)), dim=2).contiguous()
+
+
+def _triton_supported(*ts):
+    def pred(device):
+        bad = [t.dtype for t in ts if t.dtype not in _DTYPES]
+        return (f"the triton kernel supports {_DTYPES}, got {bad[0]} (float64: use the reference backend)"
+                if bad else None)
+    return pred
+
+
+@torch.library.custom_op("mdlm::rotary_qkv", mutates_args=())
+def _rotary_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: Optional[str] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name = _backend.resolve(OP, backend, qkv.device, {"triton": _triton_supported(qkv), "reference": None})
+    return (_fwd_triton if name == "triton" else _fwd_reference)(qkv, cos, sin)
+
+
+@_rotary_op.register_fake
+def _(qkv, cos, sin, backend=None):
+    B, L, _, H, D = qkv.shape
+    return tuple(qkv.new_empty((B, H, L, D)) for _ in range(3))
+
+
+@torch.library.custom_op("mdlm::rotary_qkv_backward", mutates_args=())
+def _rotary_bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
+    name = _backend.resolve(OP + "_backward", backend, dq.device,
+                            {"triton": _triton_supported(dq, dk, dv, dq.new_empty(0, dtype=dtype)),
+                             "reference": None})
+    return (_bwd_triton if name == "triton" else _bwd_reference)(dq, dk, dv, cos, sin, dtype)
+
+
+@_rotary_bwd_op.register_fake
+def _(dq, dk, dv, cos, sin, dtype, backend=None):
+    B, H, L, D = dq.shape
+    return dq.new_empty((B, L, 3, H, D), dtype=dtype)
+
+
+def _setup(ctx, inputs, output):
+    qkv, cos, sin, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.dtype = qkv.dtype
+    ctx.shape = qkv.shape
+    ctx.backend = backend
+
+
+def _backward(ctx, dq, dk, dv):
+    cos, sin = ctx.saved_tensors
+    B, L, _, H, D = ctx.shape
+    g = [torch.zeros((B, H, L, D), dtype=ctx.dtype, device=cos.device) if x is None else x.contiguous()
+         for x in (dq, dk, dv)]
+    return torch.ops.mdlm.rotary_qkv_backward(*g, cos, sin, ctx.dtype, ctx.backend), None, None, None
+
+
+_rotary_op.register_autograd(_backward, setup_context=_setup)
+
+
+def rotary_tables(inv_freq: torch.Tensor, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (seq_len, D/2) fp32: cos/sin(outer(arange(seq_len), inv_freq)), the numbers
+    ``mdlm.nn.Rotary(D)`` caches (``rotary.inv_freq`` is its persistent buffer)."""
+    inv_freq = inv_freq if device is None else inv_freq.to(device)
+    t = torch.arange(seq_len, device=inv_freq.device).type_as(inv_freq)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos().float().contiguous(), freqs.sin().float().contiguous()
+
+
+def _table(name, t, L, half, device):
+    if not torch.is_tensor(t):
+        raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() == 5:  # the (1, L', 3, 1, D) cache of mdlm.nn.Rotary
+        if t.shape[0] != 1 or t.shape[2] != 3 or t.shape[3] != 1 or t.shape[4] != 2 * half:
+            raise ValueError(f"{OP}: {name} of shape {tuple(t.shape)} is not a (1, L, 3, 1, {2 * half}) "
+                             f"mdlm.nn.Rotary table")
+        t = t[0, :, 0, 0, :half]
+    if t.dim() != 2 or t.shape[1] != half:
+        raise ValueError(f"{OP}: {name} must be (L, D/2) = (L, {half}) (or the (1, L, 3, 1, D) Rotary cache), "
+                         f"got {tuple(t.shape)}")
+    if t.shape[0] < L:
+        raise ValueError(f"{OP}: {name} has {t.shape[0]} positions, fewer than the sequence length {L}")
+    if not t.is_floating_point():
+        raise TypeError(f"{OP}: {name} must be floating point, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{OP}: {name} is on {t.device} but qkv is on {device}")
+    return t[:L].float().contiguous()
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: Optional[str] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (each (B, H, L, D), contiguous) from the packed projection qkv (B, L, 3, H, D).
+
+    q and k rotated exactly as ``mdlm.nn.apply_rotary_pos_emb`` (non-interleaved halves, fp32 math, tables
+    rounded to qkv's dtype), v copied. cos/sin: (L, D/2) fp32 base tables (``rotary_tables``) or the
+    ``(1, L, 3, 1, D)`` tensors returned by ``mdlm.nn.Rotary``. D must be even. Differentiable w.r.t. qkv
+    (the tables get no gradient).
+    """
+    if not torch.is_tensor(qkv):
+        raise TypeError(f"{OP}: qkv must be a tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"{OP}: qkv must be (B, L, 3, H, D), got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in _REF_DTYPES:
+        raise TypeError(f"{OP}: qkv has dtype {qkv.dtype}; supported: float32, bfloat16, float16 "
+                        f"(float64 with the reference backend only)")
+    B, L, _, H, D = qkv.shape
+    if D % 2 or D == 0:
+        raise ValueError(f"{OP}: head dim D = {D} must be even and > 0 for rotary embeddings")
+    cos = _table("cos", cos, L, D // 2, qkv.device)
+    sin = _table("sin", sin, L, D // 2, qkv.device)
+    if backend is not None:
+        _backend.normalize(backend)
+    return torch.ops.mdlm.rotary_qkv(qkv.contiguous(), cos, sin, backend)

@@ -1,0 +1,318 @@
+"""Fused categorical sampling step of MDLM (ancestral step t -> s, loglinear schedule): one pass over
+each masked row's logits draws exactly from the published categorical
+
+    { v != MASK : p(v) (t - s) }  U  { MASK : s }        (unnormalised; p = softmax of logits / T)
+
+with 53-bit Philox uniforms and a float64 Gumbel-max race (no truncation), plus temperature, top-k /
+top-p (thresholds found by bisection, no sort), greedy argmax and per-row confidences.
+
+Conventions (csrc/include/mdlm/sampling.h documents them in full):
+- keying: G_v = -log(-log(u_v)), u_v = uniform53 of Philox element (row = row_ids[i] (default i),
+  col = v) at (seed, offset) -- the philox.h convention; the MASK competitor uses col = mask_index.
+- a_v = x_v * (1 / T) in float64; non-MASK wins iff max_v (a_v + G_v) - lse + log(t - s) >
+  log(s) + G_MASK (float64; s = 0: MASK never wins); the kernel accumulates the log-sum-exp in
+  float32 (the only approximation: ~1e-7 relative in P(MASK)).
+- top-k keeps every class whose logit is >= the k-th largest (ties at the threshold are kept);
+  top-p (after top-k, on p renormalised over the top-k set) keeps v iff the probability mass strictly
+  above v is < top_p (ties kept; the top class always). top_k = 0 / top_p = 1 disable them.
+- greedy: argmax of the logits over v != MASK, lowest index on ties (t, s, RNG unused).
+- confidence (N, 3) float32 of the (temperature-scaled, filtered) p: max prob, top1 - top2, entropy.
+- invalid rows (NaN or +inf logit at a non-MASK column, no kept class above -inf, row id outside
+  [0, 2^32), and unless greedy not 0 <= s < t <= 1) give token -1 and NaN confidences; the op never
+  synchronises. ``validate=True`` (default) checks the tokens once afterwards (one host sync on a
+  GPU) and raises ValueError naming the first invalid row; samplers pass validate=False in loops.
+
+Backends: "cpp" (CUDA kernel / CPU twin from one header: bit-identical tokens and confidences) and
+"reference" (plain PyTorch in float64 below: the spec). No Triton implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _ext, backend as _backend
+from .._dtypes import dtype_code
+from .philox import _M32, _check_u64, _from_i64, _philox_reference, _to_i64, _uniform_from_words
+
+OP = "sample_step"
+_DTYPES = (torch.float32, torch.bfloat16)
+MIN_TEMPERATURE = 1e-30
+
+
+class SampleOutput(NamedTuple):
+    """Result of :func:`sample_step`."""
+
+    tokens: torch.Tensor  # (N,) int64: drawn id, mask_index = stays masked, -1 = invalid row
+    confidence: torch.Tensor  # (N, 3) float32: [max prob, top1 - top2, entropy (nats)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, float64): the definition
+# ---------------------------------------------------------------------------------------------
+def _gumbel_reference(row_ids: torch.Tensor, V: int, seed: int, offset: int) -> torch.Tensor:
+    N = row_ids.shape[0]
+    device = row_ids.device
+    row = row_ids.view(N, 1).expand(N, V)
+    col = torch.arange(V, dtype=torch.int64, device=device).view(1, V).expand(N, V)
+    c2 = torch.full((N, V), offset & _M32, dtype=torch.int64, device=device)
+    c3 = torch.full((N, V), offset >> 32, dtype=torch.int64, device=device)
+    w0, w1, _, _ = _philox_reference(col, row, c2, c3, seed & _M32, seed >> 32)
+    u = _uniform_from_words(w0, w1, torch.float64)
+    return -torch.log(-torch.log(u))
+
+
+def _reference(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy):
+    N, V = logits.shape
+    device = logits.device
+    ninf = float("-inf")
+    x = logits.float()
+    x = torch.where(x == 0, torch.zeros((), dtype=x.dtype, device=device), x)  # -0 -> +0
+    nonmask = torch.ones(V, dtype=torch.bool, device=device)
+    nonmask[mask_index] = False
+    nm = nonmask.view(1, V).expand(N, V)
+    bad = ((torch.isnan(x) | (x == float("inf"))) & nm).any(dim=1)
+    inv_t = 1.0 / temperature
+    keep = nm & ~torch.isnan(x)
+    xk = torch.where(keep, x, torch.full((), ninf, device=device))
+    if 0 < top_k < V - 1:
+        kth = torch.topk(xk[:, nonmask], top_k, dim=1).values[:, -1:]
+        keep = keep & (x >= kth)
+    if top_p < 1.0:
+        xk = torch.where(keep, x, torch.full((), ninf, device=device))
+        xmax = xk.max(dim=1, keepdim=True).values
+        fin = keep & (x > ninf)
+        w = torch.where(fin, torch.exp((x.double() - xmax.double()) * inv_t), torch.zeros((), dtype=torch.float64,
+                                                                                        device=device))
+        target = top_p * w.sum(dim=1, keepdim=True)
+        xs, order = torch.sort(xk, dim=1, descending=True, stable=True)
+        ws = w.gather(1, order)
+        excl = torch.cat([torch.zeros_like(ws[:, :1]), torch.cumsum(ws, dim=1)[:, :-1]], dim=1)
+        last = ((excl < target).sum(dim=1, keepdim=True) - 1).clamp_min(0)  # excl is non-decreasing
+        keep = keep & (x >= xs.gather(1, last))
+    kept = keep & (x > ninf)
+    empty = ~kept.any(dim=1)
+    a = x.double() * inv_t
+    a_k = torch.where(kept, a, torch.full((), ninf, dtype=torch.float64, device=device))
+    lse = torch.logsumexp(a_k, dim=1)
+    if row_ids is None:
+        rid = torch.arange(N, dtype=torch.int64, device=device)
+    else:
+        rid = row_ids.to(torch.int64)
+    bad_rid = (rid < 0) | (rid > _M32)
+    if greedy:
+        token = torch.where(kept, x, torch.full((), ninf, device=device)).argmax(dim=1)
+        bad_time = torch.zeros(N, dtype=torch.bool, device=device)
+    else:
+        G = _gumbel_reference(torch.where(bad_rid, torch.zeros_like(rid), rid), V, seed, offset)
+        score = torch.where(kept, a + G, torch.full((), ninf, dtype=torch.float64, device=device))
+        best, ib = score.max(dim=1)  # first maximal index
+        tt, ss = t.double(), s.double()
+        bad_time = ~((ss >= 0) & (ss < tt) & (tt <= 1))
+        lhs = best - lse + torch.log(tt - ss)
+        rhs = torch.log(ss) + G[:, mask_index]
+        win = (ss == 0) | (lhs > rhs)
+        token = torch.where(win, ib, torch.full_like(ib, mask_index))
+    p = torch.exp(a_k - lse.view(N, 1))
+    top2 = torch.topk(p, 2, dim=1).values
+    ent = -torch.where(kept & (p > 0), p * (a_k - lse.view(N, 1)), torch.zeros((), dtype=torch.float64,
+                                                                                device=device)).sum(dim=1)
+    conf = torch.stack([top2[:, 0], top2[:, 0] - top2[:, 1], ent.clamp_min(0.0)], dim=1).to(torch.float32)
+    invalid = bad | empty | bad_rid | bad_time
+    token = torch.where(invalid, torch.full_like(token, -1), token)
+    conf = torch.where(invalid.view(N, 1), torch.full((), float("nan"), device=device), conf)
+    return token.contiguous(), conf.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launcher of the compiled extension (CUDA kernel / CPU twin)
+# ---------------------------------------------------------------------------------------------
+def _cpp(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy):
+    logits = logits.contiguous()
+    N, V = logits.shape
+    device = logits.device
+    tokens = torch.empty(N, dtype=torch.int64, device=device)
+    conf = torch.empty((N, 3), dtype=torch.float32, device=device)
+    if N == 0:
+        return tokens, conf
+    ptr = lambda x: 0 if x is None else x.contiguous().data_ptr()  # noqa: E731
+    t = None if t is None else t.contiguous()
+    s = None if s is None else s.contiguous()
+    row_ids = None if row_ids is None else row_ids.contiguous()
+    args = (logits.data_ptr(), dtype_code(logits.dtype), ptr(t), ptr(s), ptr(row_ids), tokens.data_ptr(),
+            conf.data_ptr(), N, V, seed, offset, mask_index, temperature, top_k, top_p, greedy)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _ext.call("sample_step_cuda", *args, stream)
+    else:
+        _ext.call("sample_step_cpu", *args)
+    return tokens, conf
+
+
+_IMPLS = {"cpp": _cpp, "reference": _reference}
+_SUPPORTED = {
+    "cpp": None,
+    "triton": lambda device: "sample_step has no Triton implementation",
+    "reference": None,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration (seed/offset travel as int64 two's complement: the schema's int)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("mdlm::sample_step", mutates_args=())
+def _sample_step_op(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[torch.Tensor],
+                    row_ids: Optional[torch.Tensor], seed: int, offset: int, mask_index: int, temperature: float,
+                    top_k: int, top_p: float, greedy: bool, backend: Optional[str] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    name = _backend.resolve(OP, backend, logits.device, _SUPPORTED)
+    return _IMPLS[name](logits, t, s, row_ids, _from_i64(seed), _from_i64(offset), mask_index, temperature, top_k,
+                        top_p, greedy)
+
+
+@_sample_step_op.register_fake
+def _(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy, backend=None):
+    N = logits.shape[0]
+    return logits.new_empty((N,), dtype=torch.int64), logits.new_empty((N, 3), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def _is_compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _err(msg: str) -> str:
+    return f"sample_step: {msg}"
+
+
+def _check_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(_err(f"{name} must be an int, got {type(v).__name__}"))
+    return v
+
+
+def _check_row_tensor(name: str, x, N: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(_err(f"{name} must be a torch.Tensor, got {type(x).__name__}"))
+    if x.dtype != dtype:
+        raise TypeError(_err(f"{name} must be {dtype}, got {x.dtype}"))
+    if tuple(x.shape) != (N,):
+        raise ValueError(_err(f"{name} must have shape (N,) = ({N},) matching logits, got {tuple(x.shape)}"))
+    if x.device != device:
+        raise ValueError(_err(f"{name} is on {x.device} but logits is on {device}; all tensors must be on the "
+                              "same device"))
+
+
+def _diagnose(logits, t, s, row_ids, tokens, mask_index, greedy) -> str:
+    """Message for the first invalid row (runs only when a row is invalid)."""
+    bad = (tokens < 0).nonzero().flatten()
+    i = int(bad[0])
+    n = int(bad.numel())
+    x = logits[i].detach().float().cpu().clone()
+    x[mask_index] = 0.0
+    why = []
+    if bool(torch.isnan(x).any()):
+        why.append("NaN logits")
+    if bool((x == float("inf")).any()):
+        why.append("+inf logits")
+    if row_ids is not None:
+        r = int(row_ids[i])
+        if not 0 <= r <= _M32:
+            why.append(f"row id {r} outside [0, 2^32)")
+    if not greedy:
+        ti, si = float(t[i]), float(s[i])
+        if not (0.0 <= si < ti <= 1.0):
+            why.append(f"t={ti}, s={si} violate 0 <= s < t <= 1")
+    if not why:
+        why.append("no class with probability > 0 (all kept logits are -inf)")
+    return _err(f"{n} invalid row(s); first: row {i}: " + "; ".join(why))
+
+
+def sample_step(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[torch.Tensor], seed: int,
+                offset: int = 0, *, mask_index: int, row_ids: Optional[torch.Tensor] = None,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+                validate: bool = True, backend: Optional[str] = None) -> SampleOutput:
+    """One exact ancestral sampling step t -> s for the rows of masked positions.
+
+    logits: (N, V) float32 or bfloat16 (CPU or CUDA), the rows of MASKED positions only (the MASK
+    column is ignored). t, s: (N,) float32 per-row times with 0 <= s < t <= 1 (may be None when
+    ``greedy``). seed, offset: Python ints in [0, 2^64) (Philox key and stream position; a new step
+    uses a new offset). row_ids: optional (N,) int64 Philox row words (default arange(N)), e.g. the flat
+    positions of the masked rows so that a draw does not depend on which rows are masked.
+    temperature > 0 (>= 1e-30; use greedy=True for the limit), top_k >= 0 (0: off), top_p in (0, 1]
+    (1: off), greedy: argmax over v != MASK (ties -> lowest index).
+
+    Returns SampleOutput(tokens (N,) int64, confidence (N, 3) float32 = [max prob, margin, entropy]).
+    Invalid rows give token -1 (see the module docstring); ``validate=True`` raises ValueError for them
+    after one host synchronisation (skipped under torch.compile). backend: None/"auto", "cpp" (alias
+    "cuda") or "reference"; MDLM_BACKEND sets it globally.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(_err(f"logits must be a torch.Tensor, got {type(logits).__name__}"))
+    if logits.dim() != 2:
+        raise ValueError(_err(f"logits must have rank 2 (N, V), got shape {tuple(logits.shape)}"))
+    if logits.dtype not in _DTYPES:
+        raise TypeError(_err(f"logits must be float32 or bfloat16, got {logits.dtype}"))
+    N, V = logits.shape
+    device = logits.device
+    if V < 2:
+        raise ValueError(_err(f"the vocabulary (logits.shape[1]) must have V >= 2 (MASK plus one class), got {V}"))
+    if V > 2**31 - 1:
+        raise ValueError(_err(f"V must be < 2^31, got {V}"))
+    if not isinstance(greedy, bool):
+        raise TypeError(_err(f"greedy must be a bool, got {type(greedy).__name__}"))
+    if not isinstance(validate, bool):
+        raise TypeError(_err(f"validate must be a bool, got {type(validate).__name__}"))
+    for name, x in (("t", t), ("s", s)):
+        if x is None:
+            if not greedy:
+                raise TypeError(_err(f"{name} must be a (N,) float32 tensor (None only with greedy=True)"))
+        else:
+            _check_row_tensor(name, x, N, torch.float32, device)
+    if row_ids is None:
+        if N > _M32 + 1:
+            raise ValueError(_err(f"N must be <= 2^32 without row_ids (rows are uint32 Philox words), got {N}"))
+    else:
+        _check_row_tensor("row_ids", row_ids, N, torch.int64, device)
+    try:
+        seed = _check_u64("seed", seed)
+        offset = _check_u64("offset", offset)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("philox_uniform:", "sample_step:")) from None
+    mask_index = _check_int("mask_index", mask_index)
+    if not 0 <= mask_index < V:
+        raise ValueError(_err(f"mask_index must be in [0, V={V}), got {mask_index}"))
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(_err(f"temperature must be a float, got {type(temperature).__name__}"))
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0.0:
+        raise ValueError(_err(f"temperature must be finite and > 0, got {temperature}"))
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(_err(f"temperature must be >= {MIN_TEMPERATURE} (use greedy=True for the argmax), "
+                              f"got {temperature}"))
+    top_k = _check_int("top_k", top_k)
+    if top_k < 0:
+        raise ValueError(_err(f"top_k must be >= 0 (0 disables it), got {top_k}"))
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(_err(f"top_p must be a float, got {type(top_p).__name__}"))
+    top_p = float(top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(_err(f"top_p must be in (0, 1] (1 disables it), got {top_p}"))
+    if backend is not None:
+        _backend.normalize(backend)  # unknown names fail here, before tracing
+    if greedy:
+        t = s = None  # not read
+    tokens, conf = torch.ops.mdlm.sample_step(logits, t, s, row_ids, _to_i64(seed), _to_i64(offset), mask_index,
+                                              temperature, top_k, top_p, greedy, backend)
+    if validate and N > 0 and not _is_compiling():
+        if bool((tokens < 0).any()):  # the one host synchronisation
+            raise ValueError(_diagnose(logits, t, s, row_ids, tokens, mask_index, greedy))
+    return SampleOutput(tokens, conf)
