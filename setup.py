@@ -1,7 +1,7 @@
 """Build of mdlm_kernels._C (framework-free C++/CUDA, bound with pybind11).
 
-- C++ sources (csrc/bindings.cpp, csrc/cpu/*.cpp) are always compiled: -O3 -std=c++17, plus
-  -fopenmp when the compiler accepts it.
+- C++ sources (csrc/bindings.cpp, csrc/cpu/*.cpp) are always compiled: -O3 -std=c++17
+  -ffp-contract=off, plus -fopenmp when the compiler accepts it.
 - CUDA sources (csrc/cuda/*.cu) are compiled with nvcc whenever it is found (CUDA_HOME / CUDA_PATH,
   `nvcc` on PATH, /usr/local/cuda) and linked in as extra objects together with the *static*
   cudart, so the module imports on machines without a GPU or driver. A .cu compile error fails
@@ -129,7 +129,9 @@ class BuildExt(build_ext):
 
     def build_extension(self, ext):
         # C++ flags, OpenMP if the compiler takes it.
-        cxx_flags = ["-O3", "-std=c++17"]
+        # -ffp-contract=off: no a*b+c -> fma contraction, so the CPU twins round every float operation
+        # exactly like the device code (which uses __dmul_rn & co.); see csrc/include/mdlm/masking.h
+        cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
         link_flags = []
         if self._compiler_accepts("-fopenmp"):
             cxx_flags.append("-fopenmp")

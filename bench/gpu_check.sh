@@ -35,6 +35,10 @@ step "block kernels vs copy bandwidth; DiT small fwd+bwd: kernels / reference / 
 timeout 300 python bench/bench_blocks.py --out "$OUT" 2>&1 | tee "$OUT/bench_blocks.txt" | grep -v Warning
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "sampling: step arithmetic (B=16, L=1024, half masked) and generation (100 ddpm_cache steps; first hitting)"
+timeout 240 python bench/bench_sampling.py --steps 100 --out "$OUT" 2>&1 | tee "$OUT/bench_sampling.txt" | grep -v Warning
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "training throughput: fused / reference / masked (DiT small, B=16, L=1024, bf16)"
 timeout 300 python bench/throughput.py --providers fused,reference,masked --out "$OUT" 2>&1 \
   | tee "$OUT/throughput.txt" | grep -v Warning
@@ -45,5 +49,7 @@ tail -1 "$OUT/pytest_cuda.txt"
 grep -A8 "^provider" "$OUT/bench_linear_ce.txt"
 grep -A6 "^kernel (forward)" "$OUT/bench_blocks.txt"
 grep -A4 "^DiT fwd+bwd" "$OUT/bench_blocks.txt"
+grep -A3 "^# step arithmetic" "$OUT/bench_sampling.txt"
+grep -A4 "^# generation" "$OUT/bench_sampling.txt"
 grep -A8 "^provider" "$OUT/throughput.txt"
 exit $status

@@ -1,0 +1,149 @@
+"""Sampling: the categorical step alone, and end-to-end generation, fused vs the published reference.
+
+    python bench/bench_sampling.py                       # GPU: B=16, L=1024, V=50258, DiT small
+    python bench/bench_sampling.py --batch 2 --length 64 --preset tiny --steps 16   # CPU smoke run
+
+1. Step arithmetic after the model forward (half the positions masked): the published ddpm_cache
+   arithmetic on full (B, L, V) log-probabilities (exp, q_xs, fp32 Gumbel noise over every position,
+   argmax) vs ``mdlm_kernels.sample_step`` on the masked rows' logits (one read of those rows). Reports ms
+   and the fused kernel's read bandwidth against the copy bandwidth measured in the same run.
+2. Generation of B x L tokens from scratch with ``--steps`` ddpm_cache steps: reference sampler
+   (``mdlm.sampling.sample``) vs fused (``mdlm.fast_sample``), plus the first-hitting sampler (fused):
+   wall time, generated tokens/s, model calls. The model is randomly initialised (speed only).
+Writes JSON under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import mdlm
+except ImportError:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+    import mdlm
+import mdlm_kernels as mk  # noqa: E402
+from mdlm.diffusion import subs_parameterization  # noqa: E402
+from mdlm.sampling import sample_categorical  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_blocks import copy_bandwidth, timed  # noqa: E402
+from throughput import environment  # noqa: E402
+
+
+def step_rows(B, L, V, device, iters):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    M = V - 1
+    logits = (torch.randn(B, L, V, generator=g) * 3).to(device=device, dtype=dtype)
+    x = torch.randint(0, V - 1, (B, L), generator=g).to(device)
+    masked = (torch.rand(B, L, generator=g) < 0.5).to(device)
+    x = torch.where(masked, M, x)
+    t, dt = 0.5, 1e-3
+
+    def reference():  # published _ddpm_caching_update after the forward: SUBS log-probs -> exp -> q_xs -> draw
+        p_x0 = subs_parameterization(logits, x, M).exp()
+        q_xs = p_x0 * dt
+        q_xs[:, :, M] = t - dt
+        _x = sample_categorical(q_xs)
+        copy = (x != M).to(x.dtype)
+        return copy * x + (1 - copy) * _x
+
+    idx = masked.reshape(-1).nonzero().squeeze(1)
+    rows = logits.reshape(B * L, V).index_select(0, idx)  # the LM head applied to masked rows only
+    n = idx.numel()
+    tt = torch.full((n,), t, device=device)
+    ss = torch.full((n,), t - dt, device=device)
+
+    def fused():
+        out = mk.sample_step(rows, tt, ss, 1234, 0, mask_index=M, row_ids=idx, validate=False)
+        return x.view(-1).index_copy(0, idx, out.tokens)
+
+    res = []
+    for name, fn in (("reference", reference), ("fused", fused)):
+        ms = timed(fn, device, iters) * 1e3
+        res.append({"provider": name, "ms": ms})
+    res[-1]["read_GBps"] = rows.numel() * rows.element_size() / (res[-1]["ms"] / 1e3) / 1e9
+    res[-1]["backend"] = mk.backend.last_used.get("sample_step")
+    return res, n
+
+
+def generation_rows(preset, B, L, steps, device):
+    cfg = mdlm.preset(preset)
+    cfg.model.length = L
+    torch.manual_seed(0)
+    model = mdlm.MDLM(cfg, 50258).to(device).eval()
+    with torch.no_grad():  # a non-degenerate random model (the published init has a zero output layer)
+        for p in model.backbone.output_layer.parameters():
+            p.normal_(0, 0.02)
+    model.validate_inputs = model.backbone.validate_inputs = False
+    res = []
+    cases = (("reference ddpm_cache", lambda: mdlm.sampling.sample(model, B, L, steps, "ddpm_cache")),
+             ("fused ddpm_cache", lambda: mdlm.fast_sample(model, B, L, steps, "ddpm_cache", return_stats=True)),
+             ("fused first_hitting", lambda: mdlm.fast_sample(model, B, L, sampler="first_hitting",
+                                                              return_stats=True)))
+    for name, fn in cases:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        stats = out[1] if isinstance(out, tuple) else {}
+        res.append({"provider": name, "seconds": sec, "tokens_per_s": B * L / sec,
+                    "model_calls": stats.get("model_calls")})
+    return res
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small" if cuda else "tiny", choices=mdlm.PRESETS)
+    p.add_argument("--batch", type=int, default=16 if cuda else 2)
+    p.add_argument("--length", type=int, default=1024 if cuda else 64)
+    p.add_argument("--vocab", type=int, default=50258)
+    p.add_argument("--steps", type=int, default=1000 if cuda else 16)
+    p.add_argument("--iters", type=int, default=20 if cuda else 3)
+    p.add_argument("--skip-generation", action="store_true")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    bw = copy_bandwidth(device, 2 ** 30 if device.type == "cuda" else 2 ** 26)
+    steps, n = step_rows(args.batch, args.length, args.vocab, device, args.iters)
+    print(f"# sampling on {env.get('gpu', env.get('cpu'))}; copy bandwidth {bw / 1e9:.0f} GB/s; git {env['git_revision']}")
+    print(f"# step arithmetic after the forward: B={args.batch} L={args.length} V={args.vocab}, {n} masked rows")
+    for r in steps:
+        extra = (f"  read {r['read_GBps']:.0f} GB/s = {r['read_GBps'] * 1e9 / bw * 100:.0f}% of copy "
+                 f"({r['backend']})" if "read_GBps" in r else "")
+        print(f"  {r['provider']:<12} {r['ms']:>9.3f} ms{extra}")
+    gen = [] if args.skip_generation else generation_rows(args.preset, args.batch, args.length, args.steps, device)
+    if gen:
+        print(f"# generation: {args.preset}, B={args.batch} x L={args.length}, {args.steps} steps")
+        for r in gen:
+            calls = f"  model calls {r['model_calls']}" if r["model_calls"] is not None else ""
+            print(f"  {r['provider']:<22} {r['seconds']:>8.2f} s {r['tokens_per_s']:>10,.0f} tokens/s{calls}")
+    if device.type != "cuda":
+        print("# CPU figures: they show the benchmark runs, not GPU speed.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.tag or f"sampling_{device.type}"
+    (out / f"{stem}.json").write_text(json.dumps({
+        "benchmark": "sampling", "preset": args.preset, "batch": args.batch, "length": args.length,
+        "vocab": args.vocab, "steps": args.steps, "masked_rows": n, "copy_bandwidth_Bps": bw, "environment": env,
+        "step": steps, "generation": gen}, indent=2))
+    print(f"# wrote {out / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
