@@ -15,6 +15,7 @@ from .diffusion import MDLM, Loss
 from .sampling import semi_ar_sample
 from .samplers import sample, fast_sample
 from .checkpoint import load_published_checkpoint, save_published_checkpoint, CheckpointError
+from . import data, sampling, samplers
 
 __version__ = "0.1.0"
 
