@@ -8,16 +8,19 @@ the LM head applied to masked rows only and the exact (53-bit, log-space Gumbel)
   masked rows' logits while no token changed (the model ignores t unless time conditioning is on);
 - ``first_hitting`` (Zheng et al. 2024): exact event-driven sampling; each event unmasks exactly one
   uniformly chosen masked position per sequence, at the time t_next = t u^(1/n) (n masked tokens);
-- ``confidence``: parallel decoding that unmasks, per step, the k most confident masked positions per
-  sequence (or every position whose max probability exceeds a threshold, at least one);
+- ``confidence``: parallel decoding that commits, per step, the most probable token at the k masked
+  positions per sequence where its probability is highest (or wherever it exceeds a threshold, at least
+  one) — LLaDA-style low-confidence remasking;
 - remasking (ReMDM, ``remask_eta > 0``): decoded tokens are re-masked with probability
   sigma_t = min(eta, s / (1 - t)) and masked tokens unmask with the matching posterior.
 
 Given tokens (prefix / infill in ``x_init``) are never changed. Randomness: the kernel's Philox stream
 keyed by (seed, step offset, flat position, vocabulary id), the seed drawn once from ``generator``.
 
-Host synchronisation: one per model call, to size the masked-row gather, and for ``ddpm_cache`` one per
-step for the cache decision (did any token change?). Not yet captured in CUDA graphs.
+Host synchronisation: ddpm / ddpm_cache / confidence: one per model call, to size the masked-row gather,
+and for ``ddpm_cache`` one per step for the cache decision (did any token change?); first_hitting: none in
+the loop (fixed shapes, all B rows per event). Invalid rows (NaN logits) stay masked and raise once after
+the loop. Not yet captured in CUDA graphs.
 """
 from __future__ import annotations
 
@@ -95,27 +98,36 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     seed = _seed_from(generator)
     opts = dict(mask_index=M, temperature=temperature, top_k=top_k, top_p=top_p, validate=False)
     stats = {"model_calls": 0, "steps": 0}
-    was_training = model.training
+    was_training, was_validating = model.training, model.backbone.validate_inputs
     model.eval()
+    model.backbone.validate_inputs = False  # x is checked once above; no range-check sync per model call
+    invalid: list = []
     try:
         if sampler in ("ddpm", "ddpm_cache"):
-            x = _ancestral(model, x, given, int(steps or model.config.sampling.steps), eps, sampler == "ddpm_cache",
-                           remask_eta, seed, opts, stats, progress)
+            n_steps = int(steps or model.config.sampling.steps)
+            if n_steps < 1:
+                raise ValueError(f"steps must be >= 1, got {n_steps}")
+            grid = torch.linspace(1, eps, n_steps + 1, dtype=torch.float64)  # the published grid
+            x = _ancestral(model, x, given, grid, sampler == "ddpm_cache", remask_eta, seed, opts, stats, progress,
+                           invalid)
         elif sampler == "first_hitting":
-            x = _first_hitting(model, x, seed, opts, stats, progress)
+            x = _first_hitting(model, x, seed, opts, stats, progress, invalid)
         else:
-            x = _confidence(model, x, tokens_per_step, confidence_threshold, seed, opts, stats, progress)
+            x = _confidence(model, x, tokens_per_step, confidence_threshold, seed, opts, stats, progress, invalid)
         if noise_removal and sampler in ("ddpm", "ddpm_cache"):
             idx = _masked_idx(x, M)
             if idx.numel():
                 zero = torch.zeros(B, device=device)
                 logits = masked_row_logits(model, x, zero, idx)
                 stats["model_calls"] += 1
-                tok = mk.sample_step(logits, torch.ones(idx.numel(), device=device),
-                                     torch.zeros(idx.numel(), device=device), seed, 0, greedy=True, **opts).tokens
-                x.view(-1).index_copy_(0, idx, tok)
+                tok = mk.sample_step(logits, None, None, seed, 0, greedy=True, **opts).tokens
+                x.view(-1).index_copy_(0, idx, _sanitize(tok, M, invalid))
+        if invalid and bool(torch.stack(invalid).any()):  # one sync, after the loop
+            raise ValueError("the model produced logits with NaN/inf (or nothing left after top-k/top-p) for some "
+                             "masked positions; those positions were left masked")
     finally:
         model.train(was_training)
+        model.backbone.validate_inputs = was_validating
     return (x, stats) if return_stats else x
 
 
@@ -126,58 +138,73 @@ def _progress(it, enabled, desc):
     return tqdm(it, desc=desc)
 
 
-def _ancestral(model, x, given, steps, eps, cache, remask_eta, seed, opts, stats, progress):
-    """Uniform grid 1 -> eps (the published grid); one fused step per masked row per step."""
+def _sanitize(tok: torch.Tensor, M: int, invalid: list) -> torch.Tensor:
+    """The kernel marks invalid rows (NaN logits, no class left after filtering) with -1: keep them MASK
+    and remember it on the device (checked once after the loop, no sync here)."""
+    bad = tok < 0
+    invalid.append(bad.any())
+    return torch.where(bad, M, tok)
+
+
+def _ancestral(model, x, given, grid, cache, remask_eta, seed, opts, stats, progress, invalid):
+    """Steps t = grid[i] -> s = grid[i + 1] (fast_sample passes the published uniform grid 1 -> eps); one
+    fused step per masked row per step.
+
+    With ReMDM remasking (sigma > 0) the step is, from z_t: tokens masked at t are drawn from the kernel with
+    s' = s - sigma (1 - t) (unmask probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t), alpha = 1 - t),
+    and tokens decoded before t (not given ones) are re-masked with probability sigma; both from z_t.
+    """
     import mdlm_kernels as mk
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     B, L = x.shape
     M = opts["mask_index"]
     device = x.device
-    grid = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    steps = grid.numel() - 1
     logits = idx = None
     for i in _progress(range(steps), progress, "sampling (fused)"):
         t, s = float(grid[i]), float(grid[i + 1])
-        sigma_t = model.noise(torch.full((B,), t, device=device))[0]
-        s_eff = s
-        if remask_eta > 0:
-            # ReMDM: remask decoded tokens with prob sigma = min(eta, s / (1 - t)); masked tokens then unmask
-            # with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t), i.e. the kernel's (t - s') / t with
-            # s' = s - sigma (1 - t) (>= 0 by the cap).
-            sig = min(remask_eta, s / (1 - t)) if t < 1 else 0.0
-            s_eff = max(0.0, s - sig * (1 - t))
-            if sig > 0:
-                decoded = (x != M) & ~given
-                u = mk.philox_uniform(B, L, seed, offset=2 * steps + 2 + i, dtype=torch.float32,
-                                      device=device)
-                x = torch.where(decoded & (u < sig), M, x)
-                logits = None  # tokens changed: the cache is stale
+        sig = min(remask_eta, s / (1 - t)) if (remask_eta > 0 and t < 1) else 0.0
+        s_eff = max(0.0, s - sig * (1 - t))
         if logits is None or not cache:
             idx = _masked_idx(x, M)  # host sync: sizes the gather
-            if idx.numel() == 0:
+            if idx.numel() == 0 and sig == 0.0:
                 break
-            logits = masked_row_logits(model, x, sigma_t, idx)
-            stats["model_calls"] += 1
-        n = idx.numel()
-        out = mk.sample_step(logits, torch.full((n,), t, device=device), torch.full((n,), s_eff, device=device),
-                             seed, 1 + i, row_ids=idx, **opts)
+            if idx.numel():
+                sigma_t = model.noise(torch.full((B,), t, device=device))[0]
+                logits = masked_row_logits(model, x, sigma_t, idx)
+                stats["model_calls"] += 1
         stats["steps"] += 1
-        x.view(-1).index_copy_(0, idx, out.tokens)
-        if not cache or model.time_conditioning or bool((out.tokens != M).any()):  # cache decision: one sync
+        remask = None
+        if sig > 0:
+            u = mk.philox_uniform(B, L, seed, offset=2 * steps + 2 + i, dtype=torch.float32, device=device)
+            remask = (x != M) & ~given & (u < sig)          # decided on z_t, before this step's draws
+        changed = None
+        n = idx.numel()
+        if n:
+            out = mk.sample_step(logits, torch.full((n,), t, device=device),
+                                 torch.full((n,), s_eff, device=device), seed, 1 + i, row_ids=idx, **opts)
+            tok = _sanitize(out.tokens, M, invalid)
+            x.view(-1).index_copy_(0, idx, tok)
+            changed = tok != M
+        if remask is not None:
+            x = torch.where(remask, M, x)
+            logits = None  # the masked set changed
+        elif not cache or model.time_conditioning or changed is None or bool(changed.any()):  # one sync
             logits = None
     return x
 
 
-def _first_hitting(model, x, seed, opts, stats, progress):
+def _first_hitting(model, x, seed, opts, stats, progress, invalid):
     """Each event: per sequence, one uniformly chosen masked position gets a token drawn from p_theta
-    (s = 0: MASK cannot be drawn). The event times t_{k+1} = t_k u^(1/n) only matter with time
-    conditioning; they are tracked for it."""
+    (s = 0: MASK cannot be drawn). All B rows go through every event with fixed shapes (sequences that are
+    done keep their tokens), so the loop has no host sync. The event times t_{k+1} = t_k u^(1/n) only
+    matter with time conditioning; they are tracked for it."""
     import mdlm_kernels as mk
     B, L = x.shape
     M = opts["mask_index"]
     device = x.device
     t = torch.ones(B, dtype=torch.float64, device=device)
-    n_events = int((x == M).sum(1).max())
+    rows = torch.arange(B, device=device)
+    n_events = int((x == M).sum(1).max())  # one sync before the loop
     for k in _progress(range(n_events), progress, "sampling (first hitting)"):
         masked = x == M
         n = masked.sum(1)
@@ -187,22 +214,23 @@ def _first_hitting(model, x, seed, opts, stats, progress):
         pick = torch.where(masked, u, -1.0).argmax(1)                       # (B,)
         r = mk.philox_uniform(B, 1, seed, offset=(1 << 41) + k, dtype=torch.float64, device=device)[:, 0]
         t = torch.where(active, t * r ** (1.0 / n.clamp_min(1).double()), t)
-        rows = torch.arange(B, device=device)[active]
-        idx = rows * L + pick[active]
+        idx = rows * L + pick
         sigma = model.noise(t.float())[0]
         logits = masked_row_logits(model, x, sigma, idx)
         stats["model_calls"] += 1
         stats["steps"] += 1
-        m = idx.numel()
-        tok = mk.sample_step(logits, torch.ones(m, device=device), torch.zeros(m, device=device), seed, 1 + k,
+        tok = mk.sample_step(logits, torch.ones(B, device=device), torch.zeros(B, device=device), seed, 1 + k,
                              row_ids=idx, **opts).tokens
-        x.view(-1).index_copy_(0, idx, tok)
+        tok = _sanitize(tok, M, invalid)
+        old = x.view(-1).index_select(0, idx)
+        x.view(-1).index_copy_(0, idx, torch.where(active, tok, old))
     return x
 
 
-def _confidence(model, x, k, threshold, seed, opts, stats, progress):
-    """Per step: draw a token for every masked position (s = 0), then commit the k most confident ones per
-    sequence (max probability; or all above ``threshold``, at least one)."""
+def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid):
+    """Confidence-ordered parallel decoding (LLaDA-style low-confidence remasking): per step, the most
+    probable token of every masked position, committed at the k positions per sequence where that
+    probability is highest (or at all positions above ``threshold``, at least one per sequence)."""
     import mdlm_kernels as mk
     if k < 1:
         raise ValueError(f"tokens_per_step must be >= 1, got {k}")
@@ -222,12 +250,12 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress):
         stats["model_calls"] += 1
         stats["steps"] += 1
         n = idx.numel()
-        out = mk.sample_step(logits, torch.ones(n, device=device), torch.zeros(n, device=device), seed, 1 + step,
-                             row_ids=idx, **opts)
+        out = mk.sample_step(logits, None, None, seed, 1 + step, row_ids=idx, greedy=True, **opts)
+        tok = _sanitize(out.tokens, M, invalid)
         conf = torch.full((B * L,), -1.0, device=device)
-        conf.index_copy_(0, idx, out.confidence[:, 0].float())
+        conf.index_copy_(0, idx, torch.nan_to_num(out.confidence[:, 0].float(), nan=-1.0))
         conf = conf.view(B, L)
-        cand = torch.full((B * L,), M, dtype=torch.int64, device=device).index_copy_(0, idx, out.tokens).view(B, L)
+        cand = torch.full((B * L,), M, dtype=torch.int64, device=device).index_copy_(0, idx, tok).view(B, L)
         if threshold is None:
             top = conf.topk(min(k, L), dim=1)  # unmasked positions have confidence -1 and are never committed
             commit = torch.zeros(B, L, dtype=torch.bool, device=device).scatter_(1, top.indices, top.values >= 0)

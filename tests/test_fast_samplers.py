@@ -52,33 +52,71 @@ def test_given_tokens_kept_and_no_mask_left(sampler, kw):
 
 def test_same_seed_same_tokens():
     m = _model()
-    for sampler in ("ddpm_cache", "first_hitting", "confidence"):
+    for sampler in ("ddpm_cache", "first_hitting"):
         a = fast_sample(m, 3, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(5))
         b = fast_sample(m, 3, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(5))
         c = fast_sample(m, 3, steps=6, sampler=sampler, generator=torch.Generator().manual_seed(6))
         assert torch.equal(a, b), sampler
         assert not torch.equal(a, c), sampler
+    # confidence decoding commits argmax tokens: deterministic whatever the seed
+    a = fast_sample(m, 3, sampler="confidence", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, fast_sample(m, 3, sampler="confidence", generator=torch.Generator().manual_seed(6)))
 
 
 def test_first_hitting_unmasks_exactly_one_position_per_event(monkeypatch):
+    import mdlm.samplers as S
     m = _model()
     B = 4
     x_init = torch.full((B, L), MASK)
     x_init[1, :3] = 1  # sequences with different numbers of masked positions
-    masked_counts = []
-    real = mk.sample_step
+    counts = []
+    real = S.masked_row_logits
 
-    def spy(logits, t, s, *a, **k):
-        masked_counts.append(logits.shape[0])
-        assert torch.all(s == 0)  # a hitting event never keeps the position masked
-        return real(logits, t, s, *a, **k)
+    def spy(model, x, sigma, idx):
+        counts.append((x == MASK).sum(1).clone())
+        return real(model, x, sigma, idx)
 
-    monkeypatch.setattr(mk, "sample_step", spy)
+    monkeypatch.setattr(S, "masked_row_logits", spy)
     out, stats = fast_sample(m, B, sampler="first_hitting", x_init=x_init, return_stats=True,
                              generator=torch.Generator().manual_seed(0))
-    # event k samples one row for every sequence that still has a masked position
-    assert masked_counts == [B] * (L - 3) + [B - 1] * 3
+    counts.append((out == MASK).sum(1))
+    steps = torch.stack(counts)                         # (events + 1, B) masked counts
+    drops = steps[:-1] - steps[1:]
+    assert torch.equal(drops, (steps[:-1] > 0).long())  # exactly one per event while a sequence has masks
     assert stats["model_calls"] == L and not torch.any(out == MASK)
+
+
+def test_remasking_rate_and_posterior():
+    """One ReMDM step t = 0.6 -> s = 0.3 with eta = 0.3 from a state with given, decoded and masked tokens:
+    sigma = min(eta, s / (1 - t)) = 0.3; decoded (non-given) tokens are re-masked with probability sigma,
+    masked tokens stay masked with probability s' / t, s' = s - sigma (1 - t) = 0.18; given tokens are kept."""
+    from mdlm.samplers import _ancestral
+    m = _model()
+    B = 3000
+    x = torch.full((B, L), MASK)
+    x[:, :3] = 5
+    given = torch.zeros(B, L, dtype=torch.bool)
+    given[:, 0] = True
+    opts = dict(mask_index=MASK, temperature=1.0, top_k=0, top_p=1.0, validate=False)
+    out = _ancestral(m, x.clone(), given, torch.tensor([0.6, 0.3], dtype=torch.float64), False, 0.3, 7, opts,
+                     {"model_calls": 0, "steps": 0}, False, [])
+
+    def check(frac, p, n):
+        assert abs(frac - p) < 5 * (p * (1 - p) / n) ** 0.5, (frac, p)
+
+    assert torch.all(out[:, 0] == 5)
+    check((out[:, 1:3] == MASK).double().mean().item(), 0.3, B * 2)
+    check((out[:, 3:] == MASK).double().mean().item(), 0.18 / 0.6, B * (L - 3))
+
+
+def test_invalid_rows_stay_masked_and_raise_once(monkeypatch):
+    m = _model()
+    with torch.no_grad():
+        m.backbone.output_layer.linear.bias[4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fast_sample(m, 2, steps=4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="NaN"):
+        fast_sample(m, 2, sampler="first_hitting", generator=torch.Generator().manual_seed(0))
 
 
 def test_confidence_decoding_takes_ceil_L_over_k_steps():
