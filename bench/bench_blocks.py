@@ -2,7 +2,7 @@
 DiT forward + backward (loss excluded) with the kernels, the reference math, and torch.compile of the
 reference, side by side.
 
-    python bench/bench_blocks.py                       # GPU: B=64 (model) / 8 (kernels), L=1024, d=768, bf16
+    python bench/bench_blocks.py                       # GPU: B=64, L=1024, d=768, bf16
     python bench/bench_blocks.py --batch 1 --length 64 --preset tiny    # CPU smoke run
 
 Kernel rows count each input read once and each output written once (bytes / time). The model rows
@@ -38,14 +38,23 @@ def _sync(device):
 
 
 def timed(fn, device, iters=20, warmup=3):
+    """Seconds per call. On CUDA: back-to-back calls between two events (launches overlap the host work,
+    so a kernel that takes longer than its Python wrapper is measured, not the wrapper); on CPU: median."""
     for _ in range(warmup):
         fn()
     _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / iters
     ts = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -83,6 +92,19 @@ def kernel_rows(B, L, d, H, dtype, device, iters):
     for name, (fn, nbytes) in cases.items():
         t = timed(fn, device, iters)
         rows.append({"kernel": name, "ms": t * 1e3, "GBps": nbytes / t / 1e9, "backend": mk.backend.last_used.get(name)})
+    # forward + backward of the two adaLN kernels (gradients w.r.t. every input)
+    xg, hg, wg, mg = (x.clone().requires_grad_(), h.clone().requires_grad_(), w.clone().requires_grad_(),
+                      mod.clone().requires_grad_())
+    fb = {
+        "adaln_modulate fwd+bwd": lambda: mk.adaln_modulate(xg, wg, mg, 0, 1, dtype).float().sum().backward(),
+        "gated_residual_modulate fwd+bwd": lambda: sum(
+            o.float().sum() for o in mk.gated_residual_modulate(xg, hg, mg, 2, wg, 3, 4, p=0.1, seed=1,
+                                                                out_dtype=dtype)).backward(),
+    }
+    for name, fn in fb.items():
+        t = timed(fn, device, iters)
+        rows.append({"kernel": name, "ms": t * 1e3, "GBps": None, "backend": mk.backend.last_used.get(
+            name.split()[0] + "_backward")})
     return rows
 
 
@@ -123,7 +145,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small" if cuda else "tiny", choices=mdlm.PRESETS)
     p.add_argument("--batch", type=int, default=64 if cuda else 1, help="model batch")
-    p.add_argument("--kernel-batch", type=int, default=8 if cuda else 1)
+    p.add_argument("--kernel-batch", type=int, default=64 if cuda else 1)
     p.add_argument("--length", type=int, default=1024 if cuda else 64)
     p.add_argument("--providers", default="kernels,reference,compiled" if cuda else "kernels,reference")
     p.add_argument("--iters", type=int, default=20 if cuda else 3)
@@ -140,10 +162,13 @@ def main(argv=None):
     print(f"# DiT block kernels on {env.get('gpu', env.get('cpu'))}: copy bandwidth {bw / 1e9:.0f} GB/s; "
           f"git {env['git_revision']}")
     krows = kernel_rows(args.kernel_batch, args.length, d, H, dtype, device, args.iters)
-    print(f"{'kernel (forward)':<26} {'ms':>8} {'GB/s':>8} {'of copy':>8}  backend")
+    print(f"{'kernel (forward)':<34} {'ms':>8} {'GB/s':>8} {'of copy':>8}  backend")
     for r in krows:
+        if r["GBps"] is None:
+            print(f"{r['kernel']:<34} {r['ms']:>8.3f} {'':>8} {'':>8}  {r['backend']}")
+            continue
         r["fraction_of_copy"] = r["GBps"] * 1e9 / bw
-        print(f"{r['kernel']:<26} {r['ms']:>8.3f} {r['GBps']:>8.0f} {r['fraction_of_copy'] * 100:>7.1f}%  {r['backend']}")
+        print(f"{r['kernel']:<34} {r['ms']:>8.3f} {r['GBps']:>8.0f} {r['fraction_of_copy'] * 100:>7.1f}%  {r['backend']}")
     providers = [s.strip() for s in args.providers.split(",") if s.strip()]
     mrows = model_rows(args.preset, args.batch, args.length, device, providers, max(3, args.iters // 2))
     base = next((r for r in mrows if r.get("provider") == "reference" and "ms" in r), None)

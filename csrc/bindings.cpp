@@ -336,11 +336,15 @@ void sample_threshold_cpu(std::uintptr_t logits, int dtype, std::uintptr_t keys,
   for (int64_t i = 0; i < rows; ++i) out[i] = static_cast<int64_t>(k[static_cast<size_t>(i)]);
 }
 
-// Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32.
+// Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32; Gumbel prefilter
+// (input: 53-bit integers x as float64): 3 = the Gumbel noise of x, 4 = its table bound.
 void sample_math(int fn, std::uintptr_t in, std::uintptr_t out, int64_t n) {
   const char* op = "sample_math";
   if (n < 0) throw std::invalid_argument("sample_math: n must be >= 0");
-  if (fn < 0 || fn > 2) throw std::invalid_argument("sample_math: fn must be 0 (log64), 1 (exp64) or 2 (expf32)");
+  if (fn < 0 || fn > 4) {
+    throw std::invalid_argument(
+        "sample_math: fn must be 0 (log64), 1 (exp64), 2 (expf32), 3 (Gumbel of x) or 4 (Gumbel bound of x)");
+  }
   const double* pin = static_cast<const double*>(as_ptr(op, in, n > 0));
   double* pout = static_cast<double*>(as_ptr(op, out, n > 0));
   py::gil_scoped_release release;
@@ -401,7 +405,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("top_k"), py::arg("top_p"),
         "Keep threshold (uint32 key of mdlm/sampling.h, 0 = keep all) of each row into an int64 host buffer (tests).");
   m.def("sample_math", &sample_math, py::arg("fn"), py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"),
-        "Header transcendentals of mdlm/sampling.h on float64 host buffers (tests): 0 log64, 1 exp64, 2 expf32.");
+        "Header transcendentals of mdlm/sampling.h on float64 host buffers (tests): 0 log64, 1 exp64, 2 expf32, "
+        "3 Gumbel noise of a 53-bit x, 4 its prefilter table bound.");
   m.attr("SCHEDULE_CODES") = py::dict(py::arg("loglinear") = int(mdlm::kLogLinear), py::arg("linear") = int(mdlm::kLinear),
                                       py::arg("geometric") = int(mdlm::kGeometric), py::arg("cosine") = int(mdlm::kCosine),
                                       py::arg("cosinesqr") = int(mdlm::kCosineSqr));

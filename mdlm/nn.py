@@ -244,7 +244,11 @@ class DIT(nn.Module):
     ``mdlm_kernels`` for CUDA inputs and the reference math on CPU; True / False force them on / off (on CPU
     the kernels dispatch to Triton under TRITON_INTERPRET=1, else to their PyTorch references). Same
     parameters and state_dict either way. With kernels, dropout masks come from a counter-based RNG, so
-    they differ from ``torch.nn.Dropout``'s (same distribution).
+    they differ from ``torch.nn.Dropout``'s (same distribution); the dropout seed is a host integer, so
+    CUDA-graph capture would freeze the mask (pass ``dropout_seed`` per step, or train without graphs).
+    ``hidden_states`` returns the LM head's input in the autocast dtype (bf16) with kernels and in fp32 on
+    the reference path; the logits agree after the LM head's autocast cast. On GPU, Triton may contract
+    multiply-adds into FMAs: results can differ from the eager reference by about 1 fp32 ulp before rounding.
     """
 
     def __init__(self, config, vocab_size: int, use_kernels: bool | None = None):

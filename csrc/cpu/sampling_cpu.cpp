@@ -3,6 +3,7 @@
 // increasing order (iterating v = 0..V-1 and updating lane v & 255 gives each lane exactly that
 // sequence); the top-p weights of a row are computed once into a per-thread buffer (the CUDA kernel
 // recomputes them each pass: same values, same sums).
+#include <cmath>
 #include <stdexcept>
 #include <vector>
 
@@ -14,6 +15,19 @@ namespace mdlm {
 namespace {
 
 constexpr int kL = kSampleLanes;
+
+// The gumbel_bound table, computed once (thread-safe static initialisation).
+struct GumbelTable {
+  float g[kGumbelBuckets];
+  GumbelTable() {
+    for (int b = 0; b < kGumbelBuckets; ++b) g[b] = gumbel_bound(static_cast<uint32_t>(b));
+  }
+};
+
+const float* gumbel_table() {
+  static const GumbelTable table;
+  return table.g;
+}
 
 double lane_tree_sum(double* acc) {
   for (int stride = kL / 2; stride > 0; stride >>= 1) {
@@ -73,6 +87,7 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
   const int64_t V = p.vocab;
   const uint32_t mask = static_cast<uint32_t>(p.mask_index);
   const bool filter = use_top_k(p) || use_top_p(p);
+  const float* g_hi = p.greedy ? nullptr : gumbel_table();
 #if defined(_OPENMP)
 #pragma omp parallel if (N > 1 && N * V > 16384)
 #endif
@@ -89,9 +104,10 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
       const uint32_t keep = filter ? threshold_key(x, V, mask, p, wbuf) : 0u;
       const int active = V < kL ? static_cast<int>(V) : kL;
       for (int j = 0; j < active; ++j) lanes[j] = sample_acc_init();
+      double cut = -inf64();  // shared by all lanes of the row (GUMBEL PREFILTER)
       for (int64_t v = 0; v < V; ++v) {
         if (v == mask) continue;
-        sample_acc_add(lanes[v & (kL - 1)], load_logit(x, v), static_cast<uint32_t>(v), keep, p, row_key);
+        sample_acc_add(lanes[v & (kL - 1)], load_logit(x, v), static_cast<uint32_t>(v), keep, p, row_key, g_hi, cut);
       }
       // the fixed tree; lanes >= active are empty and combine(a, empty) == a, so they are skipped
       for (int stride = kL / 2; stride > 0; stride >>= 1) {
@@ -140,13 +156,26 @@ void sample_threshold_cpu(const void* logits, int dtype, int64_t rows, const Sam
 }
 
 // Test hook for the header transcendentals: fn 0 = log64, 1 = exp64, 2 = expf32 (input rounded to
-// float32, result widened to double).
+// float32, result widened to double); Gumbel prefilter: the input is a 53-bit integer x (exact in
+// float64) turned into the Philox words (w0, w1) that uniform53 maps to it, fn 3 = gumbel_of_words,
+// fn 4 = the table bound the sampling pass uses for those words (g_hi[gumbel_bucket(w0)]).
 void sample_math_cpu(int fn, const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
+    uint32_t w0 = 0u, w1 = 0u;
+    if (fn == 3 || fn == 4) {
+      if (!(in[i] >= 0.0 && in[i] < 9007199254740992.0) || in[i] != std::floor(in[i])) {
+        throw std::invalid_argument("sample_math_cpu: fn 3 / 4 take integers x in [0, 2^53)");
+      }
+      const uint64_t x = static_cast<uint64_t>(in[i]);
+      w0 = static_cast<uint32_t>(x >> 26) << 5;
+      w1 = static_cast<uint32_t>(x & ((uint64_t(1) << 26) - 1u)) << 6;
+    }
     switch (fn) {
       case 0: out[i] = log64(in[i]); break;
       case 1: out[i] = exp64(in[i]); break;
       case 2: out[i] = static_cast<double>(expf32(static_cast<float>(in[i]))); break;
+      case 3: out[i] = gumbel_of_words(w0, w1); break;
+      case 4: out[i] = static_cast<double>(gumbel_table()[gumbel_bucket(w0)]); break;
       default: throw std::invalid_argument("sample_math_cpu: unknown function code");
     }
   }

@@ -1,5 +1,6 @@
 // CUDA launcher for the fused categorical sampling step (mdlm/sampling.h). One block of
-// kSampleLanes = 256 threads per row (grid-stride over rows); thread j is lane j of the header's
+// kSampleLanes = 256 threads per row (grid-stride over rows, grid <= the resident blocks: each block
+// computes the Gumbel prefilter table into shared memory once); thread j is lane j of the header's
 // reduction contract: it visits v = j, j + 256, ... in increasing order, and the lanes are combined by
 // the fixed pairwise tree in shared memory (stride 128 .. 1), exactly as the CPU twin
 // (csrc/cpu/sampling_cpu.cpp) does sequentially -> bit-identical tokens and confidences.
@@ -113,24 +114,46 @@ __device__ uint32_t threshold_key(const T* __restrict__ x, int64_t V, uint32_t m
   return lo;
 }
 
+// Maximum over the warp (all 32 lanes converged).
+__device__ __forceinline__ double warp_max(double c) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const double d = __shfl_xor_sync(0xFFFFFFFFu, c, o);
+    c = d > c ? d : c;
+  }
+  return c;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, const float* __restrict__ s,
                    const int64_t* __restrict__ row_ids, int64_t* __restrict__ tokens, float* __restrict__ conf,
                    int64_t N, SampleParams p) {
   __shared__ Shared sh;
+  __shared__ float g_hi[kGumbelBuckets];  // the Gumbel prefilter table, once per block
   const int j = threadIdx.x;
   const int64_t V = p.vocab;
   const uint32_t mask = static_cast<uint32_t>(p.mask_index);
   const bool filter = use_top_k(p) || use_top_p(p);
+  if (!p.greedy) {
+    for (int b = j; b < kGumbelBuckets; b += kThreads) g_hi[b] = gumbel_bound(static_cast<uint32_t>(b));
+  }
+  __syncthreads();
+  const int64_t n_iter = (V + kThreads - 1) / kThreads;  // the same for every thread: warps stay converged
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     const T* x = logits + i * V;
     uint32_t flags = 0u;
     const uint32_t row_key = row_key_of(row_ids, i, flags);
     const uint32_t keep = filter ? threshold_key(x, V, mask, p, sh) : 0u;
     SampleAcc a = sample_acc_init();
-    for (int64_t v = j; v < V; v += kThreads) {
-      if (v != mask) sample_acc_add(a, load_logit(x, v), static_cast<uint32_t>(v), keep, p, row_key);
+    double cut = -inf64();  // shared by the 32 lanes of the warp (GUMBEL PREFILTER)
+    for (int64_t k = 0; k < n_iter; ++k) {
+      const int64_t v = j + k * kThreads;  // lane j: v = j, j + 256, ... in increasing order
+      const double before = cut;
+      if (v < V && v != mask) {
+        sample_acc_add(a, load_logit(x, v), static_cast<uint32_t>(v), keep, p, row_key, g_hi, cut);
+      }
+      if (!p.greedy && __any_sync(0xFFFFFFFFu, cut > before)) cut = warp_max(cut);
     }
     sh.acc[j] = a;
     __syncthreads();
@@ -151,10 +174,26 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
   }
 }
 
+// Grid: at most the blocks the device holds at once (each block fills the 16 KB prefilter table once,
+// then strides over rows), and at most N. Any grid gives the same results (one block per row).
 template <typename T>
 int launch(const T* logits, const float* t, const float* s, const int64_t* row_ids, int64_t* tokens, float* conf,
            int64_t N, const SampleParams& p, cudaStream_t stream) {
-  const unsigned int grid = static_cast<unsigned int>(N < int64_t(kMaxGrid) ? N : int64_t(kMaxGrid));
+  int64_t cap = int64_t(kMaxGrid);
+  if (!p.greedy) {
+    int dev = 0, sms = 0, per_sm = 0;
+    const bool ok = cudaGetDevice(&dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sample_step_kernel<T>, kThreads, 0) ==
+                        cudaSuccess;
+    if (!ok) {
+      (void)cudaGetLastError();  // a failed query only falls back to the plain grid
+    } else if (sms > 0 && per_sm > 0) {
+      cap = int64_t(sms) * int64_t(per_sm);
+    }
+  }
+  const int64_t g = N < cap ? N : cap;
+  const unsigned int grid = static_cast<unsigned int>(g < int64_t(kMaxGrid) ? g : int64_t(kMaxGrid));
   sample_step_kernel<T><<<grid, kThreads, 0, stream>>>(logits, t, s, row_ids, tokens, conf, N, p);
   return static_cast<int>(cudaGetLastError());
 }

@@ -2,8 +2,9 @@
 
 On CUDA the SDPA backends are tried in the order cuDNN -> flash -> memory-efficient -> math (on an
 H200, B=64, 12 heads, L=1024, head dim 64, forward + backward: cuDNN 2.27 ms, flash 3.43 ms,
-memory-efficient 7.07 ms; DESIGN.md). The first one that accepts a given (device, dtype, head dim,
-causal) signature is remembered and used alone from then on, so the backend that runs is known:
+memory-efficient 7.07 ms; DESIGN.md). The first one that accepts a given signature (device, dtype,
+shape, causal, grad, deterministic mode) is remembered and tried first from then on (re-probing if it
+later refuses), so the backend that runs is known:
 ``mdlm_kernels.backend.last_used["attention"]`` records it. ``MDLM_SDPA_BACKENDS`` (comma-separated, e.g.
 "flash,efficient") overrides the order. On CPU, SDPA picks its own CPU kernel ("cpu").
 """
@@ -43,20 +44,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         _backend.last_used["attention"] = "cpu"
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     from torch.nn.attention import sdpa_kernel
-    key = (q.device, q.dtype, q.shape[-1], causal, q.requires_grad or k.requires_grad or v.requires_grad)
+    key = (q.device, q.dtype, tuple(q.shape), causal, q.requires_grad or k.requires_grad or v.requires_grad,
+           torch.are_deterministic_algorithms_enabled())
     names = _sdpa_backends()
+    order = _order()
     chosen = _CHOSEN.get(key)
-    if chosen is not None:
-        _backend.last_used["attention"] = chosen
-        with sdpa_kernel([names[chosen]]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if chosen is not None:  # the remembered backend first; if it now refuses, forget it and probe again
+        order = (chosen,) + tuple(n for n in order if n != chosen)
     errors = []
-    for name in _order():
+    for name in order:
         try:
             with sdpa_kernel([names[name]]):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        except (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError)):
+            raise  # not a "backend does not support these inputs": never hide it behind a fallback
         except RuntimeError as e:  # this backend does not take these inputs on this device
             errors.append(f"{name}: {str(e).splitlines()[0][:120]}")
+            _CHOSEN.pop(key, None)
             continue
         _CHOSEN[key] = name
         _backend.last_used["attention"] = name

@@ -22,6 +22,27 @@
 //   The float32 accumulation of S is the only approximation: |error of lse| ~ 1e-7 (relative to
 //   S), which moves P(MASK) by a relative ~1e-7; Gumbel noise and the race are float64.
 //
+// GUMBEL PREFILTER (speed only: tokens and confidences are exactly those of the race above).
+//   G(x) = gumbel_of_words as a function of the 53-bit integer x behind u is non-decreasing up to
+//   log64's rounding; bucket(x) = x >> 41 (4096 buckets). Table g_hi[b] = float32 round-up of
+//   G~(x_max(b)) + 1e-12 max(1, |G~(x_max(b))|), G~ the computed value at the bucket's largest x
+//   (same log64 path); g_hi[4095] = +inf. Bound: with e the relative error of log64 (measured
+//   <= 1 ulp = 2^-52; buckets < 4095 have u in [2^-54, 1 - 2^-12]), G~ = -log64(-log64(u)) has
+//   |G~(x) - G(x)| <= eta(x) ~ e (1 + |G(x)|), and for x in bucket b (G exact, increasing):
+//   G~(x) <= G(x) + eta(x) <= G(x_max) + eta(x) <= G~(x_max) + eta(x) + eta(x_max) < g_hi[b], since
+//   eta(x) + eta(x_max) <= e (2 + |G(x)| + |G(x_max)|) <= 1e-12 max(1, |G~(x_max)|) whenever
+//   e <= ~400 ulp (|G| <= 3.6 where G < 0; |G(x)| <= G(x_max) where G >= 0); at 2 ulp it is
+//   < 2e-14 against a margin >= 1e-12. Element v is SKIPPED (no logs) iff
+//   dadd(a_v, g_hi[b]) < cut, cut = an exact score a_w + G~_w already computed for a kept w of the
+//   same row: then score_v = dadd(a_v, G~_v) <= dadd(a_v, g_hi[b]) < cut <= best (IEEE rounding is
+//   monotone), so v is not the row's argmax and has no tie with it. Lanes still update their own
+//   (best, ib) with the exact score; a lane may keep a smaller best (or none) than without the
+//   prefilter, but the combined (best, ib) is the lexicographic maximum (score desc, index asc) over
+//   the non-skipped elements, which contain every element scoring the row maximum, so it is the
+//   same as without the prefilter bit for bit. cut: the CPU twin shares one cut across all lanes of
+//   the row; the CUDA kernel shares it across the 32 lanes of a warp (refreshed by a warp max when
+//   a lane raised it), so a warp rarely diverges into the exact path.
+//
 // TOP-K / TOP-P (thresholds on the logits, no sort): key(x) maps float32 to uint32 monotonically
 // (-0 -> +0). Counts/masses run over v != MASK (x = -inf included in counts, mass 0).
 //   top-k (0 < k < V - 1): kappa_k = smallest key c with #{v : key(x_v) > c} < k, found by bisection
@@ -268,11 +289,41 @@ MDLM_HD bool use_top_p(const SampleParams& p) { return p.top_p < 1.0; }
 
 MDLM_HD bool bad_logit(float x) { return is_nan32(x) || x == inf32(); }
 
-// Gumbel noise of Philox element (row, col): -log(-log(u)), u = uniform53 (float64).
+// Gumbel noise of the Philox words (w0, w1): -log(-log(u)), u = uniform53 (float64).
+MDLM_HD double gumbel_of_words(uint32_t w0, uint32_t w1) { return -log64(-log64(uniform53(w0, w1))); }
+
+// Gumbel noise of Philox element (row, col).
 MDLM_HD double gumbel64(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
   const U32x4 w = philox_for_element(seed, offset, row, col);
-  const double u = uniform53(w.x, w.y);
-  return -log64(-log64(u));
+  return gumbel_of_words(w.x, w.y);
+}
+
+// ---- Gumbel upper-bound table (the race's prefilter; see GUMBEL PREFILTER above) -----------------
+constexpr int kGumbelBucketBits = 12;
+constexpr int kGumbelBuckets = 1 << kGumbelBucketBits;  // 4096
+
+// Bucket of the 53-bit integer x behind uniform53(w0, w1): x >> 41 == w0 >> 20 (x = (w0 >> 5) 2^26 +
+// (w1 >> 6) and w1 >> 6 < 2^26, so the top 12 bits of x are the top 12 bits of w0).
+MDLM_HD uint32_t gumbel_bucket(uint32_t w0) { return w0 >> (32 - kGumbelBucketBits); }
+
+// Smallest float32 > f (f finite, not NaN); 0 -> 2^-126 (any positive float is above 0).
+MDLM_HD float float_next_up(float f) {
+  if (f == 0.0f) return bits_as_float(0x00800000u);
+  const uint32_t b = float_as_bits(f);
+  return bits_as_float(f > 0.0f ? b + 1u : b - 1u);
+}
+
+// Upper bound of gumbel_of_words over bucket b, as float32 (rounded up). The last bucket (u -> 1) is
+// +inf. Otherwise: the computed G at the bucket's LARGEST x, plus 1e-12 max(1, |G|), rounded up.
+MDLM_HD float gumbel_bound(uint32_t b) {
+  if (b + 1u >= static_cast<uint32_t>(kGumbelBuckets)) return inf32();
+  // largest x of the bucket: (w0 >> 5) = b 2^15 + (2^15 - 1), (w1 >> 6) = 2^26 - 1
+  const double g = gumbel_of_words((b << (32 - kGumbelBucketBits)) | (0xFFFFFFFFu >> kGumbelBucketBits), 0xFFFFFFFFu);
+  const double ag = g < 0.0 ? -g : g;
+  const double hi = dadd(g, dmul(1e-12, ag > 1.0 ? ag : 1.0));
+  float f = static_cast<float>(hi);  // round to nearest, then up if it went down
+  if (static_cast<double>(f) < hi) f = float_next_up(f);
+  return f;
 }
 
 // ---- threshold passes ----------------------------------------------------------------------------
@@ -338,8 +389,12 @@ MDLM_HD float scaled_diff(float x, float m, double inv_t) {
 }
 
 // Element v (v != MASK) with logit x (load_logit); keep_key: kappa (0 keeps everything).
+// g_hi: the gumbel_bound table (kGumbelBuckets entries; unused when greedy). cut: a lower bound of the
+// row's best score (-inf at the start of a row; the exact score of some kept element of the row
+// otherwise); raised here to every exact score computed, and callers may raise it to any score
+// another lane of the same row computed (GUMBEL PREFILTER).
 MDLM_HD void sample_acc_add(SampleAcc& a, float x, uint32_t v, uint32_t keep_key, const SampleParams& p,
-                            uint32_t row_key) {
+                            uint32_t row_key, const float* g_hi, double& cut) {
   if (bad_logit(x)) {
     a.flags |= kFlagBadLogit;
     return;
@@ -371,11 +426,16 @@ MDLM_HD void sample_acc_add(SampleAcc& a, float x, uint32_t v, uint32_t keep_key
     a.x2 = x;
   }
   if (!p.greedy) {
-    const double score = dadd(dmul(static_cast<double>(x), p.inv_t), gumbel64(p.seed, p.offset, row_key, v));
+    const double av = dmul(static_cast<double>(x), p.inv_t);
+    const U32x4 w = philox_for_element(p.seed, p.offset, row_key, v);
+    // prefilter: score = av + G <= av + g_hi[bucket] (rounding is monotone) < cut <= the row's best
+    if (dadd(av, static_cast<double>(g_hi[gumbel_bucket(w.x)])) < cut) return;
+    const double score = dadd(av, gumbel_of_words(w.x, w.y));
     if (score > a.best) {
       a.best = score;
       a.ib = v;
     }
+    if (score > cut) cut = score;
   }
 }
 
