@@ -550,3 +550,118 @@ def test_gpu_row_where_32bit_gumbel_is_biased():
     32-bit noise (u <= 1 - 2^-24, G <= 16.6) draws it far below its rate; the kernel at the exact rate."""
     obs, mu = _gpu_tail_count(18.9, 4095, 6_000_000, seed=5)
     assert mu >= 100 and abs(obs - mu) <= 5 * math.sqrt(mu) + 1, (obs, mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# (9) Gumbel prefilter (sampling.h, GUMBEL PREFILTER): the table bounds every exact G of its bucket,
+#     and skipping elements changes no token and no confidence bit
+# ---------------------------------------------------------------------------------------------
+def _math_t(fn, xs):
+    a = xs.to(torch.float64).contiguous()
+    out = torch.empty_like(a)
+    _ext.load().sample_math(fn, a.data_ptr(), out.data_ptr(), a.numel())
+    return out
+
+
+@needs_ext
+def test_gumbel_prefilter_table_is_upper_bound():
+    nb, sh = 4096, 41  # 12-bit buckets of the 53-bit integer x behind uniform53
+    g = torch.Generator().manual_seed(2025)
+    b = torch.arange(nb, dtype=torch.int64).view(nb, 1)
+    lo, hi = b << sh, ((b + 1) << sh) - 1
+    cols = [lo, lo + 1, hi, hi - 1,
+            lo + torch.randint(0, 2**62, (nb, 64), generator=g) % (1 << sh),  # uniform in the bucket
+            hi - torch.randint(0, 1 << 20, (nb, 16), generator=g),  # just below the top (where G is largest)
+            lo + torch.randint(0, 1 << 20, (nb, 8), generator=g)]
+    xs = torch.cat(cols, dim=1)  # (4096, 92), all < 2^53 (exact in float64)
+    G = _math_t(3, xs)
+    bound = _math_t(4, xs)
+    # the bound the sampling pass looks up is one value per bucket: the table
+    table = bound[:, 0]
+    assert torch.equal(bound, table.view(nb, 1).expand_as(bound))
+    assert math.isinf(float(table[-1])) and float(table[-1]) > 0 and bool(torch.isfinite(table[:-1]).all())
+    assert bool((table[1:] >= table[:-1]).all())
+    # the bound: every exact G (same log64 path as the race) is strictly below its bucket's entry
+    assert bool((G < bound).all()), float((G - bound).max())
+    # and tight: above G(largest x) by the 1e-12 relative margin plus float32 round-up only
+    g_top = G[:-1, 2]
+    gap = table[:-1] - g_top
+    scale = g_top.abs().clamp_min(1.0)
+    assert bool((gap > 0).all()) and bool((gap <= scale * (1e-12 * 1.01 + 2.0**-23)).all())
+    # the x -> (w0, w1) -> uniform53 mapping of the hook is the philox.h one: G(x) = -log(-log(u(x)))
+    for x in [0, 1, 2**41 - 1, 2**52 - 1, 2**52, 2**53 - 2**41, 2**53 - 1] + xs[::97, 4].tolist():
+        u = (x + 0.5) * 2.0**-53 if x < 2**52 else x * 2.0**-53
+        want = -math.log(-math.log(u))
+        got = float(_math_t(3, torch.tensor([float(x)], dtype=torch.float64))[0])
+        assert abs(got - want) <= 1e-14 * (1 + abs(want)), (x, got, want)
+    # the kernel buckets Philox words by w0 >> 20: that is x >> 41 for the x uniform53 builds
+    C = _ext.load()
+    words = torch.randint(0, 2**32, (2000, 2), generator=g).tolist() + [[0, 0], [2**32 - 1, 2**32 - 1],
+                                                                          [2**31, 0], [2**31 - 1, 2**32 - 1]]
+    for w0, w1 in words:
+        u = C.uniform53(w0, w1)
+        x = int(u * 2.0**53) if u >= 0.5 else int(u * 2.0**53 - 0.5)
+        assert x == ((w0 >> 5) << 26) | (w1 >> 6) and x >> sh == w0 >> 20, (w0, w1)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefilter_cpp_matches_reference_diverse_scales(dtype):
+    """Thousands of rows whose logit spreads range from 1e-3 (the exact G decides) to 300 (almost every
+    element is skipped), row offsets, dominant classes and ties: tokens identical to the float64 spec."""
+    N, V = 1500, 389
+    g = torch.Generator().manual_seed(77)
+    scale = torch.pow(10.0, torch.empty(N, 1).uniform_(-3.0, 2.5, generator=g))
+    x = torch.randn(N, V, generator=g) * scale + torch.empty(N, 1).uniform_(-50, 50, generator=g)
+    x[::11, 5] += 25.0  # a dominant class
+    x[3::13] = torch.round(x[3::13])  # ties
+    x = x.to(dtype)
+    t = torch.rand(N, generator=g) * 0.9 + 0.1
+    s = t * torch.rand(N, generator=g)
+    s[::3] = 0.0
+    rid = torch.randint(0, 2**32, (N,), generator=g)
+    for temperature in (0.3, 1.0, 3.0):
+        for filt in (dict(), dict(top_k=17), dict(top_p=0.85), dict(top_k=60, top_p=0.6)):
+            kw = dict(mask_index=V // 3, row_ids=rid, temperature=temperature, **filt)
+            c = mk.sample_step(x, t, s, 2**40 + 3, 9, backend="cpp", **kw)
+            r = mk.sample_step(x, t, s, 2**40 + 3, 9, backend="reference", **kw)
+            assert torch.equal(c.tokens, r.tokens), (temperature, filt)
+            assert _conf_close(c.confidence, r.confidence), (temperature, filt)
+    # full vocabulary rows
+    x2, t2, s2 = _inputs(6, 50258, dtype, seed=8, scale=6.0)
+    for kw in (dict(temperature=0.3), dict(temperature=3.0, top_p=0.95)):
+        c = mk.sample_step(x2, t2, s2, 5, 6, mask_index=50257, backend="cpp", **kw)
+        r = mk.sample_step(x2, t2, s2, 5, 6, mask_index=50257, backend="reference", **kw)
+        assert torch.equal(c.tokens, r.tokens), kw
+        assert _conf_close(c.confidence, r.confidence), kw
+
+
+def _digest_inputs(N, V, seed, dtype):
+    """Inputs from the library's Philox and exact float ops only (no torch RNG): stable bits."""
+    u = mk.philox_uniform(N, V + 2, seed, 0, dtype=torch.float64, backend="cpp")
+    k = torch.floor(u[:, V] * 12.0) - 6.0  # per-row scale 2^k, k in [-6, 5]
+    x = (u[:, :V] * 2.0 - 1.0) * torch.pow(2.0, k).view(N, 1)
+    x[::7] = torch.round(x[::7] * 4.0) / 4.0  # rows with many ties
+    t = (u[:, V + 1] * 0.9 + 0.1).float()
+    s = (t.double() * u[:, V]).float()
+    s[::5] = 0.0
+    return x.to(dtype), t, s
+
+
+@needs_ext
+def test_outputs_bit_identical_to_pre_prefilter_kernel():
+    """SHA-256 of tokens and confidence bytes, recorded with the kernel before the Gumbel prefilter
+    (commit 5df35ed, exact G for every kept element): the prefilter must not change a single bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for N, V in ((512, 1031), (3, 50258)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, t, s = _digest_inputs(N, V, N + V, dtype)
+            for kw in (dict(), dict(temperature=0.3), dict(temperature=3.0), dict(top_k=40), dict(top_p=0.9),
+                       dict(top_k=100, top_p=0.7, temperature=0.3), dict(greedy=True)):
+                out = mk.sample_step(x, t, s, 2**64 - 3, 12345, mask_index=V // 2, backend="cpp", validate=False,
+                                     **kw)
+                h.update(out.tokens.numpy().tobytes())
+                h.update(out.confidence.numpy().tobytes())
+    assert h.hexdigest() == "dfada2c1727a616d992cea718ec38bfe3a3f4154cde15a816abb083c7c4747d1"
