@@ -2,7 +2,9 @@
 kernels under TRITON_INTERPRET=1 and the PyTorch reference backend.
 
 Spec: ``mdlm.nn.LayerNorm.forward`` / ``modulate`` / ``bias_dropout_add_scale`` on upcast fp32 inputs (dropout
-with the op's documented Philox mask: keep iff philox_uniform(B*L, d, seed, offset, float32) >= p).
+with the op's documented Philox mask: element (row, col) keeps iff uniform24(word col % 4 of
+Philox4x32-10(seed, ctr = (col // 4, row, offset_lo, offset_hi))) >= p, built here from the Philox block function
+itself, independently of the op's code).
 
 Tolerances:
 - fp32 inputs: every output and gradient: max abs error <= 1e-5 x (its largest entry) + 1e-6.
@@ -22,6 +24,7 @@ import torch
 import mdlm_kernels as mk
 from mdlm.nn import LayerNorm, bias_dropout_add_scale, modulate
 from mdlm_kernels import backend as kb
+from mdlm_kernels.ops.philox import _philox_reference
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(
     kb.unavailable_reason("triton", "cpu") is not None, reason=str(kb.unavailable_reason("triton", "cpu")))),
@@ -46,8 +49,22 @@ def spec_adaln(x, w, mod, si, ci):
     return modulate(spec_norm(x, w), chunk(mod, si, d), chunk(mod, ci, d))
 
 
+def uniform24(w):
+    """float32 uniform of one uint32 Philox word (int64 tensor), as mdlm_kernels.philox_uniform's float32."""
+    y = w >> 8
+    return torch.where(y < 2 ** 23, y.to(torch.float32) + 0.5, y.to(torch.float32)) * 2.0 ** -24
+
+
 def keep_mask(B, L, d, p, seed, offset):
-    return (mk.philox_uniform(B * L, d, seed, offset, dtype=torch.float32) >= p).view(B, L, d)
+    """The documented keying, from the Philox4x32-10 block function: one block per (row, 4-column group),
+    ctr = (col // 4, row, offset_lo, offset_hi); column col uses word col % 4."""
+    rows, groups = B * L, (d + 3) // 4
+    row = torch.arange(rows).view(rows, 1).expand(rows, groups)
+    grp = torch.arange(groups).view(1, groups).expand(rows, groups)
+    lo, hi = torch.full_like(row, offset & 0xFFFFFFFF), torch.full_like(row, offset >> 32)
+    words = _philox_reference(grp, row, lo, hi, seed & 0xFFFFFFFF, seed >> 32)
+    w = torch.stack(words, -1).reshape(rows, 4 * groups)[:, :d]
+    return (uniform24(w) >= torch.tensor(p, dtype=torch.float32)).view(B, L, d)
 
 
 def spec_gated(res, h, mod, gi, keep, p):
@@ -236,6 +253,25 @@ def test_dropout_mask_is_keyed_by_seed_and_offset(backend):
     assert torch.equal(r1, _r_only(h, p, 42, 5, backend))                 # same seed/offset -> same mask
     assert not torch.equal(keep, _r_only(h, p, 42, 6, backend) != 0)     # other offset -> other mask
     assert not torch.equal(keep, _r_only(h, p, 43, 5, backend) != 0)     # other seed -> other mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [10, 3, 1])
+def test_dropout_mask_uses_one_philox_block_per_four_columns(backend, d):
+    """Element by element from mk.philox4x32 (small shape; d not a multiple of 4, and d < 4): element (row, col)
+    keeps iff uniform24(philox4x32(ctr = (col // 4, row, off_lo, off_hi), key = seed)[col % 4]) >= p."""
+    B, L, p, seed, offset = 2, 3, 0.4, 2 ** 63 + 17, 2 ** 40 + 9
+    r = _r_only(torch.ones(B, L, d), p, seed, offset, backend).view(B * L, d)
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    pf = torch.tensor(p, dtype=torch.float32)
+    expected = torch.zeros(B * L, d, dtype=torch.bool)
+    for row in range(B * L):
+        for g in range((d + 3) // 4):
+            words = mk.philox4x32((g, row, offset & 0xFFFFFFFF, offset >> 32), key, backend="reference")
+            for j in range(4 * g, min(4 * g + 4, d)):
+                expected[row, j] = bool(uniform24(torch.tensor(words[j % 4])) >= pf)
+    assert torch.equal(r != 0, expected)
+    assert torch.equal(expected.view(B, L, d), keep_mask(B, L, d, p, seed, offset))
 
 
 @needs_cpu_triton

@@ -1,6 +1,7 @@
 """Rotary on the packed qkv projection (mdlm_kernels.rotary_qkv) against the mdlm.nn spec
 (``Rotary`` + ``apply_rotary_pos_emb`` + the (B, H, L, D) layout of ``mdlm.nn._attention``), on CPU: the Triton
-kernels under TRITON_INTERPRET=1 and the PyTorch reference backend.
+kernels under TRITON_INTERPRET=1 and the PyTorch reference backend. Layout: q and k are (B, H, L, D) views of
+(B, L, H, D) buffers, v a view of qkv's slot 2; SDPA's output then transposes back to (B, L, H*D) without a copy.
 
 Tolerances:
 - fp32: q, k, v and dqkv: max abs error <= 1e-6 x (the largest entry) + 1e-7 (the math is the spec's, op for op).
@@ -54,12 +55,12 @@ def test_fp32_matches_spec(backend, B, L, H, D):
     assert c.shape == (L, D // 2) and c.dtype == torch.float32
     out = grads(lambda x: mk.rotary_qkv(x, c, s, backend=backend), qkv)
     assert kb.last_used["rotary_qkv"] == backend and kb.last_used["rotary_qkv_backward"] == backend
-    assert all(o.shape == (B, H, L, D) and o.is_contiguous() for o in out[:3])
+    assert all(o.shape == (B, H, L, D) for o in out[:3])
     ref = grads(lambda x: spec(x, cos, sin, torch.float32), qkv)
     for name, a, r in zip(("q", "k", "v", "dqkv"), out, ref):
         err, scale = (a - r).abs().max().item(), r.abs().max().item()
         assert err <= 1e-6 * scale + 1e-7, (name, err, scale)
-    assert torch.equal(out[2], ref[2])  # v is a copy
+    assert torch.equal(out[2], ref[2])  # v is qkv's slot 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,6 +142,10 @@ def test_torch_compile_fullgraph():
         q, k, v = mk.rotary_qkv(x, c, s, backend="reference")
         return torch.nn.functional.scaled_dot_product_attention(q, k, v).sum()
 
+    def layout(x):
+        return tuple(t.stride() for t in mk.rotary_qkv(x, c, s, backend="reference"))
+
+    assert torch.compile(layout, fullgraph=True, backend="aot_eager")(qkv) == layout(qkv)
     a = qkv.clone().requires_grad_()
     out = torch.compile(attn, fullgraph=True, backend="aot_eager")(a)
     out.backward()
@@ -149,6 +154,58 @@ def test_torch_compile_fullgraph():
     ref.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_q_k_token_major_v_a_view_and_attention_output_reshapes_for_free(backend):
+    B, L, H, D = 2, 5, 3, 8
+    qkv, rot, cos, sin = setup(B, L, H, D, torch.float32)
+    q, k, v = mk.rotary_qkv(qkv, cos, sin, backend=backend)
+    for x in (q, k):
+        assert x.shape == (B, H, L, D) and x.stride() == (L * H * D, D, H * D, 1)
+        assert x.transpose(1, 2).is_contiguous()
+    assert v.shape == (B, H, L, D) and v.stride() == (L * 3 * H * D, D, 3 * H * D, 1)
+    assert v.data_ptr() == qkv[:, :, 2].data_ptr()  # no copy of v
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()      # SDPA (CPU) keeps the query's layout
+    a = out.transpose(1, 2).reshape(B, L, H * D)
+    assert a.data_ptr() == out.data_ptr() and a._base is not None  # a view, not a copy
+    # a non-contiguous qkv is copied first; v is then a view of the copy
+    nc = qkv.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(mk.rotary_qkv(nc, cos, sin, backend=backend)[2], v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_reads_strided_gradients(backend):
+    """dq/dk/dv in any layout (contiguous (B, H, L, D), the (B, L, H, D) transposed view, a slice) give the
+    same dqkv as their contiguous copies."""
+    B, L, H, D = 2, 5, 3, 8
+    _, rot, _, _ = setup(B, L, H, D, torch.float32)
+    c, s = mk.rotary_tables(rot.inv_freq, L)
+    g = torch.Generator().manual_seed(3)
+    dq = torch.randn(B, L, H, D, generator=g).transpose(1, 2)                 # SDPA/flash layout
+    dk = torch.randn(B, H, L, D, generator=g)                                 # contiguous
+    dv = torch.randn(B, L, 3, H, D, generator=g)[:, :, 1].transpose(1, 2)     # a slice of a bigger tensor
+    got = torch.ops.mdlm.rotary_qkv_backward(dq, dk, dv, c, s, torch.float32, backend)
+    ref = torch.ops.mdlm.rotary_qkv_backward(dq.contiguous(), dk, dv.contiguous(), c, s, torch.float32,
+                                             "reference")
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    assert torch.equal(got[:, :, 2], dv.transpose(1, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_op_alone_rotates_q_k_and_is_differentiable(backend):
+    """torch.ops.mdlm.rotary_qk (no v: an op output may not alias its input) has its own autograd; its fake
+    implementation gives the real strides (opcheck)."""
+    B, L, H, D = 1, 4, 2, 8
+    qkv, rot, cos, sin = setup(B, L, H, D, torch.float32)
+    c, s = mk.rotary_tables(rot.inv_freq, L)
+    ga = grads(lambda x: torch.ops.mdlm.rotary_qk(x, c, s, backend), qkv)
+    gb = grads(lambda x: spec(x, cos, sin, torch.float32)[:2], qkv)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert torch.all(ga[-1][:, :, 2] == 0)
+    torch.library.opcheck(torch.ops.mdlm.rotary_qk.default, (qkv.requires_grad_(), c, s, backend))
 
 
 @pytest.mark.cuda

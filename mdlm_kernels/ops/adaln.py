@@ -16,8 +16,10 @@ next Linear, so the kernel writes y directly in ``out_dtype``; ``dropout(h)`` is
 ``gate * dropout(h)`` to ``promote(gate, h)``; r = residual + that, computed in fp32, stored in the
 residual's dtype (fp32 in the published model: the embedding is fp32).
 
-Dropout: element (row = b*L + l, col = j) is kept iff uniform24(Philox4x32-10(key = seed,
-ctr = (j, row, offset_lo, offset_hi)) word 0) >= p (see :mod:`mdlm_kernels.ops.philox`); kept values
+Dropout: element (row = b*L + l, col = j) is kept iff uniform24(w_{j % 4}) >= p, where (w0, w1, w2, w3) =
+Philox4x32-10(key = seed, ctr = (j // 4, row, offset_lo, offset_hi)): one Philox block serves 4 consecutive
+columns (uniform24 as in :mod:`mdlm_kernels.ops.philox`; the mask is therefore not
+``philox_uniform(B*L, d) >= p``, which keys ctr = (j, row, ...) and uses word 0 only). Kept values
 are scaled by 1/(1-p) (F.dropout semantics). No mask is stored: the backward regenerates it. With
 ``p == 0`` or ``training=False`` the kernel is compiled without the dropout code (exactly the eval path).
 
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from .._triton import HAS_TRITON, INTERPRETED, tl, triton
 from .philox import _M32, _check_u64, _from_i64, _to_i64
-from .philox import _reference as _philox_uniform_ref
+from .philox import _philox_reference, _uniform_from_words
 
 OP_MOD = "adaln_modulate"
 OP_RES = "gated_residual_modulate"
@@ -91,17 +93,29 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _keep_mask(rows, cols, seed, off_lo, off_hi, p):
-        """Dropout keep mask [R, D] for rows [R] (int64) x cols [D]: uniform24(Philox word 0) >= p."""
-        zero = rows[:, None] * 0 + cols[None, :].to(tl.int64) * 0
-        c0 = (zero + cols[None, :]).to(tl.uint32)
+    def _uniform24(w):
+        """uint32 Philox word -> float32 uniform in (0, 1) (mdlm_kernels.ops.philox's uniform24)."""
+        yf = (w >> 8).to(tl.float32)
+        return tl.where(yf < 8388608.0, yf + 0.5, yf) * 5.960464477539063e-08  # 2^23, 2^-24
+
+    @triton.jit
+    def _keep_mask(rows, seed, off_lo, off_hi, p, BLOCK_D: tl.constexpr):
+        """Dropout keep mask [R, BLOCK_D] for rows [R] (int64) x columns 0..BLOCK_D-1 (BLOCK_D >= 4, a power
+        of 2): one Philox4x32-10 per group of 4 columns, ctr = (col // 4, row, off_lo, off_hi); column col
+        keeps iff uniform24(word col % 4) >= p. The 4 words are interleaved back into column order."""
+        grp = tl.arange(0, BLOCK_D // 4)
+        zero = rows[:, None] * 0 + grp[None, :].to(tl.int64) * 0
+        c0 = (zero + grp[None, :]).to(tl.uint32)
         c1 = (zero + rows[:, None]).to(tl.uint32)
         c2 = (zero + off_lo).to(tl.uint32)
         c3 = (zero + off_hi).to(tl.uint32)
         w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
-        yf = (w0 >> 8).to(tl.float32)
-        u = tl.where(yf < 8388608.0, yf + 0.5, yf) * 5.960464477539063e-08  # 2^23, 2^-24
-        return u >= p
+        k0 = _uniform24(w0) >= p
+        k1 = _uniform24(w1) >= p
+        k2 = _uniform24(w2) >= p
+        k3 = _uniform24(w3) >= p
+        # interleave(interleave(k0, k2), interleave(k1, k3)) = [k0[g], k1[g], k2[g], k3[g] for g in groups]
+        return tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3))
 
     @triton.jit
     def _ln_modulate(x, cmask, w, sh, s1, d, eps):
@@ -232,7 +246,7 @@ if HAS_TRITON:
         hv = tl.load(h_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         gate = tl.load(mod_ptr + bidx * mod_stride + gate_off + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         if DROPOUT:
-            keep = _keep_mask(rows, cols, seed, off_lo, off_hi, p)
+            keep = _keep_mask(rows, seed, off_lo, off_hi, p, BLOCK_D)
             hv = _cast(tl.where(keep, hv * drop_scale, 0.0), h_ptr.dtype.element_ty).to(tl.float32)
         t = _round_to(gate * hv, PROD_CODE)
         r = _cast(res + t, r_ptr.dtype.element_ty)
@@ -307,7 +321,7 @@ if HAS_TRITON:
             hv = tl.load(h_ptr + offs, mask=m2, other=0.0).to(tl.float32)
             dh = drt * gate[None, :]
             if DROPOUT:
-                keep = _keep_mask(rows, cols, seed, off_lo, off_hi, p)
+                keep = _keep_mask(rows, seed, off_lo, off_hi, p, BLOCK_D)
                 hv = _cast(tl.where(keep, hv * drop_scale, 0.0), h_ptr.dtype.element_ty).to(tl.float32)
                 dh = tl.where(keep, dh * drop_scale, 0.0)                   # (9)
             acc_dg += tl.sum(drt * hv, 0)                                   # (8)
@@ -340,7 +354,7 @@ _SM_COUNT: dict = {}
 def _launch_cfg(d: int, device: torch.device):
     """(BLOCK_R rows per tile, BLOCK_D, launch kwargs). The interpreter pays per op, the GPU per register:
     bigger tiles under TRITON_INTERPRET."""
-    block_d = triton.next_power_of_2(d)
+    block_d = max(4, triton.next_power_of_2(d))  # >= 4: the dropout mask draws one Philox per 4 columns
     tile = 16384 if (INTERPRETED and device.type == "cpu") else 4096
     block_r = max(1, min(64, tile // block_d))
     # 8 warps for the 4096-element tile: with 4 (32 elements per thread) the training backward needs 255
@@ -518,8 +532,17 @@ def _adaln_bwd_reference(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, e
 
 
 def _keep_reference(B, L, d, p, seed, offset, device):
-    """(B, L, d) bool keep mask: the Philox float32 uniforms of mdlm_kernels.philox_uniform(B*L, d) >= p."""
-    u = _philox_uniform_ref(B * L, d, _from_i64(seed), _from_i64(offset), torch.float32, device)
+    """(B, L, d) bool keep mask: element (row, col) keeps iff uniform24(word col % 4 of Philox4x32-10(seed,
+    ctr = (col // 4, row, offset_lo, offset_hi))) >= p."""
+    seed, offset = _from_i64(seed), _from_i64(offset)
+    rows, groups = B * L, (d + 3) // 4
+    row = torch.arange(rows, dtype=torch.int64, device=device).view(rows, 1).expand(rows, groups)
+    grp = torch.arange(groups, dtype=torch.int64, device=device).view(1, groups).expand(rows, groups)
+    c2 = torch.full((rows, groups), offset & _M32, dtype=torch.int64, device=device)
+    c3 = torch.full((rows, groups), offset >> 32, dtype=torch.int64, device=device)
+    words = _philox_reference(grp, row, c2, c3, seed & _M32, seed >> 32)
+    w = torch.stack(words, dim=-1).reshape(rows, 4 * groups)[:, :d]   # column col -> word col % 4 of group col // 4
+    u = _uniform_from_words(w, None, torch.float32)
     return (u >= torch.tensor(p, dtype=torch.float32, device=device)).view(B, L, d)
 
 
@@ -805,12 +828,13 @@ def gated_residual_modulate(residual: torch.Tensor, h: torch.Tensor, mod: torch.
     ``mod_next`` (default: ``mod``, i.e. norm2 inside a block with 3/4); pass the next block's (or the final
     layer's) adaLN output as ``mod_next`` to fuse across blocks. ``weight_next=None``: r only (y is None).
 
-    Dropout: active iff ``training and p > 0``; keep iff uniform24(Philox(seed, (col, row, offset))) >= p, kept
-    values times 1/(1-p). ``seed``/``offset``: ints in [0, 2^64); seed=None draws one from torch's default
-    CPU generator (pass it explicitly under torch.compile). Each dropout site of a step needs its own
-    (seed, offset) pair. Returns (r (B, L, d) in residual's dtype, y (B, L, d) in ``out_dtype`` or None);
-    out_dtype defaults as in :func:`adaln_modulate`. Differentiable w.r.t. residual, h, mod, weight_next,
-    mod_next; the backward regenerates the dropout mask.
+    Dropout: active iff ``training and p > 0``; keep iff uniform24(word col % 4 of Philox(seed, (col // 4, row,
+    offset))) >= p (one Philox block per 4 columns; see the module docstring), kept values times 1/(1-p).
+    ``seed``/``offset``: ints in [0, 2^64); seed=None draws one from torch's default CPU generator (pass it
+    explicitly under torch.compile). Each dropout site of a step needs its own (seed, offset) pair. Returns
+    (r (B, L, d) in residual's dtype, y (B, L, d) in ``out_dtype`` or None); out_dtype defaults as in
+    :func:`adaln_modulate`. Differentiable w.r.t. residual, h, mod, weight_next, mod_next; the backward
+    regenerates the dropout mask.
     """
     op = OP_RES
     _check_tensor(op, "residual", residual, 3)

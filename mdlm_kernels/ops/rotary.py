@@ -1,15 +1,29 @@
 """Rotary embedding of q and k straight from the packed qkv projection, written in the layout
 ``F.scaled_dot_product_attention`` wants.
 
-    q, k, v = rotary_qkv(qkv (B, L, 3, H, D), cos, sin)      each (B, H, L, D), contiguous
+    q, k, v = rotary_qkv(qkv (B, L, 3, H, D), cos, sin)      each (B, H, L, D), last dim contiguous
+
+q and k are written into fresh (B, L, H, D) buffers (each token's H*D values stored contiguously) and returned as
+their ``.transpose(1, 2)`` views, strides (L*H*D, D, H*D, 1); v is not touched at all: it is the strided view
+``qkv[:, :, 2].transpose(1, 2)`` of the (contiguous) input, strides (3*L*H*D, D, 3*H*D, 1). SDPA takes these
+(every backend needs only the last dim contiguous: flash/cuDNN/memory-efficient run on the (B, L, H, D) layout
+natively, CPU and math accept any strides) and returns its output in the query's layout for CPU, flash, cuDNN and
+memory-efficient, so ``attention(q, k, v).transpose(1, 2).reshape(B, L, H*D)`` is a view, not a copy.
+v aliases qkv: modifying one in place changes the other (and autograd refuses in-place ops on v).
 
 q and k are rotated with the published non-interleaved halves (``mdlm.nn.apply_rotary_pos_emb``): with
 x = (x1, x2) the two halves of the head dim and c/s the tables first rounded to qkv's dtype,
     out1 = x1 * c - x2 * s,   out2 = x2 * c + x1 * s       (fp32 math, stored in qkv's dtype)
-which is ``x * cos + rotate_half(x) * sin`` with ``cos = cat(c, c)``; v is copied. The backward is the
-inverse rotation (the transpose of the rotation matrix):
+which is ``x * cos + rotate_half(x) * sin`` with ``cos = cat(c, c)``. The backward is the inverse rotation (the
+transpose of the rotation matrix):
     dx1 = g1 * c + g2 * s,    dx2 = g2 * c - g1 * s
-written back into dqkv (B, L, 3, H, D) together with dv.
+written back into dqkv (B, L, 3, H, D) slots 0/1, with dv copied into slot 2, in one pass (the gradients are read
+through their strides, whatever layout SDPA's backward gives them, as long as the last dim is contiguous).
+
+Autograd: a custom op may not return a view of its input, so the op ``mdlm::rotary_qk`` returns q and k only
+(differentiable on its own: its backward gives zero in slot 2) and ``rotary_qkv`` wraps it in an autograd
+Function that also returns the v view; that Function's backward hands dq, dk and dv to
+``mdlm::rotary_qkv_backward``, so dqkv is written once (no zero-filled select backward plus a sum).
 
 Tables: ``cos``/``sin`` are the (L, D/2) fp32 base tables cos/sin(l * inv_freq_j). From an ``mdlm.nn.Rotary``
 module: ``rotary_tables(rotary.inv_freq, L)`` (the same ``outer(arange(L), inv_freq)`` the module computes),
@@ -17,7 +31,7 @@ or pass the module's cached ``(1, L, 3, 1, D)`` tensors directly (``rotary_qkv``
 half, ``cos[0, :, 0, 0, :D/2]``, which holds the same numbers). Tables with more than L rows are cut to L.
 
 Backends: "triton" (fp32/bf16/fp16) and "reference" (plain PyTorch, also float64). Non-contiguous qkv is
-copied to a contiguous tensor.
+copied to a contiguous tensor (v is then a view of that copy).
 """
 from __future__ import annotations
 
@@ -42,15 +56,13 @@ if HAS_TRITON:
         qkv_ptr,     # (B, L, 3, H, D) packed projection, contiguous
         cos_ptr,     # (L, HALF) fp32 base table, contiguous
         sin_ptr,     # (L, HALF) fp32 base table, contiguous
-        q_ptr,       # (B, H, L, D) out, qkv's dtype
-        k_ptr,       # (B, H, L, D) out
-        v_ptr,       # (B, H, L, D) out
+        q_ptr,       # (B, L, H, D) out, contiguous, qkv's dtype
+        k_ptr,       # (B, L, H, D) out
         L, H, HALF,
         BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)          # token row b * L + l
-        b = row // L
-        l = row - b * L
+        l = row % L
         D = 2 * HALF
         hs = tl.arange(0, BLOCK_H).to(tl.int64)
         js = tl.arange(0, BLOCK_HALF)
@@ -60,8 +72,8 @@ if HAS_TRITON:
         c = _cast(tl.load(cos_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
         s = _cast(tl.load(sin_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
         src = qkv_ptr + row * 3 * H * D + hs[:, None] * D + js[None, :]   # q slot, first half
-        dst = ((b * H + hs[:, None]) * L + l) * D + js[None, :]
-        # q (slot 0) and k (slot 1): rotate
+        dst = row * H * D + hs[:, None] * D + js[None, :]                  # this token's H*D values
+        # q (slot 0) and k (slot 1): rotate; v (slot 2) is not read (the caller views it in place)
         x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
         tl.store(q_ptr + dst, _cast(x1 * c - x2 * s, dt), mask=m)
@@ -70,19 +82,17 @@ if HAS_TRITON:
         x2 = tl.load(src + H * D + HALF, mask=m, other=0.0).to(tl.float32)
         tl.store(k_ptr + dst, _cast(x1 * c - x2 * s, dt), mask=m)
         tl.store(k_ptr + dst + HALF, _cast(x2 * c + x1 * s, dt), mask=m)
-        # v (slot 2): copy
-        tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=m, other=0.0), mask=m)
-        tl.store(v_ptr + dst + HALF, tl.load(src + 2 * H * D + HALF, mask=m, other=0.0), mask=m)
 
     @triton.jit
     def _rotary_bwd_kernel(
-        dq_ptr,      # (B, H, L, D) dL/dq, contiguous
+        dq_ptr,      # (B, H, L, D) dL/dq, any strides with the last dim contiguous
         dk_ptr,      # (B, H, L, D) dL/dk
         dv_ptr,      # (B, H, L, D) dL/dv
         cos_ptr,     # (L, HALF) fp32
         sin_ptr,     # (L, HALF) fp32
         dqkv_ptr,    # (B, L, 3, H, D) out, qkv's dtype
         L, H, HALF,
+        sqb, sqh, sql, skb, skh, skl, svb, svh, svl,   # element strides of dq, dk, dv over (B, H, L)
         BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -97,17 +107,19 @@ if HAS_TRITON:
         c = _cast(tl.load(cos_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
         s = _cast(tl.load(sin_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
         dst = dqkv_ptr + row * 3 * H * D + hs[:, None] * D + js[None, :]
-        src = ((b * H + hs[:, None]) * L + l) * D + js[None, :]
-        g1 = tl.load(dq_ptr + src, mask=m, other=0.0).to(tl.float32)
-        g2 = tl.load(dq_ptr + src + HALF, mask=m, other=0.0).to(tl.float32)
+        srcq = dq_ptr + b * sqb + l * sql + hs[:, None] * sqh + js[None, :]
+        srck = dk_ptr + b * skb + l * skl + hs[:, None] * skh + js[None, :]
+        srcv = dv_ptr + b * svb + l * svl + hs[:, None] * svh + js[None, :]
+        g1 = tl.load(srcq, mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(srcq + HALF, mask=m, other=0.0).to(tl.float32)
         tl.store(dst, _cast(g1 * c + g2 * s, dt), mask=m)
         tl.store(dst + HALF, _cast(g2 * c - g1 * s, dt), mask=m)
-        g1 = tl.load(dk_ptr + src, mask=m, other=0.0).to(tl.float32)
-        g2 = tl.load(dk_ptr + src + HALF, mask=m, other=0.0).to(tl.float32)
+        g1 = tl.load(srck, mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(srck + HALF, mask=m, other=0.0).to(tl.float32)
         tl.store(dst + H * D, _cast(g1 * c + g2 * s, dt), mask=m)
         tl.store(dst + H * D + HALF, _cast(g2 * c - g1 * s, dt), mask=m)
-        tl.store(dst + 2 * H * D, _cast(tl.load(dv_ptr + src, mask=m, other=0.0).to(tl.float32), dt), mask=m)
-        tl.store(dst + 2 * H * D + HALF, _cast(tl.load(dv_ptr + src + HALF, mask=m, other=0.0).to(tl.float32), dt), mask=m)
+        tl.store(dst + 2 * H * D, _cast(tl.load(srcv, mask=m, other=0.0).to(tl.float32), dt), mask=m)
+        tl.store(dst + 2 * H * D + HALF, _cast(tl.load(srcv + HALF, mask=m, other=0.0).to(tl.float32), dt), mask=m)
 
 
 def _cfg(H, half, device):
@@ -115,15 +127,25 @@ def _cfg(H, half, device):
     return triton.next_power_of_2(H), triton.next_power_of_2(half), kw
 
 
+def _qk_buffers(qkv):
+    """Two fresh (B, L, H, D) buffers, returned as their (B, H, L, D) transposed views."""
+    B, L, _, H, D = qkv.shape
+    return tuple(torch.empty((B, L, H, D), dtype=qkv.dtype, device=qkv.device).transpose(1, 2) for _ in range(2))
+
+
 def _fwd_triton(qkv, cos, sin):
     B, L, _, H, D = qkv.shape
-    q, k, v = (torch.empty((B, H, L, D), dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    q, k = _qk_buffers(qkv)
     if B * L * H == 0:
-        return q, k, v
+        return q, k
     bh, bj, kw = _cfg(H, D // 2, qkv.device)
     with _device_ctx(qkv.device):
-        _rotary_fwd_kernel[(B * L,)](qkv, cos, sin, q, k, v, L, H, D // 2, BLOCK_H=bh, BLOCK_HALF=bj, **kw)
-    return q, k, v
+        _rotary_fwd_kernel[(B * L,)](qkv, cos, sin, q, k, L, H, D // 2, BLOCK_H=bh, BLOCK_HALF=bj, **kw)
+    return q, k
+
+
+def _last_dim_contiguous(g):
+    return g if g.stride(-1) == 1 or g.shape[-1] <= 1 else g.contiguous()
 
 
 def _bwd_triton(dq, dk, dv, cos, sin, dtype):
@@ -131,9 +153,12 @@ def _bwd_triton(dq, dk, dv, cos, sin, dtype):
     dqkv = torch.empty((B, L, 3, H, D), dtype=dtype, device=dq.device)
     if B * L * H == 0:
         return dqkv
+    dq, dk, dv = (_last_dim_contiguous(g) for g in (dq, dk, dv))
+    strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]
     bh, bj, kw = _cfg(H, D // 2, dq.device)
     with _device_ctx(dq.device):
-        _rotary_bwd_kernel[(B * L,)](dq, dk, dv, cos, sin, dqkv, L, H, D // 2, BLOCK_H=bh, BLOCK_HALF=bj, **kw)
+        _rotary_bwd_kernel[(B * L,)](dq, dk, dv, cos, sin, dqkv, L, H, D // 2, *strides,
+                                     BLOCK_H=bh, BLOCK_HALF=bj, **kw)
     return dqkv
 
 
@@ -150,12 +175,15 @@ def _rotate_half(x):
 
 
 def _fwd_reference(qkv, cos, sin):
-    """mdlm.nn.apply_rotary_pos_emb on q and k, then the (B, H, L, D) layout of mdlm.nn._attention."""
+    """mdlm.nn.apply_rotary_pos_emb on q and k, in the layout of the Triton path: fresh (B, L, H, D) buffers
+    returned as (B, H, L, D) views."""
     cdt = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     c, s = _full_tables(cos, sin, qkv.dtype, cdt)
-    q, k, v = qkv.unbind(2)                                    # (B, L, H, D)
-    rot = [(x.to(cdt) * c + _rotate_half(x.to(cdt)) * s).to(qkv.dtype) for x in (q, k)]
-    return tuple(x.transpose(1, 2).clone(memory_format=torch.contiguous_format) for x in (*rot, v))  # fresh
+    q, k, _ = qkv.unbind(2)                                    # (B, L, H, D)
+    out = _qk_buffers(qkv)
+    for o, x in zip(out, (q, k)):
+        o.transpose(1, 2).copy_((x.to(cdt) * c + _rotate_half(x.to(cdt)) * s).to(qkv.dtype))
+    return out
 
 
 def _bwd_reference(dq, dk, dv, cos, sin, dtype):
@@ -175,17 +203,17 @@ def _triton_supported(*ts):
     return pred
 
 
-@torch.library.custom_op("mdlm::rotary_qkv", mutates_args=())
+@torch.library.custom_op("mdlm::rotary_qk", mutates_args=())
 def _rotary_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: Optional[str] = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated q, k: (B, H, L, D) views of fresh (B, L, H, D) buffers. qkv must be contiguous."""
     name = _backend.resolve(OP, backend, qkv.device, {"triton": _triton_supported(qkv), "reference": None})
     return (_fwd_triton if name == "triton" else _fwd_reference)(qkv, cos, sin)
 
 
 @_rotary_op.register_fake
 def _(qkv, cos, sin, backend=None):
-    B, L, _, H, D = qkv.shape
-    return tuple(qkv.new_empty((B, H, L, D)) for _ in range(3))
+    return _qk_buffers(qkv)  # strides (L*H*D, D, H*D, 1), as the real outputs
 
 
 @torch.library.custom_op("mdlm::rotary_qkv_backward", mutates_args=())
@@ -203,6 +231,13 @@ def _(dq, dk, dv, cos, sin, dtype, backend=None):
     return dq.new_empty((B, L, 3, H, D), dtype=dtype)
 
 
+def _dqkv(grads, cos, sin, dtype, shape, backend):
+    """dqkv (B, L, 3, H, D) from (dq, dk, dv), each (B, H, L, D) or None (no gradient: zeros)."""
+    B, L, _, H, D = shape
+    g = [torch.zeros((B, H, L, D), dtype=dtype, device=cos.device) if x is None else x for x in grads]
+    return torch.ops.mdlm.rotary_qkv_backward(*g, cos, sin, dtype, backend)
+
+
 def _setup(ctx, inputs, output):
     qkv, cos, sin, backend = inputs
     ctx.save_for_backward(cos, sin)
@@ -211,15 +246,32 @@ def _setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, dq, dk, dv):
+def _backward(ctx, dq, dk):  # the op used on its own: v is not its output, slot 2 of dqkv is zero
     cos, sin = ctx.saved_tensors
-    B, L, _, H, D = ctx.shape
-    g = [torch.zeros((B, H, L, D), dtype=ctx.dtype, device=cos.device) if x is None else x.contiguous()
-         for x in (dq, dk, dv)]
-    return torch.ops.mdlm.rotary_qkv_backward(*g, cos, sin, ctx.dtype, ctx.backend), None, None, None
+    return _dqkv((dq, dk, None), cos, sin, ctx.dtype, ctx.shape, ctx.backend), None, None, None
 
 
 _rotary_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """q, k from the op and v as a view of qkv, with one backward writing dq, dk and dv into dqkv in one pass.
+
+    (Returning v from the op is not allowed, an op output may not alias an input; building the v view outside
+    would leave autograd to sum a zero-filled select backward for dv with the op's dqkv: two extra full passes.)
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, backend):
+        q, k = torch.ops.mdlm.rotary_qk(qkv, cos, sin, backend)
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype, ctx.shape, ctx.backend = qkv.dtype, qkv.shape, backend
+        return q, k, qkv[:, :, 2].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        return _dqkv((dq, dk, dv), cos, sin, ctx.dtype, ctx.shape, ctx.backend), None, None, None
 
 
 def rotary_tables(inv_freq: torch.Tensor, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,10 +305,11 @@ def _table(name, t, L, half, device):
 
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: Optional[str] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (each (B, H, L, D), contiguous) from the packed projection qkv (B, L, 3, H, D).
+    """q, k, v (each (B, H, L, D), last dim contiguous) from the packed projection qkv (B, L, 3, H, D).
 
     q and k rotated exactly as ``mdlm.nn.apply_rotary_pos_emb`` (non-interleaved halves, fp32 math, tables
-    rounded to qkv's dtype), v copied. cos/sin: (L, D/2) fp32 base tables (``rotary_tables``) or the
+    rounded to qkv's dtype), each the ``.transpose(1, 2)`` view of a fresh (B, L, H, D) buffer; v is the view
+    ``qkv[:, :, 2].transpose(1, 2)`` of (the contiguous) qkv, no copy: it shares qkv's memory. cos/sin: (L, D/2) fp32 base tables (``rotary_tables``) or the
     ``(1, L, 3, 1, D)`` tensors returned by ``mdlm.nn.Rotary``. D must be even. Differentiable w.r.t. qkv
     (the tables get no gradient).
     """
@@ -274,4 +327,4 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backe
     sin = _table("sin", sin, L, D // 2, qkv.device)
     if backend is not None:
         _backend.normalize(backend)
-    return torch.ops.mdlm.rotary_qkv(qkv.contiguous(), cos, sin, backend)
+    return _RotaryQKV.apply(qkv.contiguous(), cos, sin, backend)
