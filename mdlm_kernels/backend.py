@@ -88,6 +88,17 @@ def unavailable_reason(backend: str, device: Union[torch.device, str]) -> Option
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def dtype_predicate(allowed, *tensors) -> Callable[[torch.device], Optional[str]]:
+    """A backend predicate: unsupported (with the reason) when a tensor's dtype is not in ``allowed``
+    (None entries are ignored). Used by the Triton backends, which take fp32/bf16/fp16 only."""
+    def pred(device):
+        bad = [t.dtype for t in tensors if t is not None and t.dtype not in allowed]
+        if bad:
+            return f"the triton kernels support {tuple(allowed)}, got {bad[0]} (float64: use the reference backend)"
+        return None
+    return pred
+
+
 def _predicate_reason(pred: Predicate, device: torch.device) -> Optional[str]:
     if pred is None:
         return None

@@ -596,12 +596,7 @@ def _gated_bwd_reference(dr, dy, r, h, mod, gate_idx, weight, mod_next, shift_id
 
 
 def _triton_supported(*ts):
-    def pred(device):
-        bad = [t.dtype for t in ts if t is not None and t.dtype not in _DTYPES]
-        if bad:
-            return f"the triton kernels support {_DTYPES}, got {bad[0]} (float64: use the reference backend)"
-        return None
-    return pred
+    return _backend.dtype_predicate(_DTYPES, *ts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,11 +147,7 @@ def _bwd_reference(g2, x2, bias):
 
 
 def _triton_supported(*ts):
-    def pred(device):
-        bad = [t.dtype for t in ts if t.dtype not in _DTYPES]
-        return (f"the triton kernel supports {_DTYPES}, got {bad[0]} (float64: use the reference backend)"
-                if bad else None)
-    return pred
+    return _backend.dtype_predicate(_DTYPES, *ts)
 
 
 @torch.library.custom_op("mdlm::bias_gelu", mutates_args=())

@@ -196,11 +196,7 @@ def _bwd_reference(dq, dk, dv, cos, sin, dtype):
 
 
 def _triton_supported(*ts):
-    def pred(device):
-        bad = [t.dtype for t in ts if t.dtype not in _DTYPES]
-        return (f"the triton kernel supports {_DTYPES}, got {bad[0]} (float64: use the reference backend)"
-                if bad else None)
-    return pred
+    return _backend.dtype_predicate(_DTYPES, *ts)
 
 
 @torch.library.custom_op("mdlm::rotary_qk", mutates_args=())
