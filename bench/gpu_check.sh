@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, for a machine with a CUDA GPU and no network: install the package from this working tree
-# (no build isolation), run the GPU-marked tests, the loss-stage benchmark and the training throughput
-# benchmark, and write everything into OUT_DIR. Meant to finish in a few minutes on an H200.
+# (no build isolation), run the GPU-marked tests, the loss-stage, block-kernel, per-kernel (fused / reference /
+# torch.compile), sampling and training throughput benchmarks, and write everything into OUT_DIR. Meant to
+# finish in about 8 minutes on an H200 (the benchmarks run with reduced iteration counts).
 #
 #   bash bench/gpu_check.sh OUT_DIR
 set -uo pipefail
@@ -32,11 +33,15 @@ timeout 300 python bench/bench_linear_ce.py --out "$OUT" 2>&1 | tee "$OUT/bench_
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "block kernels vs copy bandwidth; DiT small fwd+bwd: kernels / reference / torch.compile (B=64, L=1024, bf16)"
-timeout 300 python bench/bench_blocks.py --out "$OUT" 2>&1 | tee "$OUT/bench_blocks.txt" | grep -v Warning
+timeout 300 python bench/bench_blocks.py --iters 10 --out "$OUT" 2>&1 | tee "$OUT/bench_blocks.txt" | grep -v Warning
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "kernels: fused / reference / torch.compile of the spec, fwd and fwd+bwd, vs copy and matmul ceilings (B=8, L=1024, bf16)"
+timeout 240 python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" | grep -v Warning
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "sampling: step arithmetic (B=16, L=1024, half masked) and generation (100 ddpm_cache steps; first hitting)"
-timeout 240 python bench/bench_sampling.py --steps 100 --out "$OUT" 2>&1 | tee "$OUT/bench_sampling.txt" | grep -v Warning
+timeout 240 python bench/bench_sampling.py --steps 100 --iters 10 --out "$OUT" 2>&1 | tee "$OUT/bench_sampling.txt" | grep -v Warning
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "training throughput: fused / reference / masked (DiT small, B=16, L=1024, bf16)"
@@ -49,6 +54,7 @@ tail -1 "$OUT/pytest_cuda.txt"
 grep -A8 "^provider" "$OUT/bench_linear_ce.txt"
 grep -A6 "^kernel (forward)" "$OUT/bench_blocks.txt"
 grep -A4 "^DiT fwd+bwd" "$OUT/bench_blocks.txt"
+sed -n '/^kernel  *pass  *provider/,/^# /p' "$OUT/kernels.txt" | grep -v "^# wrote"
 grep -A3 "^# step arithmetic" "$OUT/bench_sampling.txt"
 grep -A4 "^# generation" "$OUT/bench_sampling.txt"
 grep -A8 "^provider" "$OUT/throughput.txt"
