@@ -5,7 +5,8 @@ the LM head applied to masked rows only and the exact (53-bit, log-space Gumbel)
 
 - ``ddpm`` / ``ddpm_cache``: ancestral steps t -> s on a uniform grid (loglinear: a masked token stays
   masked with probability s/t, else becomes v with probability p_theta(v)); ``ddpm_cache`` reuses the
-  masked rows' logits while no token changed (the model ignores t unless time conditioning is on);
+  masked rows' logits while no token changed (the model ignores t unless time conditioning is on), and
+  then jumps straight to the next step at which some token unmasks (event-driven, same distribution);
 - ``first_hitting`` (Zheng et al. 2024): exact event-driven sampling; each event unmasks exactly one
   uniformly chosen masked position per sequence, at the time t_next = t u^(1/n) (n masked tokens);
 - ``confidence``: parallel decoding that commits, per step, the most probable token at the k masked
@@ -17,10 +18,22 @@ the LM head applied to masked rows only and the exact (53-bit, log-space Gumbel)
 Given tokens (prefix / infill in ``x_init``) are never changed. Randomness: the kernel's Philox stream
 keyed by (seed, step offset, flat position, vocabulary id), the seed drawn once from ``generator``.
 
-Host synchronisation: ddpm / ddpm_cache / confidence: one per model call, to size the masked-row gather,
-and for ``ddpm_cache`` one per step for the cache decision (did any token change?); first_hitting: none in
-the loop (fixed shapes, all B rows per event). Invalid rows (NaN logits) stay masked and raise once after
-the loop. Not yet captured in CUDA graphs.
+Host synchronisation (counted in ``stats["host_syncs"]``; ``return_stats=True``): ``ddpm_cache`` (no
+remasking, no time conditioning) runs event-driven (``_ddpm_cache_events``): one read before the loop (the
+masked positions), then exactly one per model call (the next unmask step and how many rows unmask there, one
+2-element ``tolist``), none per step; the rows left masked are known without a sync, so noise removal adds
+none. ddpm, remasking and time-conditioned ddpm_cache take the per-step path (``_ancestral``): one sync per
+model call to size the masked-row gather and, with the cache, one per step for the cache decision (did any
+token change?). confidence: one per model call; first_hitting: one before the loop, none in it (fixed
+shapes, all B rows per event). All samplers: one after the loop (invalid rows: NaN logits stay masked and
+raise then), and the seed read when ``generator`` lives on an accelerator. Not yet captured in CUDA graphs.
+
+Philox offsets (``sample_step`` and ``philox_uniform`` key the same (seed, offset, row, col) stream, so no two
+draws may share an offset): 0 noise removal (greedy: RNG unused); 1 + i the step / event at grid index
+i < steps (ancestral steps, ddpm_cache events, confidence and first-hitting events); 2 steps + 2 + i the
+ReMDM remask uniforms; 2^40 + k / 2^41 + k first hitting's position choice / event time; 2^42 + i the
+per-row unmask-step uniforms of the ddpm_cache model call at grid index i (fast_sample enforces
+steps < 2^38).
 """
 from __future__ import annotations
 
@@ -33,6 +46,9 @@ from .nn import _autocast, check_token_ids
 __all__ = ["sample", "fast_sample", "FAST_SAMPLERS", "masked_row_logits"]
 
 FAST_SAMPLERS = ("ddpm", "ddpm_cache", "first_hitting", "confidence")
+
+_OFF_UNMASK_STEP = 1 << 42  # + grid index of the model call: ddpm_cache per-row unmask-step uniforms
+_MAX_STEPS = 1 << 38        # keeps the offset ranges of the module docstring disjoint
 
 
 def masked_row_logits(model, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -47,9 +63,16 @@ def masked_row_logits(model, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Te
         return lin(h)
 
 
-def _seed_from(generator) -> int:
-    dev = generator.device if generator is not None else "cpu"
+def _seed_from(generator, stats) -> int:
+    dev = torch.device(generator.device if generator is not None else "cpu")
+    if dev.type != "cpu":
+        _sync(stats)
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=dev).item())
+
+
+def _sync(stats) -> None:
+    """Count one explicit host synchronisation (stats["host_syncs"])."""
+    stats["host_syncs"] = stats.get("host_syncs", 0) + 1
 
 
 def _masked_idx(x: torch.Tensor, mask_index: int) -> torch.Tensor:
@@ -69,7 +92,8 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     number of uniform steps (ddpm*; default config.sampling.steps); ignored by first_hitting (one event
     per masked position) and derived from ``tokens_per_step`` for confidence decoding. temperature /
     top_k / top_p reshape p_theta. x_init (B, L): given tokens are kept. With ``return_stats`` also
-    returns {"model_calls": int, "steps": int}.
+    returns {"model_calls": int, "steps": int, "host_syncs": int} (steps: grid steps covered, including the
+    ones ddpm_cache skips between model calls; host_syncs: explicit host reads, see the module docstring).
     """
     import mdlm_kernels as mk
 
@@ -95,36 +119,46 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     given = x != model.mask_index
     B, L = x.shape
     M = model.mask_index
-    seed = _seed_from(generator)
+    stats = {"model_calls": 0, "steps": 0, "host_syncs": 0}
+    seed = _seed_from(generator, stats)
     opts = dict(mask_index=M, temperature=temperature, top_k=top_k, top_p=top_p, validate=False)
-    stats = {"model_calls": 0, "steps": 0}
     was_training, was_validating = model.training, model.backbone.validate_inputs
     model.eval()
     model.backbone.validate_inputs = False  # x is checked once above; no range-check sync per model call
     invalid: list = []
+    left = None  # masked flat positions after the loop, where known without a sync
     try:
         if sampler in ("ddpm", "ddpm_cache"):
             n_steps = int(steps or model.config.sampling.steps)
-            if n_steps < 1:
-                raise ValueError(f"steps must be >= 1, got {n_steps}")
+            if not 1 <= n_steps < _MAX_STEPS:
+                raise ValueError(f"steps must be in [1, 2^38), got {n_steps}")
             grid = torch.linspace(1, eps, n_steps + 1, dtype=torch.float64)  # the published grid
-            x = _ancestral(model, x, given, grid, sampler == "ddpm_cache", remask_eta, seed, opts, stats, progress,
-                           invalid)
+            if sampler == "ddpm_cache" and remask_eta == 0 and not model.time_conditioning:
+                x, left = _ddpm_cache_events(model, x, grid, seed, opts, stats, progress, invalid)
+            else:
+                x = _ancestral(model, x, given, grid, sampler == "ddpm_cache", remask_eta, seed, opts, stats,
+                               progress, invalid)
         elif sampler == "first_hitting":
             x = _first_hitting(model, x, seed, opts, stats, progress, invalid)
         else:
             x = _confidence(model, x, tokens_per_step, confidence_threshold, seed, opts, stats, progress, invalid)
         if noise_removal and sampler in ("ddpm", "ddpm_cache"):
-            idx = _masked_idx(x, M)
+            if left is None:
+                idx = _masked_idx(x, M)
+                _sync(stats)
+            else:
+                idx = left  # the event-driven loop knows the masked positions (and their number) already
             if idx.numel():
                 zero = torch.zeros(B, device=device)
                 logits = masked_row_logits(model, x, zero, idx)
                 stats["model_calls"] += 1
                 tok = mk.sample_step(logits, None, None, seed, 0, greedy=True, **opts).tokens
                 x.view(-1).index_copy_(0, idx, _sanitize(tok, M, invalid))
-        if invalid and bool(torch.stack(invalid).any()):  # one sync, after the loop
-            raise ValueError("the model produced logits with NaN/inf (or nothing left after top-k/top-p) for some "
-                             "masked positions; those positions were left masked")
+        if invalid:
+            _sync(stats)  # one sync, after the loop
+            if bool(torch.stack(invalid).any()):
+                    raise ValueError("the model produced logits with NaN/inf (or nothing left after top-k/top-p) for "
+                                 "some masked positions; those positions were left masked")
     finally:
         model.train(was_training)
         model.backbone.validate_inputs = was_validating
@@ -166,6 +200,7 @@ def _ancestral(model, x, given, grid, cache, remask_eta, seed, opts, stats, prog
         s_eff = max(0.0, s - sig * (1 - t))
         if logits is None or not cache:
             idx = _masked_idx(x, M)  # host sync: sizes the gather
+            _sync(stats)
             if idx.numel() == 0 and sig == 0.0:
                 break
             if idx.numel():
@@ -188,9 +223,94 @@ def _ancestral(model, x, given, grid, cache, remask_eta, seed, opts, stats, prog
         if remask is not None:
             x = torch.where(remask, M, x)
             logits = None  # the masked set changed
-        elif not cache or model.time_conditioning or changed is None or bool(changed.any()):  # one sync
+        elif not cache or model.time_conditioning or changed is None:
             logits = None
+        else:
+            _sync(stats)
+            if bool(changed.any()):  # one sync per step: the cache decision
+                logits = None
     return x
+
+
+def _unmask_steps(u: torch.Tensor, t_i: float, neg_grid: torch.Tensor, i: int) -> torch.Tensor:
+    """First unmask step of each masked row under ddpm_cache from grid index i (time t_i = grid[i]).
+
+    A row masked at t_i stays masked through steps i..j (t_k -> t_{k+1}, survival t_{k+1} / t_k each) with
+    probability grid[j + 1] / t_i (telescoping), so with u ~ U(0, 1) its first unmask step is the smallest
+    j >= i with grid[j + 1] <= u t_i, and ``steps`` ("never") if u t_i < grid[steps]. neg_grid = -grid
+    (increasing, float64, on u's device); u (N,) float64 in (0, 1). Returns (N,) int64 in [i, steps].
+    """
+    # searchsorted (left) on -grid: the first m with -grid[m] >= -u t_i, i.e. grid[m] <= u t_i; j = m - 1.
+    # m > i since u t_i < t_i (the clamp only guards the rounding of u t_i up to t_i when u is 1 - 2^-53).
+    m = torch.searchsorted(neg_grid, -(u * t_i))
+    return (m - 1).clamp_min(i)
+
+
+def _ddpm_cache_events(model, x, grid, seed, opts, stats, progress, invalid):
+    """ddpm_cache (no remasking, model ignoring t) driven by unmask events instead of steps: one host read
+    per model call, none per step. Returns (x, the masked flat positions left (ascending)).
+
+    The per-step process (``_ancestral`` with the cache) reuses the logits of a model call at grid index i
+    until a step in which some token unmasks; in each step t_k -> t_{k+1} every masked row independently
+    stays masked with probability t_{k+1} / t_k and otherwise takes a token from p_theta (the kernel's race:
+    whether MASK loses is independent of which token wins). So after a model call at i, each row draws its
+    first unmask step j_row from one uniform (``_unmask_steps``), k* = min_row j_row; the rows with
+    j_row == k* take a token from p_theta (kernel with t = 1, s = 0: no MASK option) at step k*, all others
+    stay masked through k*, the steps i..k*-1 change nothing (and call nothing), and the next model call is at
+    k* + 1. If no row unmasks before the end of the grid the loop ends (noise removal does the rest).
+
+    Drawing fresh uniforms at each model call is exact: the per-step process is a Markov chain on x whose
+    step draws are independent across rows and steps, and a row still masked at k* + 1 has revealed nothing
+    beyond "still masked" (its u exceeds a threshold, a condition on this call's draw only); its future given
+    the state at k* + 1 is the per-step process restarted there, which is what a fresh uniform draws. The
+    cached logits are those the skipped steps would use (x did not change and the model ignores t).
+    """
+    import mdlm_kernels as mk
+    B, L = x.shape
+    M = opts["mask_index"]
+    device = x.device
+    steps = grid.numel() - 1
+    g = grid.tolist()
+    neg_grid = (-grid).to(device)
+    idx = _masked_idx(x, M)  # one sync before the loop: the masked positions
+    _sync(stats)
+    n = idx.numel()
+    i = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # optional dependency
+        bar = tqdm(total=steps, desc="sampling (fused, events)")
+    while n and i < steps:
+        t = g[i]
+        sigma_t = model.noise(torch.full((B,), t, device=device))[0]
+        logits = masked_row_logits(model, x, sigma_t, idx)
+        stats["model_calls"] += 1
+        u = mk.philox_uniform(B, L, seed, offset=_OFF_UNMASK_STEP + i, dtype=torch.float64,
+                              device=device).view(-1).index_select(0, idx)
+        j = _unmask_steps(u, t, neg_grid, i)
+        k_star = j.min()
+        hit = j == k_star
+        k, n_hit = torch.stack([k_star, hit.sum()]).tolist()  # the one host read of this model call
+        _sync(stats)
+        if bar is not None:
+            bar.update(min(k + 1, steps) - i)
+        if k >= steps:  # every masked row survives to the end of the grid
+            stats["steps"] += steps - i
+            break
+        stats["steps"] += k + 1 - i
+        order = torch.argsort(~hit, stable=True)  # the hit rows first, each part in ascending position order
+        rows, keep = order[:n_hit], order[n_hit:]
+        pos = idx.index_select(0, rows)
+        tok = mk.sample_step(logits.index_select(0, rows), torch.ones(n_hit, device=device),
+                             torch.zeros(n_hit, device=device), seed, 1 + k, row_ids=pos, **opts).tokens
+        x.view(-1).index_copy_(0, pos, _sanitize(tok, M, invalid))
+        # invalid rows (token -1) stay masked but leave the known masked set; they raise after the loop
+        idx = idx.index_select(0, keep)
+        n -= n_hit
+        i = k + 1
+    if bar is not None:
+        bar.close()
+    return x, idx
 
 
 def _first_hitting(model, x, seed, opts, stats, progress, invalid):
@@ -205,6 +325,7 @@ def _first_hitting(model, x, seed, opts, stats, progress, invalid):
     t = torch.ones(B, dtype=torch.float64, device=device)
     rows = torch.arange(B, device=device)
     n_events = int((x == M).sum(1).max())  # one sync before the loop
+    _sync(stats)
     for k in _progress(range(n_events), progress, "sampling (first hitting)"):
         masked = x == M
         n = masked.sum(1)
@@ -244,6 +365,7 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid):
     max_steps = L if threshold is not None else -(-L // k)
     for step in _progress(range(max_steps), progress, "sampling (confidence)"):
         idx = _masked_idx(x, M)
+        _sync(stats)
         if idx.numel() == 0:
             break
         logits = masked_row_logits(model, x, zero, idx)

@@ -135,10 +135,95 @@ def test_ddpm_cache_skips_the_model_when_nothing_changed():
     assert st_cache["model_calls"] <= L + 1 < st_plain["model_calls"]
 
 
-def test_fused_ddpm_cache_matches_the_reference_sampler_in_distribution():
-    """Per-position token histograms of 3000 fused vs 3000 published-sampler sequences (same model)."""
+def test_ddpm_cache_reads_the_host_once_per_model_call():
+    """Event-driven ddpm_cache: one host read before the loop, one per model call, one after the loop (the
+    invalid-row check) and none per step; the per-step path (remasking) reads at least once per step."""
     m = _model()
-    n = 3000
+    for seed in range(3):
+        _, st = fast_sample(m, 2, steps=200, sampler="ddpm_cache", return_stats=True,
+                            generator=torch.Generator().manual_seed(seed))
+        assert 1 <= st["model_calls"] <= 2 * L + 1
+        assert st["host_syncs"] <= st["model_calls"] + 2, st
+    _, st = fast_sample(m, 1, steps=20, sampler="ddpm_cache", remask_eta=0.01, return_stats=True,
+                        generator=torch.Generator().manual_seed(0))
+    assert st["host_syncs"] >= st["steps"]
+
+
+def _cheap_logits(monkeypatch):
+    """Replace the model call by constant logits: the unmask times (hence the model-call count and which
+    positions stay masked) do not depend on the logits."""
+    import mdlm.samplers as S
+    monkeypatch.setattr(S, "masked_row_logits", lambda model, x, sigma, idx: torch.zeros(idx.numel(), V))
+
+
+def _expected_ddpm_cache_calls(grid, n):
+    """Exact E[model calls] of ddpm_cache from n masked rows (no noise removal): rows unmask independently,
+    at step k with probability p_k = grid[k] - grid[k + 1] (grid[0] = 1), and there is one call at step 0
+    plus one at k + 1 for every k <= steps - 2 at which some row unmasks while some row unmasks later (or
+    never): P = 1 - (1 - p_k)^n - F(k)^n + F(k - 1)^n, F(k) = P(j <= k) = 1 - grid[k + 1]."""
+    g = grid.tolist()
+    steps = len(g) - 1
+    F = lambda k: 0.0 if k < 0 else 1.0 - g[k + 1]  # noqa: E731
+    return 1 + sum(1 - (1 - (g[k] - g[k + 1])) ** n - F(k) ** n + F(k - 1) ** n for k in range(steps - 1))
+
+
+def test_event_driven_ddpm_cache_model_calls_match_the_per_step_sampler(monkeypatch):
+    """Model-call counts (a function of the unmask times only): event-driven ddpm_cache and the per-step
+    cached path (``_ancestral``) both match the exact expectation within 4.5 standard errors."""
+    from mdlm.samplers import _ancestral
+    _cheap_logits(monkeypatch)
+    m = _model()
+    steps, eps, runs = 12, 0.05, 400
+    grid = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    expected = _expected_ddpm_cache_calls(grid, L)
+    opts = dict(mask_index=MASK, temperature=1.0, top_k=0, top_p=1.0, validate=False)
+    event, per_step = [], []
+    for r in range(runs):
+        _, st = fast_sample(m, 1, steps=steps, eps=eps, sampler="ddpm_cache", noise_removal=False,
+                            return_stats=True, generator=torch.Generator().manual_seed(r))
+        event.append(st["model_calls"])
+        st = {"model_calls": 0, "steps": 0}
+        _ancestral(m, torch.full((1, L), MASK), torch.zeros(1, L, dtype=torch.bool), grid, True, 0.0, 10_000 + r,
+                   opts, st, False, [])
+        per_step.append(st["model_calls"])
+    for calls in (event, per_step):
+        c = torch.tensor(calls, dtype=torch.float64)
+        se = max(c.std().item(), 0.5) / runs ** 0.5
+        assert abs(c.mean().item() - expected) < 4.5 * se, (c.mean().item(), expected, se)
+
+
+def _chi2_crit(dof, z=3.719):
+    """chi-square quantile at p = 1e-4 (Wilson-Hilferty approximation)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_first_unmask_step_follows_the_ddpm_cache_schedule(monkeypatch):
+    """From a model call at grid index i, a masked row first unmasks at step k >= i with probability
+    (t_k - t_{k+1}) / t_i and never (within the grid) with probability t_steps / t_i: chi-square of the
+    rows' unmask steps; end to end, the fraction of positions left masked (no noise removal) is eps."""
+    from mdlm.samplers import _unmask_steps
+    steps, eps, n = 10, 0.05, 200_000
+    grid = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    u = mk.philox_uniform(1, n, 3, offset=0)[0]
+    for i in (0, 4, steps - 1):
+        j = _unmask_steps(u, float(grid[i]), -grid, i)
+        assert int(j.min()) >= i and int(j.max()) <= steps
+        counts = torch.bincount(j - i, minlength=steps + 1 - i).double()
+        p = torch.cat([grid[i:steps] - grid[i + 1:], grid[steps:]]) / grid[i]
+        chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+        assert chi2 < _chi2_crit(steps - i), (i, chi2)
+    _cheap_logits(monkeypatch)
+    B = 2000
+    out = fast_sample(_model(), B, steps=steps, eps=0.3, sampler="ddpm_cache", noise_removal=False,
+                      generator=torch.Generator().manual_seed(0))
+    frac = (out == MASK).double().mean().item()
+    assert abs(frac - 0.3) < 5 * (0.3 * 0.7 / (B * L)) ** 0.5, frac
+
+
+def test_fused_ddpm_cache_matches_the_reference_sampler_in_distribution():
+    """Per-position token histograms of 8000 fused vs 8000 published-sampler sequences (same model)."""
+    m = _model()
+    n = 8000
     fused = fast_sample(m, n, steps=10, sampler="ddpm_cache", generator=torch.Generator().manual_seed(1))
     ref = reference_sample(m, n, steps=10, sampler="ddpm_cache", generator=torch.Generator().manual_seed(2),
                            gumbel_dtype=torch.float64)
@@ -152,9 +237,7 @@ def test_fused_ddpm_cache_matches_the_reference_sampler_in_distribution():
         exp_b = (a + b) * b.sum() / (a.sum() + b.sum())
         chi2 += float(((a - exp_a) ** 2 / exp_a + (b - exp_b) ** 2 / exp_b).sum())
         dof += int(keep.sum()) - 1
-    # chi-square quantile at p = 1e-4 (Wilson-Hilferty approximation)
-    z = 3.719
-    crit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    crit = _chi2_crit(dof)
     assert chi2 < crit, (chi2, crit, dof)
 
 
