@@ -27,6 +27,7 @@ op-specific limits. ``last_used[op_name]`` records the backend chosen by the lat
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Mapping, Optional, Union
 
@@ -86,6 +87,13 @@ def unavailable_reason(backend: str, device: Union[torch.device, str]) -> Option
             return None
         return f"triton does not run on {device.type} tensors"
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def device_guard(device: Union[torch.device, str]):
+    """Make ``device`` current while launching on it (Triton and the extension launch on the current
+    device's current stream); a no-op context for CPU tensors."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def dtype_predicate(allowed, *tensors) -> Callable[[torch.device], Optional[str]]:

@@ -336,16 +336,7 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------
 # Host launchers (Triton)
 # ---------------------------------------------------------------------------------------------
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _nullcontext()
+_device_ctx = _backend.device_guard
 
 
 _SM_COUNT: dict = {}
@@ -858,8 +849,8 @@ def gated_residual_modulate(residual: torch.Tensor, h: torch.Tensor, mod: torch.
     dropout = bool(training) and p > 0.0
     if dropout and seed is None:
         seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-    seed = _check_u64("seed", 0 if seed is None else seed)
-    offset = _check_u64("offset", offset)
+    seed = _check_u64("seed", 0 if seed is None else seed, op)
+    offset = _check_u64("offset", offset, op)
     out_dtype = _resolve_out_dtype(op, out_dtype, residual.device)
     if backend is not None:
         _backend.normalize(backend)

@@ -28,7 +28,6 @@ algorithm in PyTorch, for CPUs). The plain-PyTorch spec is ``mdlm.diffusion.subs
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -97,7 +96,7 @@ def _rows_triton(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index
     # The interpreter's cost is per block iteration, the GPU's per register: wider blocks under TRITON_INTERPRET.
     block = min(16384 if INTERPRETED else 4096, triton.next_power_of_2(V))
     kwargs = {"num_warps": 8} if z.is_cuda else {}
-    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():  # launch on z's device/stream
+    with _backend.device_guard(z.device):  # launch on z's device and its current stream
         _subs_ce_rows_kernel[(C,)](z, z.stride(0), tgt, w, loss, V, mask_index, BLOCK_V=block,
                                    WRITE_GRAD=write_grad, **kwargs)
     return loss

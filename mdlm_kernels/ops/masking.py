@@ -224,8 +224,8 @@ def forward_mask(x0: torch.Tensor, seed: int, offset: int = 0, *, mask_index: in
         raise ValueError(f"forward_mask: L must be < 2^32 (columns are uint32 Philox counter words), got {L}")
     if L > 2**31 - 1:
         raise ValueError(f"forward_mask: L must be < 2^31 (row_counts is int32), got {L}")
-    seed = _check_u64_named("seed", seed)
-    offset = _check_u64_named("offset", offset)
+    seed = _check_u64("seed", seed, OP)
+    offset = _check_u64("offset", offset, OP)
     if isinstance(mask_index, bool) or not isinstance(mask_index, int):
         raise TypeError(f"forward_mask: mask_index must be an int, got {type(mask_index).__name__}")
     if not 0 <= mask_index <= _INT_MAX[x0.dtype]:
@@ -274,9 +274,3 @@ def forward_mask(x0: torch.Tensor, seed: int, offset: int = 0, *, mask_index: in
         backend)
     return MaskOutput(xt, t_out, sigma, weight, mc, counts)
 
-
-def _check_u64_named(name: str, v) -> int:
-    try:
-        return _check_u64(name, v)
-    except (TypeError, ValueError) as e:
-        raise type(e)(str(e).replace("philox_uniform:", "forward_mask:")) from None

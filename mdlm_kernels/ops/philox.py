@@ -124,7 +124,7 @@ def _triton_launch(rows, cols, seed, offset, dtype, device):
     if n == 0:
         return out
     grid = (triton.cdiv(n, _TRITON_BLOCK),)
-    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+    with _backend.device_guard(device):
         _philox_uniform_kernel[grid](out, n, cols, seed, offset & _M32, offset >> 32,
                                      IS_F64=(dtype == torch.float64), BLOCK=_TRITON_BLOCK)
     return out
@@ -142,14 +142,6 @@ def _cpp_launch(rows, cols, seed, offset, dtype, device):
     else:
         _ext.call("philox_uniform_cpu", out.data_ptr(), rows, cols, seed, offset, code)
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 _IMPLS = {"cpp": _cpp_launch, "triton": _triton_launch, "reference": _reference}
@@ -183,7 +175,8 @@ def _(rows, cols, seed, offset, dtype, device, backend=None):
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
-def _check_u64(name: str, v) -> int:
+def _check_u64(name: str, v, op: str = "philox_uniform") -> int:
+    """v as a Python int in [0, 2^64) (seeds and offsets of every Philox-keyed op); errors name ``op``."""
     if isinstance(v, bool) or not isinstance(v, int):
         try:
             import numpy as np
@@ -193,9 +186,9 @@ def _check_u64(name: str, v) -> int:
         except ImportError:  # pragma: no cover
             pass
     if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"philox_uniform: {name} must be a Python int, got {type(v).__name__}")
+        raise TypeError(f"{op}: {name} must be a Python int, got {type(v).__name__}")
     if not 0 <= v < _U64:
-        raise ValueError(f"philox_uniform: {name} must be in [0, 2^64), got {v}")
+        raise ValueError(f"{op}: {name} must be in [0, 2^64), got {v}")
     return v
 
 

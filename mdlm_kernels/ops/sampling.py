@@ -282,11 +282,8 @@ def sample_step(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[tor
             raise ValueError(_err(f"N must be <= 2^32 without row_ids (rows are uint32 Philox words), got {N}"))
     else:
         _check_row_tensor("row_ids", row_ids, N, torch.int64, device)
-    try:
-        seed = _check_u64("seed", seed)
-        offset = _check_u64("offset", offset)
-    except (TypeError, ValueError) as e:
-        raise type(e)(str(e).replace("philox_uniform:", "sample_step:")) from None
+    seed = _check_u64("seed", seed, OP)
+    offset = _check_u64("offset", offset, OP)
     mask_index = _check_int("mask_index", mask_index)
     if not 0 <= mask_index < V:
         raise ValueError(_err(f"mask_index must be in [0, V={V}), got {mask_index}"))
