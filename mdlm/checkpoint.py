@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "load_published_checkpoint", "save_published_checkpoint", "extract_state_dict"]
+__all__ = ["CheckpointError", "load_published_checkpoint", "save_published_checkpoint", "extract_state_dict",
+           "save_training_checkpoint", "load_training_checkpoint", "list_training_checkpoints"]
 
 
 class CheckpointError(RuntimeError):
@@ -135,3 +136,178 @@ def save_published_checkpoint(model: nn.Module, path, ema_shadow: list[torch.Ten
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training checkpoints: everything a run needs to continue exactly where it stopped.
+#
+# Layout of ``<run>/checkpoints/``:
+#   step_00000100.ckpt   the checkpoint (published Lightning layout for the weights + EMA, so
+#                        ``load_published_checkpoint`` and ``mdlm eval`` read it; plus optimizer, schedule,
+#                        step, data position, every RNG state and the trainer's counters)
+#   step_00000100.json   its manifest: byte size and SHA-256, written after the checkpoint is complete
+#   latest               the name of the newest complete checkpoint (written last, atomically)
+#
+# Write order (each file: temporary name -> fsync -> rename -> fsync of the directory): checkpoint,
+# manifest, ``latest``; only then are checkpoints beyond ``keep`` deleted, never the one ``latest`` names.
+# A crash at any point therefore leaves the previous ``latest`` and its checkpoint intact; a temporary
+# file left behind is ignored and removed by the next save.
+TRAIN_FORMAT = "mdlm-kernels-train-v1"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: str, write) -> None:
+    """``write(f)`` into ``path.tmp.<pid>``, fsync, rename over ``path``, fsync the directory."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{int(step):08d}.ckpt"
+
+
+def save_training_checkpoint(ckpt_dir, state: Mapping[str, Any], step: int, keep: int = 2,
+                             _fault_hook=None) -> str:
+    """Write ``state`` (a dict of tensors / plain objects) as the checkpoint of ``step``; returns its path.
+
+    ``keep`` (>= 1) complete checkpoints stay on disk. ``_fault_hook(stage)`` is called between the write
+    stages ("partial", "written", "manifest") — the fault-injection tests kill the process there.
+    """
+    import json
+    ckpt_dir = os.fspath(ckpt_dir)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for name in os.listdir(ckpt_dir):          # leftovers of a save that was killed
+        if ".tmp." in name:
+            try:
+                os.remove(os.path.join(ckpt_dir, name))
+            except OSError:
+                pass
+    name = checkpoint_name(step)
+    path = os.path.join(ckpt_dir, name)
+    obj = dict(state)
+    obj["format"] = TRAIN_FORMAT
+    obj["global_step"] = int(step)
+
+    def write(f):
+        torch.save(obj, f)
+        if _fault_hook is not None:
+            f.flush()
+            _fault_hook("partial")
+
+    _atomic_write_bytes(path, write)
+    if _fault_hook is not None:
+        _fault_hook("written")
+    manifest = {"file": name, "step": int(step), "bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    _atomic_write_bytes(path[: -len(".ckpt")] + ".json", lambda f: f.write(json.dumps(manifest).encode()))
+    if _fault_hook is not None:
+        _fault_hook("manifest")
+    _atomic_write_bytes(os.path.join(ckpt_dir, "latest"), lambda f: f.write(name.encode()))
+    complete = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".ckpt"))
+    for old in complete[: max(0, len(complete) - max(1, int(keep)))]:
+        if old == name:
+            continue
+        for suffix in (".ckpt", ".json"):
+            try:
+                os.remove(os.path.join(ckpt_dir, old[: -len(".ckpt")] + suffix))
+            except OSError:
+                pass
+    return path
+
+
+def _verify(path: str) -> None:
+    """Check ``path`` against its manifest (size, SHA-256) when there is one; CheckpointError otherwise."""
+    import json
+    manifest_path = path[: -len(".ckpt")] + ".json"
+    if not os.path.exists(manifest_path):
+        return  # killed between the checkpoint's rename and its manifest: the file itself is complete
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint manifest {manifest_path!r} is unreadable: {e}") from e
+    size = os.path.getsize(path)
+    if size != manifest.get("bytes"):
+        raise CheckpointError(f"checkpoint {path!r} is truncated or altered: {size} bytes, its manifest "
+                              f"{manifest_path!r} says {manifest.get('bytes')}")
+    if _sha256(path) != manifest.get("sha256"):
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: SHA-256 differs from its manifest "
+                              f"{manifest_path!r}")
+
+
+def list_training_checkpoints(ckpt_dir) -> list[str]:
+    """Complete checkpoint paths in ``ckpt_dir``, newest first (the one ``latest`` names leads)."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted((n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".ckpt")),
+                   reverse=True)
+    latest_file = os.path.join(ckpt_dir, "latest")
+    if os.path.exists(latest_file):
+        with open(latest_file) as f:
+            latest = f.read().strip()
+        if latest in names:
+            names.remove(latest)
+            names.insert(0, latest)
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def load_training_checkpoint(path_or_dir, fallback: bool = False, map_location="cpu",
+                             log=None) -> tuple[dict, str]:
+    """Load a training checkpoint: a file, or a run's checkpoint directory (its ``latest``).
+
+    A missing, truncated or corrupt file raises ``CheckpointError`` naming it; with ``fallback=True`` and a
+    directory, the next older complete checkpoint is tried instead (``log(message)`` is told about each
+    one skipped). Returns ``(state, path)``.
+    """
+    target = os.fspath(path_or_dir)
+    candidates = list_training_checkpoints(target) if os.path.isdir(target) else [target]
+    if not candidates:
+        raise CheckpointError(f"no checkpoint found in {target!r}")
+    errors = []
+    for path in candidates:
+        try:
+            _verify(path)
+            obj = _read(path, weights_only=True, map_location=map_location)
+            if not isinstance(obj, Mapping) or obj.get("format") != TRAIN_FORMAT:
+                raise CheckpointError(f"{path!r} is not an mdlm training checkpoint (format "
+                                      f"{obj.get('format') if isinstance(obj, Mapping) else type(obj).__name__!r})")
+            if errors and log is not None:
+                log(f"resuming from the older checkpoint {path!r}")
+            return obj, path
+        except CheckpointError as e:
+            if not fallback:
+                raise
+            errors.append(str(e))
+            if log is not None:
+                log(f"skipping checkpoint: {e}")
+    raise CheckpointError("no usable checkpoint: " + "; ".join(errors))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-__all__ = ["Config", "to_config", "preset", "PRESETS", "apply_overrides"]
+__all__ = ["Config", "to_config", "preset", "PRESETS", "DATA_PRESETS", "apply_overrides"]
 
 
 class Config(dict):
@@ -73,7 +73,56 @@ _BASE: dict = {
         "predictor": "ddpm_cache", "steps": 128, "noise_removal": True, "eps": 1e-5,
         "stride_length": 1, "num_strides": 1,
     },
+    # ---- training run (mdlm.train); published values from configs/config.yaml unless noted
+    "seed": 1,
+    "optim": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    # constant_warmup (published default): lr * min(1, step / warmup_steps), HF-style (the first update has
+    # lr 0). cosine_decay_warmup (published alternative, timm-style with warmup prefix): linear from
+    # warmup_lr_init over warmup_fraction * max_steps, then cosine to lr_min at max_steps.
+    "lr_scheduler": {"type": "constant_warmup", "warmup_steps": 2500, "warmup_fraction": 0.1,
+                     "warmup_lr_init": 1e-6, "lr_min": 1e-6},
+    "loader": {
+        "global_batch_size": 512,   # sequences per optimizer step, over all processes and accumulation
+        "batch_size": 0,            # per-process micro-batch; 0 = global / world size (no accumulation)
+        "eval_batch_size": 0,       # 0 = batch_size
+    },
+    "data": {"train": "openwebtext", "valid": "openwebtext", "tokenizer": "gpt2", "mode": "wrap",
+             "cache_dir": None, "num_workers": 0},
+    "trainer": {
+        "max_steps": 1_000_000,
+        "grad_clip": 1.0,
+        "precision": "auto",        # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+        "compile": False,           # torch.compile the loss function
+        "use_kernels": "auto",      # auto (on CUDA) | true | false: the fused DiT block kernels
+        "strategy": "auto",         # auto (ddp when WORLD_SIZE > 1) | ddp | fsdp | none
+        "log_every": 10,
+        "val_every": 1000,          # steps; 0 = only at the end
+        "val_blocks": 0,            # validation blocks per evaluation; 0 = all
+        "save_every": 1000,         # steps; 0 = only at the end / on interruption
+        "keep_checkpoints": 2,      # complete checkpoints kept on disk (>= 2: the last good one survives)
+        "sample_every": 0,          # steps; 0 = never during training
+        "num_samples": 2, "sample_steps": 128,
+        "max_nonfinite": 10,        # consecutive non-finite steps that stop the run
+        "out_dir": "runs/mdlm",
+        "progress": "auto",         # auto (a bar on a terminal, log lines otherwise) | true | false
+        "loggers": "",              # extra loggers besides log.jsonl: "tensorboard", "wandb" (comma list)
+        "wandb_project": "mdlm",
+    },
 }
+
+# Dataset presets: the published data configs, plus the shipped local corpora for CPU runs.
+_DATA_PRESETS = {
+    "openwebtext": {"data": {"train": "openwebtext", "valid": "openwebtext", "tokenizer": "gpt2", "mode": "wrap"}},
+    "lm1b": {"data": {"train": "lm1b", "valid": "lm1b", "tokenizer": "bert-base-uncased", "mode": "pad"},
+             "model": {"length": 128}},
+    "text8": {"data": {"train": "text8", "valid": "text8", "tokenizer": "text8", "mode": "wrap"},
+              "model": {"length": 256}},
+    "wikitext103": {"data": {"train": "wikitext103", "valid": "wikitext103", "tokenizer": "gpt2", "mode": "wrap"}},
+    "wikitext2": {"data": {"train": "wikitext2", "valid": "wikitext2", "tokenizer": "gpt2", "mode": "wrap"}},
+    "tinyshakespeare": {"data": {"train": "tinyshakespeare", "valid": "tinyshakespeare", "tokenizer": "gpt2",
+                                 "mode": "wrap"}},
+}
+DATA_PRESETS = tuple(_DATA_PRESETS)
 
 _MODEL_PRESETS = {
     # For CPUs and tests: well under a second per step on two cores at the GPT-2 vocabulary. NOT the
@@ -88,8 +137,9 @@ _MODEL_PRESETS = {
 PRESETS = tuple(_MODEL_PRESETS)
 
 
-def preset(name: str = "small", **overrides: Any) -> Config:
-    """The published config with the model preset ``name`` (tiny | small | medium).
+def preset(name: str = "small", data: str | None = None, **overrides: Any) -> Config:
+    """The published config with the model preset ``name`` (tiny | small | medium) and, optionally, the
+    dataset preset ``data`` (openwebtext | lm1b | text8 | wikitext103 | wikitext2 | tinyshakespeare).
 
     ``overrides`` are dotted keys with ``__`` or ``.`` separators, e.g. ``preset("tiny", **{"model.length": 64})``.
     """
@@ -97,6 +147,11 @@ def preset(name: str = "small", **overrides: Any) -> Config:
         raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
     cfg = Config(copy.deepcopy(_BASE))
     cfg.model.update(copy.deepcopy(_MODEL_PRESETS[name]))
+    if data is not None:
+        if data not in _DATA_PRESETS:
+            raise ValueError(f"unknown data preset {data!r}; choose one of {DATA_PRESETS}")
+        for section, values in copy.deepcopy(_DATA_PRESETS[data]).items():
+            cfg[section].update(values)
     return apply_overrides(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
 
 

@@ -1,7 +1,8 @@
 """Local data: where the shipped corpora/tokenizers are, the GPT-2 tokenizer, and the published ``wrap`` chunking.
 
-No network is used. The data folder is ``$MDLM_DATA_DIR`` if set, else ``../shared/data`` next to the
-source checkout or the current directory, whichever exists.
+The original ``mdlm/data.py`` helpers, kept as they were (``mdlm.data`` re-exports them). No network is used.
+The data folder is ``$MDLM_DATA_DIR`` if set, else ``../shared/data`` next to the source checkout or the
+current directory, whichever exists.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def data_dir(required: bool = True) -> Path | None:
     candidates = []
     if os.environ.get("MDLM_DATA_DIR"):
         candidates.append(Path(os.environ["MDLM_DATA_DIR"]))
-    candidates.append(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+    # this file is <checkout>/mdlm/data/_local.py: parents[3] is the folder holding the checkout
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
     candidates.append(Path.cwd().parent / "shared" / "data")
     for c in candidates:
         if c.is_dir():

@@ -1,0 +1,743 @@
+"""Training runs: the published MDLM recipe on this library's kernels, resumable, on one or many processes.
+
+``python -m mdlm.train --preset tiny --data tinyshakespeare trainer.max_steps=200`` (or ``mdlm train ...``).
+
+Recipe (published ``configs/config.yaml``): AdamW (lr 3e-4, betas 0.9/0.999, eps 1e-8, weight decay 0),
+constant LR after a linear warm-up (or cosine decay), gradient clipping at 1.0, bf16 autocast on CUDA,
+EMA 0.9999 with the (1+n)/(10+n) warm-up (``torch._foreach_lerp_``), gradient accumulation to
+``loader.global_batch_size`` sequences per optimizer step over all processes.
+
+Reproducibility: every random draw of a step is keyed by the run seed and the *global micro-batch index*
+g (the masking kernel's seed, torch's RNG for dropout) and the data order is a pure function of (seed, g)
+(``mdlm.data.ResumableBatchSampler``). A resumed run therefore repeats the uninterrupted one exactly, and
+one process with accumulation sees the same micro-batches and draws as several processes without it.
+
+Fault tolerance: checkpoints (``mdlm.checkpoint.save_training_checkpoint``) hold the model, EMA, optimizer,
+LR schedule, step, data position, every RNG state and the trainer's counters, written atomically with the
+last good checkpoint kept; the run resumes from ``<out_dir>/checkpoints`` automatically (falling back to
+an older checkpoint if the newest is corrupt). SIGTERM / SIGINT finish the current step, save and exit.
+A non-finite loss or gradient skips the step (counted, logged); ``trainer.max_nonfinite`` in a row stop
+the run with an error naming the step, without writing a checkpoint.
+
+Distributed: under ``torchrun`` the strategy is DDP (``trainer.strategy=ddp``) or FSDP2 ``fully_shard``
+(``trainer.strategy=fsdp``), NCCL on GPUs and gloo on CPUs. Rank 0 writes logs and checkpoints.
+
+Host syncs: one per optimizer step (the non-finite check reads the loss and gradient norm; the loss
+logged comes from the same read). The fused loss adds one per micro-batch (sizing the masked-row gather).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, list_training_checkpoints, load_training_checkpoint, save_training_checkpoint
+from .config import Config, apply_overrides, preset
+
+__all__ = ["Trainer", "EMA", "NonFiniteError", "lr_factor", "micro_seed", "main"]
+
+_MASK62 = (1 << 62) - 1
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient; the message names the step."""
+
+
+def micro_seed(seed: int, g: int, stream: int = 0) -> int:
+    """A 62-bit seed for global micro-batch ``g`` of a run seeded ``seed`` (splitmix64 finaliser): the
+    masking kernel's seed and torch's RNG for dropout. ``stream`` separates validation from training."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(g) + (int(stream) << 48) + 1) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK62
+
+
+def lr_factor(cfg, step: int) -> float:
+    """Multiplier of ``optim.lr`` after ``step`` optimizer updates (``lr_scheduler.type``)."""
+    sc, lr = cfg.lr_scheduler, float(cfg.optim.lr)
+    if sc.type == "constant_warmup":                 # transformers' constant schedule with warm-up
+        w = int(sc.warmup_steps)
+        return step / w if step < w else 1.0
+    if sc.type == "cosine_decay_warmup":             # timm cosine with a warm-up prefix, one cycle
+        w = int(float(sc.warmup_fraction) * int(cfg.trainer.max_steps))
+        lr0, lr_min = float(sc.warmup_lr_init), float(sc.lr_min)
+        if step < w:
+            return (lr0 + step * (lr - lr0) / w) / lr
+        total = max(1, int(cfg.trainer.max_steps) - w)
+        t = min(step - w, total)
+        return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / total))) / lr
+    raise ValueError(f"unknown lr_scheduler.type {sc.type!r}; constant_warmup or cosine_decay_warmup")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The process-local storage of a tensor: the shard of an FSDP2 DTensor parameter, else itself."""
+    t = t.detach()
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+class EMA:
+    """Published EMA of the parameters: decay min(decay, (1+n)/(10+n)) after the n-th update, as one
+    fused ``torch._foreach_lerp_`` over all tensors (shadow += (1-decay) (param - shadow)). Under FSDP2
+    the shadow is sharded like the parameters (DTensor) and updated shard-locally."""
+
+    def __init__(self, params, decay: float = 0.9999):
+        self.params = [p for p in params if p.requires_grad]
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], 1.0 - d)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Temporarily put the EMA weights into the model (validation, sampling)."""
+        live = [p.detach().clone() for p in self.params]
+        self._copy_into_params(self.shadow)
+        try:
+            yield
+        finally:
+            self._copy_into_params(live)
+
+    @torch.no_grad()
+    def _copy_into_params(self, values) -> None:
+        if any(hasattr(p, "_local_tensor") for p in self.params):
+            # FSDP2 parameters: copy through the DTensor (FSDP re-registers the shard storage around its
+            # forward, so writes into a cached local view do not reliably reach the parameter)
+            for p, v in zip(self.params, values):
+                p.detach().copy_(v)
+        else:
+            torch._foreach_copy_([p.detach() for p in self.params], list(values))
+
+
+class _LossModule(nn.Module):
+    """The training objective as a module whose ``forward`` DDP / FSDP can hook: (x0, mask, seed) -> loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0: torch.Tensor, attention_mask: torch.Tensor, seed: int):
+        gen = torch.Generator(device=x0.device).manual_seed(seed)
+        out = self.model.loss(x0, attention_mask, generator=gen, seed=seed)
+        return out.loss, (out.nlls.detach().sum(), out.token_mask.sum())
+
+
+@dataclass
+class RunState:
+    step: int = 0                 # training steps taken (a skipped non-finite step counts)
+    optimizer_steps: int = 0      # updates applied (the LR schedule and EMA follow these)
+    tokens: int = 0               # tokens consumed, all processes
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    train_seconds: float = 0.0
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Progress:
+    """A one-line progress bar on a terminal (rewritten in place), plain log lines otherwise."""
+
+    def __init__(self, total: int, enabled, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.tty = bool(enabled) if enabled != "auto" else stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, text: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if self.tty:
+            frac = step / max(1, self.total)
+            bar = "#" * int(24 * frac)
+            self.stream.write(f"\r[{bar:<24}] {step}/{self.total} {text} {elapsed:.0f}s ")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _plain(obj):
+    """Config -> plain dict (checkpoints load with ``weights_only=True``)."""
+    return json.loads(json.dumps(obj))
+
+
+class Trainer:
+    """One training run. ``cfg``: a ``mdlm.preset(...)`` config. ``train_data`` / ``val_data``: optional
+    ``mdlm.data.BlockDataset`` (or (N, L) token tensors) instead of ``cfg.data``; ``model``: an optional
+    ``MDLM`` built from the same config. ``resume``: "auto" (continue from ``out_dir/checkpoints`` when it
+    holds a checkpoint), "never", or a checkpoint path."""
+
+    def __init__(self, cfg, train_data=None, val_data=None, model=None, resume: str = "auto", log=None,
+                 tokenizer=None):
+        from . import data as mdata
+        from .diffusion import MDLM
+        from .nn import DIT
+
+        self.cfg = cfg
+        tr = cfg.trainer
+        self._init_distributed(tr.strategy)
+        self.out_dir = Path(tr.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._log_fn = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.tokenizer = tokenizer
+
+        # data: a pure function of (seed, global micro-batch index)
+        if train_data is None or val_data is None:
+            self.tokenizer = tokenizer or mdata.get_tokenizer(cfg.data.tokenizer)
+            train_data = train_data if train_data is not None else self._prepare("train")
+            val_data = val_data if val_data is not None else self._prepare("validation")
+        self.train_data = self._as_dataset(train_data)
+        self.val_data = self._as_dataset(val_data)
+        L = int(self.train_data.length)
+        if L != int(cfg.model.length):
+            raise ValueError(f"training blocks have length {L}, config model.length is {cfg.model.length}")
+        W = self.world_size
+        gbs, mbs = int(cfg.loader.global_batch_size), int(cfg.loader.batch_size) or 0
+        mbs = mbs or max(1, gbs // W)
+        if gbs % (mbs * W):
+            raise ValueError(f"loader.global_batch_size {gbs} is not a multiple of batch_size {mbs} x world size {W}")
+        self.micro_batch, self.accum = mbs, gbs // (mbs * W)
+        self.sampler = mdata.ResumableBatchSampler(len(self.train_data), mbs, seed=int(cfg.seed), rank=self.rank,
+                                                   world_size=W, shuffle=True)
+
+        # model
+        if model is None:
+            torch.manual_seed(int(cfg.seed))   # the same initial weights on every process
+            meta = getattr(self.train_data, "meta", None) or {}
+            V = int(meta.get("model_vocab_size") or (self.tokenizer.model_vocab_size if self.tokenizer else 0))
+            if not V:
+                raise ValueError("vocabulary size unknown: pass a tokenizer, a model, or BlockDatasets with meta")
+            mask = meta.get("mask_id", self.tokenizer.mask_id if self.tokenizer else None)
+            uk = tr.use_kernels
+            uk = None if uk in ("auto", None) else bool(uk)
+            backbone = DIT(cfg, V, use_kernels=uk) if cfg.parameterization != "ar" else None
+            model = MDLM(cfg, V, mask_index=mask, backbone=backbone)
+        self.model = model.to(self.device)
+        self.model.validate_inputs = False    # the shards were validated when opened
+        if hasattr(self.model.backbone, "validate_inputs"):
+            self.model.backbone.validate_inputs = False
+        prec = tr.precision if tr.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        if prec not in ("bf16", "fp32"):
+            raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {tr.precision!r}")
+        self.autocast = prec == "bf16"
+        self.loss_module = self._wrap(_LossModule(self.model))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(params, lr=float(o.lr), betas=(float(o.beta1), float(o.beta2)),
+                                           eps=float(o.eps), weight_decay=float(o.weight_decay), **kw)
+        lr_factor(cfg, 0)  # validates the schedule type
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
+        self.ema = EMA(params, float(cfg.training.ema)) if float(cfg.training.ema) > 0 else None
+        self.forward = self.loss_module
+        if tr.compile:
+            if self.model.default_loss_impl() == "fused":
+                torch._dynamo.config.capture_dynamic_output_shape_ops = True
+            self.forward = torch.compile(self.loss_module)
+        self.state = RunState()
+        self._stop_signal = None
+        self._fault = os.environ.get("_MDLM_FAULT_INJECT")   # tests: "save:<step>:<stage>" -> SIGKILL there
+        self.log_path = self.out_dir / "log.jsonl"
+        if resume != "never":
+            self._maybe_resume(resume)
+        elif self.is_main and self.log_path.exists():
+            self.log_path.unlink()
+        self._open_loggers()
+
+    # ------------------------------------------------------------------------------------- set-up
+    def _init_distributed(self, strategy: str) -> None:
+        import torch.distributed as dist
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if strategy not in ("auto", "ddp", "fsdp", "none"):
+            raise ValueError(f"trainer.strategy must be auto, ddp, fsdp or none, got {strategy!r}")
+        if self.world_size > 1 and strategy == "none":
+            raise ValueError("trainer.strategy=none with WORLD_SIZE > 1: every process would train alone")
+        self.strategy = ("ddp" if strategy == "auto" else strategy) if self.world_size > 1 else "none"
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+            # One FSDP unit per block when the blocks run through their own forward (plain path); the fused
+            # block path reads block weights directly, so there the model is one unit (parameters gathered
+            # for the forward, gradients / optimizer state / EMA stay sharded).
+            bb = self.model.backbone
+            if hasattr(bb, "blocks") and not (hasattr(bb, "kernels_enabled") and
+                                               bb.kernels_enabled(torch.empty(0, device=self.device))):
+                for blk in bb.blocks:
+                    fully_shard(blk)
+            return fully_shard(module)
+        return module
+
+    def _prepare(self, split: str):
+        from . import data as mdata
+        d = self.cfg.data
+        name = d.train if split == "train" else d.valid
+        kw = dict(tokenizer=self.tokenizer, length=int(self.cfg.model.length), mode=d.mode, cache_dir=d.cache_dir,
+                  num_workers=int(d.num_workers) or None)
+        if self.world_size > 1:        # rank 0 tokenises once; the others open its shards
+            import torch.distributed as dist
+            if self.is_main:
+                mdata.prepare_dataset(name, split, **kw)
+            dist.barrier()
+        return mdata.prepare_dataset(name, split, **kw)
+
+    @staticmethod
+    def _as_dataset(data):
+        from . import data as mdata
+        if torch.is_tensor(data):
+            return mdata.BlockDataset.from_tensor(data)
+        if isinstance(data, tuple) and len(data) == 2:
+            return mdata.BlockDataset.from_tensor(*data)
+        return data
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            self._log_fn(msg)
+
+    def _open_loggers(self) -> None:
+        """TensorBoard / W&B when ``trainer.loggers`` asks for them (rank 0; a clear error if not installed)."""
+        self._tb = self._wandb = None
+        names = [n.strip() for n in str(self.cfg.trainer.get("loggers") or "").split(",") if n.strip()]
+        for n in names:
+            if n not in ("tensorboard", "wandb"):
+                raise ValueError(f"unknown logger {n!r} in trainer.loggers; tensorboard and/or wandb")
+        if not self.is_main:
+            return
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("trainer.loggers=tensorboard needs the 'tensorboard' package") from e
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        if "wandb" in names:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("trainer.loggers=wandb needs the 'wandb' package") from e
+            self._wandb = wandb.init(project=self.cfg.trainer.wandb_project, config=_plain(self.cfg),
+                                     dir=str(self.out_dir), resume="allow")
+
+    def _record(self, rec: dict) -> None:
+        if self.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+            if self._tb is not None:
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, rec["step"])
+            if self._wandb is not None:
+                self._wandb.log(scalars, step=rec["step"])
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _full_state(self) -> tuple[dict, dict | None]:
+        """(backbone state dict, optimizer state dict) as full CPU tensors (collective under FSDP)."""
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+            msd, osd = get_state_dict(self.loss_module, self.optimizer,
+                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            prefix = "model.backbone."
+            return {k[len(prefix):]: v for k, v in msd.items() if k.startswith(prefix)}, osd
+        sd = {k: v.detach().cpu() for k, v in self.model.backbone.state_dict().items()}
+        return sd, self.optimizer.state_dict()
+
+    def save(self) -> str | None:
+        sd, osd = self._full_state()
+        shadow = None
+        if self.ema is not None:
+            shadow = [s.full_tensor() if hasattr(s, "full_tensor") else s for s in self.ema.shadow]
+            shadow = [s.detach().cpu() for s in shadow]
+        path = None
+        if self.is_main:
+            state = {
+                "state_dict": {f"backbone.{k}": v for k, v in sd.items()},
+                "ema": None if shadow is None else {"decay": self.ema.decay, "num_updates": self.ema.num_updates,
+                                                    "shadow_params": shadow, "collected_params": None},
+                "optimizer": osd, "lr_scheduler": self.scheduler.state_dict(),
+                "data": self.sampler.state_dict(), "rng": _rng_state(), "trainer": asdict(self.state),
+                "config": _plain(self.cfg), "world_size": self.world_size,
+            }
+            hook = None
+            if self._fault and self._fault.startswith(f"save:{self.state.step}:"):
+                stage = self._fault.split(":")[2]
+
+                def hook(s):
+                    if s == stage:
+                        os.kill(os.getpid(), signal.SIGKILL)
+            path = save_training_checkpoint(self.ckpt_dir, state, self.state.step,
+                                            keep=max(2, int(self.cfg.trainer.keep_checkpoints)), _fault_hook=hook)
+        self._barrier()
+        return path
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def _maybe_resume(self, resume: str) -> None:
+        if resume == "auto":
+            if not list_training_checkpoints(self.ckpt_dir):
+                if self.is_main and self.log_path.exists():
+                    self.log_path.unlink()        # a fresh run: no stale log lines
+                return
+            target = self.ckpt_dir
+        else:
+            target = resume
+        obj, path = load_training_checkpoint(target, fallback=True, log=self.log)
+        self.load_state(obj)
+        self.log(f"resumed from {path} at step {self.state.step}")
+        if self.is_main and self.log_path.exists():
+            # keep the log lines up to the checkpoint: the steps after it are redone
+            keep = [ln for ln in self.log_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.state.step]
+            tmp = self.log_path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, self.log_path)
+        self._barrier()
+
+    def load_state(self, obj: dict) -> None:
+        sd = {k[len("backbone."):]: v for k, v in obj["state_dict"].items() if k.startswith("backbone.")}
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(self.loss_module, self.optimizer,
+                           model_state_dict={f"model.backbone.{k}": v for k, v in sd.items()},
+                           optim_state_dict=obj["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.backbone.load_state_dict(sd)
+            self.optimizer.load_state_dict(obj["optimizer"])
+        self.scheduler.load_state_dict(obj["lr_scheduler"])
+        if self.ema is not None and obj.get("ema") is not None:
+            e = obj["ema"]
+            with torch.no_grad():
+                for s, v in zip(self.ema.shadow, e["shadow_params"]):
+                    if hasattr(s, "full_tensor"):
+                        from torch.distributed.tensor import distribute_tensor
+                        v = distribute_tensor(v.to(s.device), s.device_mesh, s.placements)
+                    _local(s).copy_(_local(v))
+            self.ema.num_updates = int(e["num_updates"])
+        self.sampler.load_state_dict(obj["data"])
+        _set_rng_state(obj["rng"])
+        self.state = RunState(**obj["trainer"])
+
+    # -------------------------------------------------------------------------------------- steps
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``accum`` micro-batches; returns its record (loss, grad norm, ...)."""
+        self.loss_module.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for a in range(self.accum):
+            g = self.sampler.global_index
+            idx = self.sampler.next()
+            x0, mask = self.train_data.get(idx)
+            x0 = x0.to(self.device, non_blocking=True)
+            mask = mask.to(self.device, non_blocking=True)
+            seed = micro_seed(int(self.cfg.seed), g)
+            torch.manual_seed(seed)   # dropout (and the fused blocks' dropout seed) keyed by g
+            sync = (self.loss_module.no_sync() if self.strategy == "ddp" and a < self.accum - 1
+                    else contextlib.nullcontext())
+            with sync:
+                with self._autocast():
+                    loss, _ = self.forward(x0, mask, seed)
+                (loss / self.accum).backward()
+            loss_sum += loss.detach().float() / self.accum
+        grad_norm = self._clip_grad_norm(float(self.cfg.trainer.grad_clip))
+        flags = torch.stack([loss_sum.double(), grad_norm.double()])
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(flags)            # NaN anywhere -> NaN everywhere: all ranks decide alike
+            flags /= self.world_size          # loss: mean over processes (= over the global batch); the
+                                              # gradient norm is the same on every rank (synced gradients)
+        loss_v, gnorm_v = flags.tolist()      # the step's one host sync
+        finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.state.optimizer_steps += 1
+            self.state.nonfinite_run = 0
+        else:
+            self.state.nonfinite_total += 1
+            self.state.nonfinite_run += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += int(self.cfg.loader.global_batch_size) * int(self.train_data.length)
+        rec = {"step": self.state.step, "loss": loss_v, "grad_norm": gnorm_v, "lr": lr, "tokens": self.state.tokens}
+        if not finite:
+            rec["skipped"] = "non-finite " + ("loss" if not math.isfinite(loss_v) else "gradient")
+            self.log(f"step {self.state.step}: {rec['skipped']} (loss {loss_v}, grad norm {gnorm_v}); step skipped "
+                     f"({self.state.nonfinite_run} in a row, {self.state.nonfinite_total} in total)")
+            if self.state.nonfinite_run >= int(self.cfg.trainer.max_nonfinite):
+                self._record(rec)
+                raise NonFiniteError(
+                    f"stopping at step {self.state.step}: {self.state.nonfinite_run} consecutive steps with a "
+                    f"non-finite loss or gradient (trainer.max_nonfinite={self.cfg.trainer.max_nonfinite}); "
+                    f"the last good checkpoint in {self.ckpt_dir} was not overwritten")
+        return rec
+
+    @torch.no_grad()
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient 2-norm to ``max_norm``; returns the norm before clipping (fp64 tensor).
+
+        Per-tensor norms accumulate in fp64: an fp32 norm of a 38M-element LM-head gradient carries ~1e-4
+        relative summation error that depends on how the tensor is split, so FSDP shards, DDP replicas and
+        one process would clip by different factors. Under FSDP2 each rank holds disjoint gradient shards:
+        their squared norms are summed over ranks (one all-reduce of one number)."""
+        local = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        if not local:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        sq = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float64)).square().sum()
+        if self.strategy == "fsdp":
+            import torch.distributed as dist
+            dist.all_reduce(sq)
+        norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
+        torch._foreach_mul_(local, coef)
+        return norm
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Validation NELBO (published Monte Carlo estimate, antithetic t per batch) with the EMA weights;
+        fixed draws per batch (seeded by batch index), so evaluations are comparable across steps."""
+        n = len(self.val_data)
+        cap = int(self.cfg.trainer.val_blocks)
+        n = min(n, cap) if cap > 0 else n
+        bs = int(self.cfg.loader.eval_batch_size) or self.micro_batch
+        batches = list(range(0, n, bs))
+        if self.strategy != "fsdp":                # FSDP: every rank runs every batch (collective forwards)
+            batches = batches[self.rank::self.world_size]
+        module = self.loss_module if self.strategy == "fsdp" else self.model_loss_module_unwrapped()
+        was_training = module.training
+        module.eval()
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        ctx = self.ema.averaged() if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            for i in batches:
+                idx = torch.arange(i, min(i + bs, n))
+                x0, mask = self.val_data.get(idx)
+                with self._autocast():
+                    _, (nll, count) = module(x0.to(self.device), mask.to(self.device),
+                                             micro_seed(int(self.cfg.seed), i // bs, stream=1))
+                tot += torch.stack([nll.double(), count.double()])
+            if self.strategy == "fsdp":
+                # FSDP2 leaves the root's parameters unsharded after a forward without backward: reshard
+                # before the live weights are restored, or the next step would train on the EMA copy
+                for m in self.loss_module.modules():
+                    if hasattr(m, "reshard"):
+                        m.reshard()
+        module.train(was_training)
+        if self.world_size > 1 and self.strategy != "fsdp":
+            import torch.distributed as dist
+            dist.all_reduce(tot)
+        nelbo = (tot[0] / tot[1]).item()
+        return {"step": self.state.step, "val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 700.0)),
+                "val_bpd": nelbo / math.log(2), "val_tokens": int(tot[1].item())}
+
+    def model_loss_module_unwrapped(self) -> nn.Module:
+        return self.loss_module.module if self.strategy == "ddp" else self.loss_module
+
+    @torch.no_grad()
+    def generate(self) -> list[str]:
+        """``trainer.num_samples`` samples with the EMA weights (rank 0; not under FSDP)."""
+        from .samplers import sample
+        if self.strategy == "fsdp" or not self.is_main:
+            return []
+        self.model.eval()
+        ctx = self.ema.averaged() if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            gen = torch.Generator().manual_seed(micro_seed(int(self.cfg.seed), self.state.step, stream=2))
+            x = sample(self.model, int(self.cfg.trainer.num_samples), steps=int(self.cfg.trainer.sample_steps),
+                       generator=gen)
+        self.model.train()
+        if self.tokenizer is None:
+            return [" ".join(map(str, row)) for row in x.tolist()]
+        from .data import decode
+        return decode(x.cpu(), self.tokenizer, mask_index=self.model.mask_index)
+
+    # ---------------------------------------------------------------------------------------- run
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+        self.log(f"received signal {signum}: finishing this step, then saving a checkpoint")
+
+    def fit(self) -> dict:
+        """Train to ``trainer.max_steps``; returns a summary. Resumes are handled at construction."""
+        tr = self.cfg.trainer
+        max_steps = int(tr.max_steps)
+        old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[s] = signal.signal(s, self._on_signal)
+            except ValueError:    # not the main thread
+                pass
+        bar = _Progress(max_steps, tr.progress if self.is_main else False)
+        self.log(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
+                 f"{self.world_size} x {self.device.type}, strategy {self.strategy}, micro-batch {self.micro_batch} "
+                 f"x {self.accum} accumulation x {self.world_size} = {self.cfg.loader.global_batch_size} sequences "
+                 f"of {self.train_data.length} tokens per step; from step {self.state.step} to {max_steps}; "
+                 f"out_dir {self.out_dir}")
+        t_last, tok_last = time.perf_counter(), self.state.tokens
+        last_val = None
+        try:
+            if int(tr.val_every) > 0 and self.state.step == 0:     # the starting point of the curve
+                last_val = self.validate()
+                self._record(last_val)
+                self.log(f"step 0: val NELBO {last_val['val_nelbo']:.4f}, PPL {last_val['val_ppl']:.2f}")
+            while self.state.step < max_steps:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                self.state.train_seconds += time.perf_counter() - t0
+                step = self.state.step
+                if step % max(1, int(tr.log_every)) == 0 or "skipped" in rec or step == max_steps:
+                    now = time.perf_counter()
+                    rec["tok_per_s"] = (self.state.tokens - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, self.state.tokens
+                    self._record(rec)
+                    text = f"loss {rec['loss']:.4f} | {rec['tok_per_s']:,.0f} tok/s | lr {rec['lr']:.2e}"
+                    bar.update(step, text)
+                    if not bar.tty:
+                        self.log(f"step {step}/{max_steps} {text}")
+                if int(tr.val_every) > 0 and step % int(tr.val_every) == 0 and step < max_steps:
+                    last_val = self.validate()
+                    self._record(last_val)
+                    self.log(f"step {step}: val NELBO {last_val['val_nelbo']:.4f}, PPL {last_val['val_ppl']:.2f}")
+                if int(tr.sample_every) > 0 and step % int(tr.sample_every) == 0:
+                    self._write_samples(self.generate())
+                if (int(tr.save_every) > 0 and step % int(tr.save_every) == 0) or self._stop_signal is not None:
+                    path = self.save()
+                    if self._stop_signal is not None:
+                        self.log(f"interrupted at step {step}; checkpoint {path}; run the same command to resume")
+                        return {"interrupted": True, "step": step, "checkpoint": path}
+            bar.close()
+            last_val = self.validate()
+            self._record(last_val)
+            self.log(f"done at step {self.state.step}: val NELBO {last_val['val_nelbo']:.4f}, "
+                     f"PPL {last_val['val_ppl']:.2f}")
+            path = self.save()
+            if int(tr.num_samples) > 0:
+                self._write_samples(self.generate())
+            summary = {"step": self.state.step, "checkpoint": path, **last_val, **asdict(self.state)}
+            if self.is_main:
+                (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                self._plot()
+            return summary
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _write_samples(self, texts: list[str]) -> None:
+        if self.is_main and texts:
+            with open(self.out_dir / "samples.jsonl", "a") as f:
+                for t in texts:
+                    f.write(json.dumps({"step": self.state.step, "text": t}) + "\n")
+
+    def _plot(self) -> None:
+        """Loss curve (train loss per logged step, validation NELBO) -> ``out_dir/loss_curve.png``."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.log("matplotlib not installed: no loss_curve.png")
+            return
+        recs = [json.loads(ln) for ln in self.log_path.read_text().splitlines() if ln.strip()]
+        tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
+        va = [(r["step"], r["val_nelbo"]) for r in recs if "val_nelbo" in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train loss (NELBO / token)")
+        if va:
+            ax.plot(*zip(*va), "o-", label="validation NELBO (EMA)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / token")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "loss_curve.png", dpi=100)
+        plt.close(fig)
+
+
+def build_config(argv: list[str]) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="mdlm train", description="Train an MDLM with the published recipe.")
+    p.add_argument("--preset", default="small", help="model preset: tiny | small | medium (default small)")
+    p.add_argument("--data", default=None,
+                   help="dataset preset: openwebtext | lm1b | text8 | wikitext103 | wikitext2 | tinyshakespeare")
+    p.add_argument("--resume", default="auto", help="auto (from out_dir/checkpoints) | never | a checkpoint path")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. trainer.max_steps=200")
+    args = p.parse_args(argv)
+    cfg = preset(args.preset, data=args.data)
+    apply_overrides(cfg, args.overrides)
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = build_config(sys.argv[1:] if argv is None else argv)
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.fit()
+    except NonFiniteError as e:
+        print(f"mdlm train: {e}", file=sys.stderr)
+        return 3
+    except (CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"mdlm train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The trainer (mdlm.train): recipe pieces, resume exactness, non-finite guard, checkpoint faults, CLI.
+
+Exactness claims are bitwise: a resumed run must reproduce the uninterrupted run's per-step loss (a JSON
+float round-trips exactly) and weights. The multi-process comparison (DDP on gloo vs one process with
+gradient accumulation) differs only by the order of the gradient sum: losses and weights agree to
+``DIST_RTOL`` / ``DIST_ATOL`` (fp32).
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mdlm
+from mdlm.checkpoint import CheckpointError, load_training_checkpoint, save_training_checkpoint
+from mdlm.train import EMA, NonFiniteError, Trainer, lr_factor, micro_seed
+
+DIST_RTOL, DIST_ATOL = 1e-5, 1e-6
+REPO = Path(__file__).resolve().parent.parent
+V = 51  # 50 tokens + MASK for the in-process tests
+
+
+def _cfg(out_dir, **over):
+    base = {"model.length": 16, "model.hidden_size": 32, "model.n_heads": 2, "model.cond_dim": 16,
+            "model.n_blocks": 1, "loader.global_batch_size": 4, "loader.batch_size": 2, "trainer.max_steps": 6,
+            "trainer.log_every": 1, "trainer.val_every": 0, "trainer.save_every": 2, "trainer.out_dir": str(out_dir),
+            "lr_scheduler.warmup_steps": 2, "trainer.num_samples": 0, "trainer.progress": False}
+    base.update(over)
+    return mdlm.preset("tiny", **base)
+
+
+def _data(n=40, L=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V - 1, (n, L), generator=g), torch.randint(0, V - 1, (6, L), generator=g)
+
+
+def _trainer(cfg, resume="auto"):
+    train, val = _data()
+    torch.manual_seed(0)
+    return Trainer(cfg, train, val, model=mdlm.MDLM(cfg, V), resume=resume, log=lambda m: None)
+
+
+def _losses(run_dir):
+    recs = [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+
+# ------------------------------------------------------------------------------------------ recipe
+def test_lr_schedules():
+    cfg = _cfg("unused", **{"lr_scheduler.warmup_steps": 4})
+    assert [lr_factor(cfg, s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    cfg = _cfg("unused", **{"lr_scheduler.type": "cosine_decay_warmup", "trainer.max_steps": 100})
+    lr = cfg.optim.lr
+    assert lr_factor(cfg, 0) * lr == pytest.approx(1e-6)                       # warmup_lr_init
+    assert lr_factor(cfg, 10) == pytest.approx(1.0)                            # end of the 10% warm-up
+    assert lr_factor(cfg, 55) * lr == pytest.approx(1e-6 + 0.5 * (lr - 1e-6))   # half-way down the cosine
+    assert lr_factor(cfg, 100) * lr == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="lr_scheduler.type"):
+        lr_factor(_cfg("unused", **{"lr_scheduler.type": "nope"}), 0)
+
+
+def test_ema_matches_published_update_loop():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ema = EMA(params, 0.9999)
+    shadow = [p.detach().clone() for p in params]
+    for n in range(1, 30):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.update()
+        decay = min(0.9999, (1 + n) / (10 + n))                 # published ExponentialMovingAverage.update
+        for s, p in zip(shadow, params):
+            s.sub_((1.0 - decay) * (s - p.detach()))
+    for a, b in zip(ema.shadow, shadow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    live = [p.detach().clone() for p in params]
+    with ema.averaged():
+        assert all(torch.equal(p, s) for p, s in zip(params, ema.shadow))
+    assert all(torch.equal(p, s) for p, s in zip(params, live))
+
+
+def test_micro_seeds_distinct_and_stable():
+    seeds = {micro_seed(1, g) for g in range(10000)} | {micro_seed(1, g, stream=1) for g in range(10000)}
+    assert len(seeds) == 20000 and all(0 <= s < 2 ** 62 for s in seeds)
+    assert micro_seed(7, 3) == micro_seed(7, 3) != micro_seed(8, 3)
+
+
+def test_bad_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="multiple"):
+        _trainer(_cfg(tmp_path, **{"loader.global_batch_size": 5}))
+    with pytest.raises(ValueError, match="precision"):
+        _trainer(_cfg(tmp_path, **{"trainer.precision": "fp8"}))
+    with pytest.raises(ValueError, match="strategy"):
+        _trainer(_cfg(tmp_path, **{"trainer.strategy": "zero"}))
+    with pytest.raises(ValueError, match="length"):
+        _trainer(_cfg(tmp_path, **{"model.length": 32}))
+
+
+# ---------------------------------------------------------------------------------- resume, in process
+def test_run_writes_log_checkpoints_summary_and_resumes_exactly(tmp_path):
+    full = tmp_path / "full"
+    t = _trainer(_cfg(full, **{"trainer.val_every": 3}))
+    summary = t.fit()
+    ref = _losses(full)
+    assert [s for s, _ in ref] == list(range(1, 7)) and all(math.isfinite(x) for _, x in ref)
+    assert summary["step"] == 6 and (full / "summary.json").is_file() and (full / "loss_curve.png").is_file()
+    recs = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_nelbo" in r] == [0, 3, 6]
+    assert sorted(os.listdir(full / "checkpoints")) == ["latest", "step_00000004.ckpt", "step_00000004.json",
+                                                        "step_00000006.ckpt", "step_00000006.json"]
+    # the training checkpoint also loads as a published checkpoint (weights + EMA) for eval / sampling
+    m = mdlm.MDLM(_cfg(full), V)
+    report = mdlm.load_published_checkpoint(m, full / "checkpoints" / "step_00000006.ckpt")
+    assert report["ema"] and report["global_step"] == 6
+
+    part = tmp_path / "part"
+    _trainer(_cfg(part, **{"trainer.max_steps": 4})).fit()
+    t2 = _trainer(_cfg(part))                  # resumes at step 4 from part/checkpoints
+    assert t2.state.step == 4 and t2.sampler.global_index == 8
+    t2.fit()
+    assert _losses(part) == ref                # bitwise: same data order, draws, optimizer and LR state
+    for a, b in zip(t.model.parameters(), t2.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(t.ema.shadow, t2.ema.shadow):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_checkpoint_named_and_fallback(tmp_path):
+    run = tmp_path / "run"
+    _trainer(_cfg(run, **{"trainer.max_steps": 4})).fit()
+    ckpts = run / "checkpoints"
+    newest = ckpts / "step_00000004.ckpt"
+    with open(newest, "r+b") as f:                # flip bytes in the middle: size unchanged, hash differs
+        f.seek(newest.stat().st_size // 2)
+        f.write(b"\x00garbage\x00")
+    with pytest.raises(CheckpointError, match="step_00000004.ckpt.*corrupt"):
+        load_training_checkpoint(ckpts)
+    obj, path = load_training_checkpoint(ckpts, fallback=True)
+    assert path.endswith("step_00000002.ckpt") and obj["global_step"] == 2
+    with open(newest, "r+b") as f:                # truncated
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="step_00000004.ckpt.*truncated"):
+        load_training_checkpoint(newest)
+    (ckpts / "step_00000004.json").unlink()        # no manifest: torch.load's own error, file named
+    with pytest.raises(CheckpointError, match="step_00000004.ckpt"):
+        load_training_checkpoint(newest)
+    msgs = []
+    train, val = _data()
+    t = Trainer(_cfg(run), train, val, model=mdlm.MDLM(_cfg(run), V), log=msgs.append)
+    assert t.state.step == 2 and any("skipping checkpoint" in m for m in msgs)
+    with pytest.raises(CheckpointError, match="does_not_exist.*does not exist"):
+        load_training_checkpoint(tmp_path / "does_not_exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint found in .*empty"):
+        load_training_checkpoint(tmp_path / "empty")
+
+
+def test_save_leaves_previous_checkpoint_until_complete(tmp_path):
+    d = tmp_path / "ck"
+    save_training_checkpoint(d, {"x": torch.ones(3)}, 1)
+
+    class Boom(Exception):
+        pass
+
+    def hook(stage):
+        if stage == "partial":
+            raise Boom
+
+    with pytest.raises(Boom):
+        save_training_checkpoint(d, {"x": torch.zeros(3)}, 2, _fault_hook=hook)
+    obj, path = load_training_checkpoint(d)
+    assert path.endswith("step_00000001.ckpt") and torch.equal(obj["x"], torch.ones(3))
+    assert not any(".tmp." in n for n in os.listdir(d)) and not (d / "step_00000002.ckpt").exists()
+
+
+# ------------------------------------------------------------------------------------ non-finite guard
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    run = tmp_path / "nan"
+    cfg = _cfg(run, **{"trainer.max_steps": 12, "trainer.max_nonfinite": 3, "trainer.save_every": 1})
+    t = _trainer(cfg)
+    real_loss = t.model.loss
+    bad_steps = {3, 6, 7, 8}        # 1-based steps whose loss is NaN; 6, 7, 8 in a row stops the run
+
+    def loss(*a, **k):
+        out = real_loss(*a, **k)
+        if t.state.step + 1 in bad_steps:
+            out = out._replace(loss=out.loss * float("nan"))
+        return out
+
+    t.model.loss = loss
+    before = {}
+
+    def snapshot():
+        before[t.state.step] = [p.detach().clone() for p in t.model.parameters()]
+
+    orig = t.train_step
+
+    def step():
+        snapshot()
+        return orig()
+
+    t.train_step = step
+    with pytest.raises(NonFiniteError, match="stopping at step 8: 3 consecutive"):
+        t.fit()
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in recs if "skipped" in r]
+    assert skipped == [3, 6, 7, 8] and t.state.nonfinite_total == 4
+    # a skipped step leaves weights, optimizer steps and EMA updates as they were
+    assert t.state.optimizer_steps == 4 and t.ema.num_updates == 4
+    for p, q in zip(t.model.parameters(), before[7]):
+        assert torch.equal(p, q)
+    # the stop writes no checkpoint over the last good one (step 7 was saved by save_every=1 before
+    # step 8; step 8's state is not saved)
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000007.ckpt"
+
+
+def test_nonfinite_gradient_detected(tmp_path):
+    t = _trainer(_cfg(tmp_path / "g", **{"trainer.max_steps": 1}))
+    w = t.model.backbone.output_layer.linear.weight
+    w.register_hook(lambda g: g * float("inf"))
+    rec = t.train_step()
+    assert rec["skipped"] == "non-finite gradient" and t.state.optimizer_steps == 0
+
+
+# ------------------------------------------------------------------------------ subprocess: CLI, kill
+def _shipped_corpus():
+    d = mdlm.data.data_dir(required=False)
+    if d is None or not (d / "corpora" / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip("shipped corpus shared/data/corpora/tinyshakespeare not found (set MDLM_DATA_DIR)")
+    pytest.importorskip("tokenizers", reason="the GPT-2 tokenizer needs the 'tokenizers' package")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MDLM_BACKEND")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"          # the same thread count in every process: bitwise-equal CPU math
+    env.update(extra)
+    return env
+
+
+CLI_TINY = ["--preset", "tiny", "--data", "tinyshakespeare", "model.length=32", "model.hidden_size=32",
+            "model.n_heads=2", "model.cond_dim=16", "model.n_blocks=1", "loader.global_batch_size=4",
+            "trainer.log_every=1", "lr_scheduler.warmup_steps=2", "optim.lr=3e-3", "trainer.num_samples=1",
+            "trainer.sample_steps=4", "trainer.val_blocks=8"]
+
+
+def _train_cmd(out_dir, cache, *extra):
+    return [sys.executable, "-m", "mdlm", "train", *CLI_TINY, f"trainer.out_dir={out_dir}",
+            f"data.cache_dir={cache}", *extra]
+
+
+@pytest.fixture(scope="module")
+def shard_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("shards")
+
+
+def test_cli_train_tinyshakespeare_progress_checkpoints_and_val_ppl_falls(tmp_path, shard_cache):
+    _shipped_corpus()
+    out = tmp_path / "run"
+    r = subprocess.run(_train_cmd(out, shard_cache, "trainer.max_steps=30", "trainer.val_every=15",
+                                  "trainer.save_every=10"),
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 30/30" in r.stderr and "tok/s" in r.stderr
+    vals = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if "val_ppl" in x]
+    assert [v["step"] for v in vals] == [0, 15, 30]
+    assert vals[-1]["val_ppl"] < 0.5 * vals[0]["val_ppl"], vals       # ~50k (uniform) -> well below
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000030.ckpt"
+    assert (out / "loss_curve.png").is_file() and (out / "samples.jsonl").is_file()
+
+
+def _run_until(cmd, env, kill_after=None):
+    """Run ``cmd``; with ``kill_after`` seconds, SIGKILL it then (if still running). Returns the rc."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_after is None:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        return 0
+    try:
+        p.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    p.stderr.close()
+    return p.returncode
+
+
+def test_sigkill_anywhere_including_during_save_resumes_to_the_same_losses(tmp_path, shard_cache):
+    _shipped_corpus()
+    steps = ["trainer.max_steps=16", "trainer.save_every=2", "trainer.val_every=0", "trainer.num_samples=0"]
+    ref = tmp_path / "ref"
+    _run_until(_train_cmd(ref, shard_cache, *steps), _env())
+    expected = _losses(ref)
+    assert len(expected) == 16
+
+    # 1. killed inside a save, at each write stage, then restarted without the fault
+    run = tmp_path / "faults"
+    for step, stage in ((4, "partial"), (8, "written"), (12, "manifest")):
+        rc = _run_until(_train_cmd(run, shard_cache, *steps), _env(_MDLM_FAULT_INJECT=f"save:{step}:{stage}"),
+                        kill_after=300)
+        assert rc == -signal.SIGKILL, f"fault save:{step}:{stage} did not fire (rc {rc})"
+    _run_until(_train_cmd(run, shard_cache, *steps), _env())
+    assert _losses(run) == expected
+
+    # 2. killed from outside at random moments (printed, so a failure can be replayed)
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng = random.Random(seed)
+    run = tmp_path / "random"
+    delays = []
+    for _ in range(3):
+        delays.append(rng.uniform(2.0, 9.0))
+        if _run_until(_train_cmd(run, shard_cache, *steps), _env(), kill_after=delays[-1]) == 0:
+            break
+    _run_until(_train_cmd(run, shard_cache, *steps), _env())
+    assert _losses(run) == expected, f"random kill delays {delays} (seed {seed})"
+    ref_w = load_training_checkpoint(ref / "checkpoints")[0]["state_dict"]
+    got_w = load_training_checkpoint(run / "checkpoints")[0]["state_dict"]
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_cli_malformed_data_names_the_file(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\n\xff\xfe broken\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    pytest.importorskip("tokenizers", reason="the GPT-2 tokenizer needs the 'tokenizers' package")
+    if mdlm.data.data_dir(required=False) is None:
+        pytest.skip("shipped tokenizers not found (set MDLM_DATA_DIR)")
+    for f, what in ((bad, "UTF-8"), (empty, "empty")):
+        r = subprocess.run([sys.executable, "-m", "mdlm", "train", *CLI_TINY, f"data.train=text:{f}",
+                            f"data.valid=text:{f}", f"trainer.out_dir={tmp_path / 'o'}",
+                            f"data.cache_dir={tmp_path / 'c'}"], env=_env(), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert str(f) in r.stderr and what.lower() in r.stderr.lower(), r.stderr[-2000:]
+
+
+def test_cli_help_and_unknown_override():
+    r = subprocess.run([sys.executable, "-m", "mdlm"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "train" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mdlm", "train", "--preset", "tiny", "trainer.nope=1"], env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "trainer.nope" in r.stderr
+
+
+# --------------------------------------------------------------------------- torchrun: 2 processes, gloo
+def _dist_cmd(nproc, out_dir, cache, *extra):
+    base = ["-m", "mdlm", "train"] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc_per_node={nproc}", "-m", "mdlm", "train"]
+    return [sys.executable, *base, *CLI_TINY, f"trainer.out_dir={out_dir}", f"data.cache_dir={cache}",
+            "loader.batch_size=2", "trainer.max_steps=6", "trainer.save_every=0", "trainer.val_every=3",
+            "trainer.num_samples=0", *extra]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, shard_cache, strategy):
+    _shipped_corpus()
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run_until(_dist_cmd(1, one, shard_cache), _env())      # 1 process: micro-batch 2 x 2 accumulation
+    _run_until(_dist_cmd(2, two, shard_cache, f"trainer.strategy={strategy}"), _env())   # 2 x micro-batch 2
+    a, b = _losses(one), _losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=DIST_RTOL, abs=DIST_ATOL)
+    va = [json.loads(x)["val_nelbo"] for x in (one / "log.jsonl").read_text().splitlines() if "val_nelbo" in x]
+    vb = [json.loads(x)["val_nelbo"] for x in (two / "log.jsonl").read_text().splitlines() if "val_nelbo" in x]
+    assert va == pytest.approx(vb, rel=DIST_RTOL, abs=DIST_ATOL)
+    wa = load_training_checkpoint(one / "checkpoints")[0]
+    wb = load_training_checkpoint(two / "checkpoints")[0]
+    for k, v in wa["state_dict"].items():
+        torch.testing.assert_close(wb["state_dict"][k], v, rtol=DIST_RTOL, atol=DIST_ATOL)
+    for x, y in zip(wa["ema"]["shadow_params"], wb["ema"]["shadow_params"]):
+        torch.testing.assert_close(y, x, rtol=DIST_RTOL, atol=DIST_ATOL)
+    assert wb["world_size"] == 2 and wb["data"]["consumed"] == wa["data"]["consumed"] == 12
