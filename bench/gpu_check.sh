@@ -49,6 +49,23 @@ timeout 300 python bench/throughput.py --providers fused,reference,masked --no-s
   | tee "$OUT/throughput.txt" | grep -v Warning
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "training run on the GPU: mdlm train, tiny preset on Tiny Shakespeare, fused kernels, 60 steps + resume"
+DATA_DIR=${MDLM_DATA_DIR:-$(cd .. && pwd)/shared/data}
+if [ -d "$DATA_DIR" ]; then
+  (cd /tmp && export MDLM_DATA_DIR="$DATA_DIR" && timeout 120 python -m mdlm train --preset tiny --data tinyshakespeare trainer.max_steps=40 \
+     trainer.save_every=20 trainer.val_every=20 trainer.val_blocks=64 loader.global_batch_size=16 trainer.log_every=10 \
+     lr_scheduler.warmup_steps=10 optim.lr=1e-3 trainer.num_samples=2 trainer.sample_steps=32 \
+     trainer.out_dir="$OUT/train_tiny" data.cache_dir="$OUT/train_tiny/cache" \
+   && timeout 120 python -m mdlm train --preset tiny --data tinyshakespeare trainer.max_steps=60 \
+     trainer.save_every=20 trainer.val_every=20 trainer.val_blocks=64 loader.global_batch_size=16 trainer.log_every=10 \
+     lr_scheduler.warmup_steps=10 optim.lr=1e-3 trainer.num_samples=2 trainer.sample_steps=32 \
+     trainer.out_dir="$OUT/train_tiny" data.cache_dir="$OUT/train_tiny/cache") 2>&1 | tee "$OUT/train_tiny.txt" | tail -6
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  rm -rf "$OUT/train_tiny/cache" "$OUT/train_tiny/checkpoints"
+else
+  echo "shipped data not found (set MDLM_DATA_DIR): training run skipped" | tee "$OUT/train_tiny.txt"
+fi
+
 step "summary"
 tail -1 "$OUT/pytest_cuda.txt"
 grep -A8 "^provider" "$OUT/bench_linear_ce.txt"
@@ -58,4 +75,5 @@ sed -n '/^kernel  *pass  *provider/,/^# /p' "$OUT/kernels.txt" | grep -v "^# wro
 grep -A3 "^# step arithmetic" "$OUT/bench_sampling.txt"
 grep -A4 "^# generation" "$OUT/bench_sampling.txt"
 grep -A8 "^provider" "$OUT/throughput.txt"
+grep "val NELBO" "$OUT/train_tiny.txt"
 exit $status
