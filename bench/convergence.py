@@ -68,7 +68,7 @@ def _throughput_module():
 
 
 _tp = _throughput_module()
-environment, EMA = _tp.environment, _tp.EMA
+environment, EMA = _tp.environment, _tp.EMA  # EMA is mdlm.train.EMA
 
 
 def _sync(device):
@@ -189,12 +189,8 @@ def run_provider(provider: str, cfg, args, device, init_state, train, val, batch
     def val_nelbo():
         if ema is None:
             return evaluate(model, val_set, impl, device, args.bf16)
-        live = [p.detach().clone() for p in ema.params]
-        torch._foreach_copy_([p.data for p in ema.params], ema.shadow)
-        try:
+        with ema.averaged():
             return evaluate(model, val_set, impl, device, args.bf16)
-        finally:
-            torch._foreach_copy_([p.data for p in ema.params], live)
 
     losses, evals = [], []
     train_s, eval_s = 0.0, 0.0

@@ -62,6 +62,7 @@ try:
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
     import mdlm
+from mdlm.train import EMA  # the trainer's EMA: published decay warm-up, one foreach lerp
 
 PROVIDERS = ("fused", "reference", "masked", "compiled", "masked_compiled")
 _IMPL = {"fused": "fused", "reference": "reference", "masked": "masked", "compiled": "reference",
@@ -211,21 +212,6 @@ class _PowerWindow:
                 "power_samples": len(self.samples_mw),
                 "energy_counter_j_per_token": (self.energy_mj / 1e3 / (tokens_per_step * n_steps)
                                                if self.energy_mj is not None and self.energy_mj > 0 else None)}
-
-
-class EMA:
-    """Published EMA (decay min(0.9999, (1+n)/(10+n))) with fused foreach ops."""
-
-    def __init__(self, params, decay=0.9999):
-        self.params = [p for p in params if p.requires_grad]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay, self.n = decay, 0
-
-    @torch.no_grad()
-    def update(self):
-        self.n += 1
-        decay = min(self.decay, (1 + self.n) / (10 + self.n))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
 
 
 def make_step(provider: str, model: mdlm.MDLM, device, bf16: bool):
