@@ -12,6 +12,8 @@ the LM head applied to masked rows only and the exact (53-bit, log-space Gumbel)
 - ``confidence``: parallel decoding that commits, per step, the most probable token at the k masked
   positions per sequence where its probability is highest (or wherever it exceeds a threshold, at least
   one) — LLaDA-style low-confidence remasking;
+- ``fast_semi_ar_sample``: semi-autoregressive generation past the context length (published scheme: a
+  window of L tokens, then shifted windows with the previous tokens given), each window a fast sampler;
 - remasking (ReMDM, ``remask_eta > 0``): decoded tokens are re-masked with probability
   sigma_t = min(eta, s / (1 - t)) and masked tokens unmask with the matching posterior.
 
@@ -43,7 +45,7 @@ import torch
 
 from .nn import _autocast, check_token_ids
 
-__all__ = ["sample", "fast_sample", "FAST_SAMPLERS", "masked_row_logits"]
+__all__ = ["sample", "fast_sample", "fast_semi_ar_sample", "FAST_SAMPLERS", "masked_row_logits"]
 
 FAST_SAMPLERS = ("ddpm", "ddpm_cache", "first_hitting", "confidence")
 
@@ -388,6 +390,52 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid):
     return x
 
 
+def fast_semi_ar_sample(model, batch_size: int = 1, stride_length: int | None = None,
+                        num_strides: int | None = None, steps: int | None = None, sampler: str = "ddpm_cache",
+                        length: int | None = None, generator: torch.Generator | None = None,
+                        progress: bool = False, return_stats: bool = False, **kwargs):
+    """Semi-autoregressive generation of L + num_strides * stride_length tokens with the fused samplers.
+
+    The published scheme (``mdlm.sampling.semi_ar_sample``): sample a window of L = config.model.length
+    tokens; then, ``num_strides`` times, emit its first ``stride_length`` tokens, shift the window left by
+    that much, keep the shifted tokens as given (``x_init``) and sample the ``stride_length`` masked ones at
+    its end. Each window runs ``fast_sample(sampler, steps, noise removal)`` — the grid t = 1 .. eps of the
+    fast samplers, not the published semi-AR grid that ends at t = 0 (same reverse process; the last step
+    differs: here the tokens still masked at t = eps are filled by the greedy noise-removal step). Extra
+    ``kwargs`` (temperature, top_k, top_p, remask_eta, ...) go to ``fast_sample``; ``generator`` is drawn
+    from once per window. Returns (B, L + num_strides * stride_length) ids, and with ``return_stats`` the
+    summed ``fast_sample`` stats plus ``windows``.
+    """
+    cfg = model.config.sampling
+    stride = int(stride_length if stride_length is not None else cfg.stride_length)
+    num_strides = int(num_strides if num_strides is not None else cfg.num_strides)
+    L = int(length or model.config.model.length)
+    if not 0 < stride <= L:
+        raise ValueError(f"stride_length must be in [1, {L}], got {stride}")
+    if num_strides < 0:
+        raise ValueError(f"num_strides must be >= 0, got {num_strides}")
+    if kwargs.get("x_init") is not None:
+        raise ValueError("semi-autoregressive sampling builds its own x_init per window")
+    device = next(model.parameters()).device
+    M = model.mask_index
+    pieces, target = [], None
+    stats = {"model_calls": 0, "steps": 0, "host_syncs": 0, "windows": 0}
+    for _ in range(num_strides + 1):
+        x = torch.full((batch_size, L), M, dtype=torch.int64, device=device)
+        if target is not None:
+            x[:, :L - stride] = target
+        x, st = fast_sample(model, batch_size, L, steps, sampler, x_init=x, generator=generator,
+                            progress=progress, return_stats=True, **kwargs)
+        for k in ("model_calls", "steps", "host_syncs"):
+            stats[k] += st[k]
+        stats["windows"] += 1
+        pieces.append(x[:, :stride])
+        target = x[:, stride:]
+    pieces.append(target)
+    out = torch.cat(pieces, dim=1)
+    return (out, stats) if return_stats else out
+
+
 def sample(model, batch_size: int = 1, length: int | None = None, steps: int | None = None,
            sampler: str | None = None, impl: str = "auto", generator: torch.Generator | None = None, **kwargs):
     """``mdlm.sample``: generate (B, length) token ids.
@@ -399,6 +447,18 @@ def sample(model, batch_size: int = 1, length: int | None = None, steps: int | N
     """
     from . import sampling as ref
     sampler = sampler or model.config.sampling.predictor
+    num_strides = kwargs.pop("num_strides", None)
+    stride_length = kwargs.pop("stride_length", None)
+    if num_strides:   # semi-autoregressive: L + num_strides * stride_length tokens
+        semi_fusable = (sampler in FAST_SAMPLERS and model.parameterization == "subs"
+                        and model.noise.name == "loglinear" and hasattr(model.backbone, "hidden_states"))
+        if impl == "fused" or (impl == "auto" and semi_fusable):
+            return fast_semi_ar_sample(model, batch_size, stride_length, num_strides, steps, sampler,
+                                       length=length, generator=generator, **kwargs)
+        if impl in ("reference", "auto"):
+            return ref.semi_ar_sample(model, batch_size, stride_length, num_strides, steps, generator=generator,
+                                      length=length, **kwargs)
+        raise ValueError(f"unknown sampling implementation {impl!r}; 'auto', 'fused' or 'reference'")
     fusable = (sampler in FAST_SAMPLERS and model.parameterization == "subs" and model.noise.name == "loglinear"
                and hasattr(model.backbone, "hidden_states"))
     if impl == "auto":

@@ -262,3 +262,62 @@ def test_bad_arguments():
         fast_sample(m, 1, remask_eta=2.0)
     with pytest.raises(ValueError, match="outside"):
         fast_sample(m, 1, x_init=torch.full((1, L), V))
+
+
+def test_fused_semi_ar_windows_chain_and_length(monkeypatch):
+    """Each window after the first starts from the previous window shifted left by the stride (given tokens),
+    with the stride's positions masked; the output is the windows' emitted strides + the last window's rest."""
+    import mdlm.samplers as ms
+    m = _model()
+    calls = []
+    real = ms.fast_sample
+
+    def spy(*a, **k):
+        out, st = real(*a, **k)
+        calls.append((k["x_init"].clone(), out.clone()))
+        return out, st
+
+    monkeypatch.setattr(ms, "fast_sample", spy)
+    stride, n = 2, 3
+    out, stats = ms.fast_semi_ar_sample(m, 4, stride_length=stride, num_strides=n, steps=5,
+                                        generator=torch.Generator().manual_seed(0), return_stats=True)
+    assert out.shape == (4, L + n * stride) and not torch.any(out == MASK)
+    assert len(calls) == n + 1 and stats["windows"] == n + 1 and stats["model_calls"] >= n + 1
+    assert torch.all(calls[0][0] == MASK)
+    for (x_prev, out_prev), (x_next, _) in zip(calls, calls[1:]):
+        assert torch.equal(x_next[:, :L - stride], out_prev[:, stride:])
+        assert torch.all(x_next[:, L - stride:] == MASK)
+    emitted = torch.cat([o[:, :stride] for _, o in calls] + [calls[-1][1][:, stride:]], dim=1)
+    assert torch.equal(out, emitted)
+    again = ms.fast_semi_ar_sample(m, 4, stride_length=stride, num_strides=n, steps=5,
+                                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert mdlm.sample(m, 2, steps=3, num_strides=1, stride_length=2).shape == (2, L + 2)
+    assert mdlm.sample(m, 2, steps=3, num_strides=1, stride_length=2, impl="reference").shape == (2, L + 2)
+    with pytest.raises(ValueError, match="stride_length"):
+        ms.fast_semi_ar_sample(m, 1, stride_length=L + 1, num_strides=1)
+    with pytest.raises(ValueError, match="num_strides"):
+        ms.fast_semi_ar_sample(m, 1, stride_length=2, num_strides=-1)
+
+
+def test_fused_semi_ar_matches_the_published_semi_ar_in_distribution():
+    """Per-position histograms over the whole generated length (L + 2 strides), 4000 sequences each."""
+    from mdlm.sampling import semi_ar_sample
+    m = _model()
+    n, stride = 4000, 3
+    fused = mdlm.samplers.fast_semi_ar_sample(m, n, stride_length=stride, num_strides=2, steps=8,
+                                              generator=torch.Generator().manual_seed(1))
+    ref = semi_ar_sample(m, n, stride_length=stride, num_strides=2, steps=8,
+                         generator=torch.Generator().manual_seed(2), gumbel_dtype=torch.float64)
+    assert fused.shape == ref.shape == (n, L + 2 * stride)
+    chi2, dof = 0.0, 0
+    for pos in range(L + 2 * stride):
+        a = torch.bincount(fused[:, pos], minlength=V).double()
+        b = torch.bincount(ref[:, pos], minlength=V).double()
+        keep = (a + b) > 0
+        a, b = a[keep], b[keep]
+        exp_a = (a + b) * a.sum() / (a.sum() + b.sum())
+        exp_b = (a + b) * b.sum() / (a.sum() + b.sum())
+        chi2 += float(((a - exp_a) ** 2 / exp_a + (b - exp_b) ** 2 / exp_b).sum())
+        dof += int(keep.sum()) - 1
+    assert chi2 < _chi2_crit(dof), (chi2, _chi2_crit(dof), dof)
