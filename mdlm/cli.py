@@ -39,13 +39,13 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the samples (ids and text) to this file")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
-    cfg = apply_overrides(preset(args.preset, data=args.data), args.overrides)
     from .data import decode, get_tokenizer
     try:
+        cfg = apply_overrides(preset(args.preset, data=args.data), args.overrides)
         tok = get_tokenizer(cfg.data.tokenizer)
         model = MDLM(cfg, tok.model_vocab_size, mask_index=tok.mask_id)
         load_published_checkpoint(model, args.checkpoint, use_ema=not args.no_ema)
-    except (CheckpointError, FileNotFoundError, ImportError, ValueError) as e:
+    except (CheckpointError, OSError, ImportError, ValueError, KeyError) as e:
         print(f"mdlm sample: error: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

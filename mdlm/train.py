@@ -70,11 +70,11 @@ def lr_factor(cfg, step: int) -> float:
         w = int(sc.warmup_steps)
         return step / w if step < w else 1.0
     if sc.type == "cosine_decay_warmup":             # timm cosine with a warm-up prefix, one cycle
-        w = int(float(sc.warmup_fraction) * int(cfg.trainer.max_steps))
+        w = float(sc.warmup_fraction) * int(cfg.trainer.max_steps)    # a float, as the published config
         lr0, lr_min = float(sc.warmup_lr_init), float(sc.lr_min)
         if step < w:
             return (lr0 + step * (lr - lr0) / w) / lr
-        total = max(1, int(cfg.trainer.max_steps) - w)
+        total = max(1e-9, int(cfg.trainer.max_steps) - w)
         t = min(step - w, total)
         return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / total))) / lr
     raise ValueError(f"unknown lr_scheduler.type {sc.type!r}; constant_warmup or cosine_decay_warmup")
@@ -190,6 +190,19 @@ class _Progress:
             self.stream.write("\n")
 
 
+def _read_log(path) -> list[tuple[str, dict]]:
+    """(line, record) of each parseable line of a JSONL log; a torn last line (crash mid-write) is skipped."""
+    out = []
+    for ln in Path(path).read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append((ln, rec))
+    return out
+
+
 def _plain(obj):
     """Config -> plain dict (checkpoints load with ``weights_only=True``)."""
     return json.loads(json.dumps(obj))
@@ -272,12 +285,17 @@ class Trainer:
             self.forward = torch.compile(self.loss_module)
         self.state = RunState()
         self._stop_signal = None
+        self._stop_agreed = False
         self._fault = os.environ.get("_MDLM_FAULT_INJECT")   # tests: "save:<step>:<stage>" -> SIGKILL there
         self.log_path = self.out_dir / "log.jsonl"
         if resume != "never":
             self._maybe_resume(resume)
-        elif self.is_main and self.log_path.exists():
-            self.log_path.unlink()
+        else:
+            if list_training_checkpoints(self.ckpt_dir):
+                raise ValueError(f"{self.ckpt_dir} holds checkpoints of an earlier run; with --resume never use a "
+                                 "new trainer.out_dir (or remove them), so that runs never mix checkpoints")
+            if self.is_main and self.log_path.exists():
+                self.log_path.unlink()
         self._open_loggers()
 
     # ------------------------------------------------------------------------------------- set-up
@@ -436,8 +454,7 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.state.step}")
         if self.is_main and self.log_path.exists():
             # keep the log lines up to the checkpoint: the steps after it are redone
-            keep = [ln for ln in self.log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.state.step]
+            keep = [ln for ln, rec in _read_log(self.log_path) if rec.get("step", 0) <= self.state.step]
             tmp = self.log_path.with_suffix(".tmp")
             tmp.write_text("".join(k + "\n" for k in keep))
             os.replace(tmp, self.log_path)
@@ -451,7 +468,11 @@ class Trainer:
                            model_state_dict={f"model.backbone.{k}": v for k, v in sd.items()},
                            optim_state_dict=obj["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            self.model.backbone.load_state_dict(sd)
+            try:
+                self.model.backbone.load_state_dict(sd)
+            except RuntimeError as e:
+                raise CheckpointError(f"the checkpoint in {self.ckpt_dir} was written by a model with a different "
+                                      f"configuration (use a new trainer.out_dir, or --resume never): {e}") from e
             self.optimizer.load_state_dict(obj["optimizer"])
         self.scheduler.load_state_dict(obj["lr_scheduler"])
         if self.ema is not None and obj.get("ema") is not None:
@@ -463,7 +484,12 @@ class Trainer:
                         v = distribute_tensor(v.to(s.device), s.device_mesh, s.placements)
                     _local(s).copy_(_local(v))
             self.ema.num_updates = int(e["num_updates"])
-        self.sampler.load_state_dict(obj["data"])
+        try:
+            self.sampler.load_state_dict(obj["data"])
+        except ValueError as e:
+            raise ValueError(f"{e}. The checkpoint was written with micro-batch {obj['data'].get('batch_size')} "
+                             f"on {obj.get('world_size')} process(es); to resume on a different number of "
+                             "processes keep the micro-batch: set loader.batch_size explicitly") from e
         _set_rng_state(obj["rng"])
         self.state = RunState(**obj["trainer"])
 
@@ -493,13 +519,17 @@ class Trainer:
                 (loss / self.accum).backward()
             loss_sum += loss.detach().float() / self.accum
         grad_norm = self._clip_grad_norm(float(self.cfg.trainer.grad_clip))
-        flags = torch.stack([loss_sum.double(), grad_norm.double()])
+        stop = 1.0 if self._stop_signal is not None else 0.0
+        flags = torch.stack([loss_sum.double(), grad_norm.double(), torch.tensor(stop, dtype=torch.float64,
+                                                                                  device=loss_sum.device)])
         if self.world_size > 1:
             import torch.distributed as dist
             dist.all_reduce(flags)            # NaN anywhere -> NaN everywhere: all ranks decide alike
             flags /= self.world_size          # loss: mean over processes (= over the global batch); the
                                               # gradient norm is the same on every rank (synced gradients)
-        loss_v, gnorm_v = flags.tolist()      # the step's one host sync
+        loss_v, gnorm_v, stop_v = flags.tolist()   # the step's one host sync
+        # a signal seen by any rank stops every rank after this same step (no rank left in a collective)
+        self._stop_agreed = stop_v > 0
         finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
         lr = self.optimizer.param_groups[0]["lr"]
         if finite:
@@ -655,11 +685,12 @@ class Trainer:
                     self.log(f"step {step}: val NELBO {last_val['val_nelbo']:.4f}, PPL {last_val['val_ppl']:.2f}")
                 if int(tr.sample_every) > 0 and step % int(tr.sample_every) == 0:
                     self._write_samples(self.generate())
-                if (int(tr.save_every) > 0 and step % int(tr.save_every) == 0) or self._stop_signal is not None:
+                if (int(tr.save_every) > 0 and step % int(tr.save_every) == 0) or self._stop_agreed:
                     path = self.save()
-                    if self._stop_signal is not None:
+                    if self._stop_agreed:
                         self.log(f"interrupted at step {step}; checkpoint {path}; run the same command to resume")
-                        return {"interrupted": True, "step": step, "checkpoint": path}
+                        return {"interrupted": True, "step": step, "checkpoint": path,
+                                "signal": self._stop_signal}
             bar.close()
             last_val = self.validate()
             self._record(last_val)
@@ -692,7 +723,7 @@ class Trainer:
         except ImportError:
             self.log("matplotlib not installed: no loss_curve.png")
             return
-        recs = [json.loads(ln) for ln in self.log_path.read_text().splitlines() if ln.strip()]
+        recs = [rec for _, rec in _read_log(self.log_path)]
         tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
         va = [(r["step"], r["val_nelbo"]) for r in recs if "val_nelbo" in r]
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -722,14 +753,21 @@ def build_config(argv: list[str]) -> tuple[Config, argparse.Namespace]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = build_config(sys.argv[1:] if argv is None else argv)
+    """``mdlm train``. Exit codes: 0 done; 2 a usage / data / checkpoint error (message, no traceback);
+    3 stopped by the non-finite guard; 128 + signal number when SIGTERM / SIGINT stopped it after saving."""
     try:
+        cfg, args = build_config(sys.argv[1:] if argv is None else argv)
         trainer = Trainer(cfg, resume=args.resume)
-        trainer.fit()
+        out = trainer.fit()
+        if out.get("interrupted"):
+            return 128 + int(out["signal"] or signal.SIGTERM)
     except NonFiniteError as e:
         print(f"mdlm train: {e}", file=sys.stderr)
         return 3
-    except (CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
+    except KeyError as e:
+        print(f"mdlm train: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, OSError, ImportError) as e:
         print(f"mdlm train: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -62,6 +62,9 @@ def test_lr_schedules():
     assert lr_factor(cfg, 10) == pytest.approx(1.0)                            # end of the 10% warm-up
     assert lr_factor(cfg, 55) * lr == pytest.approx(1e-6 + 0.5 * (lr - 1e-6))   # half-way down the cosine
     assert lr_factor(cfg, 100) * lr == pytest.approx(1e-6)
+    cfg = _cfg("unused", **{"lr_scheduler.type": "cosine_decay_warmup", "trainer.max_steps": 7})
+    assert lr_factor(cfg, 0) * lr == pytest.approx(1e-6)                       # warm-up of 0.7 steps (timm: float)
+    assert lr_factor(cfg, 1) * lr == pytest.approx(1e-6 + 0.5 * (lr - 1e-6) * (1 + math.cos(math.pi * 0.3 / 6.3)))
     with pytest.raises(ValueError, match="lr_scheduler.type"):
         lr_factor(_cfg("unused", **{"lr_scheduler.type": "nope"}), 0)
 
@@ -344,12 +347,83 @@ def test_cli_malformed_data_names_the_file(tmp_path):
         assert str(f) in r.stderr and what.lower() in r.stderr.lower(), r.stderr[-2000:]
 
 
-def test_cli_help_and_unknown_override():
+def test_cli_help_and_user_mistakes_give_messages_not_tracebacks(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mdlm"], env=_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "train" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "mdlm", "train", "--preset", "tiny", "trainer.nope=1"], env=_env(),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "trainer.nope" in r.stderr
+    for args, what in ((["trainer.nope=1"], "trainer.nope"), (["trainer.max_steps"], "key=value"),
+                       (["--data", "nosuch"], "nosuch"), ([f"trainer.out_dir={tmp_path / 'f' / 'x'}"], "out_dir")):
+        if what == "out_dir":
+            (tmp_path / "f").write_text("a file, not a folder")
+        r = subprocess.run([sys.executable, "-m", "mdlm", "train", "--preset", "tiny", *args], env=_env(),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "error" in r.stderr and (what in r.stderr or what == "out_dir"), r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "mdlm", "sample", "--checkpoint", str(tmp_path / "none.ckpt"),
+                        "--preset", "tiny", "model.nope=1"], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "model.nope" in r.stderr, r.stderr[-2000:]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_config_and_never_mixes_runs(tmp_path):
+    run = tmp_path / "run"
+    _trainer(_cfg(run, **{"trainer.max_steps": 2})).fit()
+    with pytest.raises(CheckpointError, match="different configuration"):
+        train, val = _data()
+        cfg = _cfg(run, **{"model.hidden_size": 64})
+        Trainer(cfg, train, val, model=mdlm.MDLM(cfg, V), log=lambda m: None)
+    with pytest.raises(ValueError, match="earlier run"):
+        _trainer(_cfg(run), resume="never")
+
+
+def _wait_for_steps(log, n, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if log.exists() and len(_losses(log.parent)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("run did not reach the step in time")
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_exits_143_and_the_resumed_run_repeats_the_uninterrupted_one(tmp_path, shard_cache, nproc):
+    """SIGTERM (to the only process, or to ONE of two DDP workers): every rank stops after the same step,
+    saves, exits with 128 + 15; rerunning the command finishes with the uninterrupted run's losses."""
+    _shipped_corpus()
+    steps = ["trainer.max_steps=30", "trainer.save_every=0", "trainer.val_every=0", "trainer.num_samples=0",
+             "loader.batch_size=2"]
+    ref = tmp_path / "ref"
+    _run_until(_dist_cmd(nproc, ref, shard_cache, *steps), _env())
+    run = tmp_path / "run"
+    p = subprocess.Popen(_dist_cmd(nproc, run, shard_cache, *steps), env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run / "log.jsonl", 3, p)
+    target = p.pid if nproc == 1 else _children(p.pid)[-1]
+    os.kill(target, signal.SIGTERM)
+    try:
+        p.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("the run hung after SIGTERM")
+    err = p.stderr.read()
+    p.stderr.close()
+    assert "interrupted at step" in err, err[-2000:]
+    if nproc == 1:
+        assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = int((run / "checkpoints" / "latest").read_text()[len("step_"):-len(".ckpt")])
+    assert 3 <= stopped < 30
+    _run_until(_dist_cmd(nproc, run, shard_cache, *steps), _env())
+    a, b = _losses(ref), _losses(run)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
+    assert a == b    # the same number of processes: bitwise
 
 
 # --------------------------------------------------------------------------- torchrun: 2 processes, gloo
