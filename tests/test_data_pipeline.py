@@ -479,3 +479,62 @@ def test_datasets_backed_names_need_datasets(tmp_path):
         with pytest.raises(ImportError, match="needs the Hugging Face 'datasets' package"):
             D.prepare_dataset(name, split, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())          # nothing half-made on disk
+
+
+def test_datasets_backed_loaders_with_a_stand_in_datasets_module(tmp_path, monkeypatch):
+    """The `datasets` path without the network: a stand-in `datasets` module records the load_dataset calls
+    and serves a few rows; checks the published splits, text fields, detokenizers, tokenizers and modes."""
+    import sys
+    import types
+
+    import mdlm.data as mdata
+    from mdlm.data.detokenizers import get_detokenizer
+    d = mdata.data_dir(required=False)
+    if d is None or not (d / "tokenizers" / "bert-base-uncased" / "vocab.txt").is_file():
+        pytest.skip("shipped tokenizers not found (set MDLM_DATA_DIR)")
+    pytest.importorskip("tokenizers", reason="the tokenizers need the 'tokenizers' package")
+    calls = []
+    rows = {"text": ["Hello world , it 's a test .", "Second document @-@ here ."] * 20,
+            "sentence": ["the n't cat sat on the mat <unk> ."] * 40}
+
+    class _DS:
+        def __init__(self, field):
+            self.field = field
+
+        def iter(self, batch_size):
+            data = rows[self.field]
+            for i in range(0, len(data), batch_size):
+                yield {self.field: data[i:i + batch_size]}
+
+    def load_dataset(path, config=None, split=None, **kw):
+        calls.append((path, config, split))
+        return _DS("sentence" if path == "ptb_text_only" else "text")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+    owt = mdata.prepare_dataset("openwebtext", "validation", length=16, cache_dir=tmp_path)
+    assert calls[-1] == ("openwebtext", None, "train[-100000:]") and owt.meta["mode"] == "wrap"
+    tok = mdata.get_tokenizer("gpt2")
+    stream = []
+    for t in rows["text"]:
+        stream += tok.encode(t) + [tok.eos_id]
+    x0, _ = owt.get(torch.arange(len(owt)))
+    assert torch.equal(x0[:, 1:-1].reshape(-1), torch.tensor(stream[: len(owt) * 14]))   # no detokenizer for OWT
+    mdata.prepare_dataset("openwebtext", "train", length=16, cache_dir=tmp_path)
+    assert calls[-1] == ("openwebtext", None, "train[:-100000]")
+
+    lm1b = mdata.prepare_dataset("lm1b", "validation", cache_dir=tmp_path)           # published: test split, BERT, pad
+    assert calls[-1] == ("lm1b", None, "test") and lm1b.meta["mode"] == "pad" and lm1b.length == 128
+    bert = mdata.get_tokenizer("bert-base-uncased")
+    x0, mask = lm1b[0]
+    n = int(mask.sum())
+    want = [bert.bos_id] + bert.encode(get_detokenizer("lm1b")(rows["text"][0])) + [bert.eos_id]
+    assert x0[:n].tolist() == want and torch.all(x0[n:] == bert.pad_id)
+
+    ptb = mdata.prepare_dataset("ptb", "train", length=16, cache_dir=tmp_path)
+    assert calls[-1] == ("ptb_text_only", None, "train") and len(ptb) > 0
+    first = tok.encode(get_detokenizer("ptb")(rows["sentence"][0]))
+    assert ptb[0][0][1:1 + len(first)].tolist() == first
+    n_calls = len(calls)
+    mdata.prepare_dataset("ptb", "train", length=16, cache_dir=tmp_path)            # cached: no new load
+    assert len(calls) == n_calls
