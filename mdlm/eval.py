@@ -532,7 +532,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    "GPT-2 + MASK = 50258)")
     p.add_argument("--data", help="dataset name for mdlm.data.prepare_dataset (e.g. tinyshakespeare)")
     p.add_argument("--data-tensor", help=argparse.SUPPRESS)  # torch file: (N, L) tensor or {input_ids, attention_mask}
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default=None,
+                   help="dataset split (default: the split the published run evaluates on: validation, or test for "
+                   "text8 / lm1b / ag_news / lambada)")
     p.add_argument("--method", default="mc", choices=METHODS)
     p.add_argument("--num-t", type=int, default=16, help="quadrature nodes (method quadrature)")
     p.add_argument("--draws", type=int, default=1, help="masks per node (quadrature) / passes (mc)")
@@ -668,16 +670,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_tensor:
         if not os.path.isfile(args.data_tensor):
             parser.error(f"data file {args.data_tensor!r} does not exist")
-        data = _load_tensor_data(args.data_tensor)
+        try:
+            data = _load_tensor_data(args.data_tensor)
+        except Exception as e:  # not a torch file, an unsafe pickle, the wrong layout
+            parser.error(f"cannot read --data-tensor {args.data_tensor!r}: {type(e).__name__}: {e}")
     elif args.data:
         try:
             from .data import prepare_dataset
         except ImportError as e:
             parser.error(f"--data needs mdlm.data.prepare_dataset, which is not available: {e}")
+        from .data import DATASETS
+        if args.split is None:
+            spec = DATASETS.get(args.data)
+            args.split = spec.eval_split if spec is not None else "validation"
         try:
-            data = prepare_dataset(args.data, args.split, length=int(cfg.model.length))
-        except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+            # the model's tokenizer and block mode (cfg.data), not the dataset's defaults: a GPT-2 model
+            # scored on BERT or character ids would give a number, and a wrong one
+            data = prepare_dataset(args.data, args.split, tokenizer=cfg.data.tokenizer, mode=cfg.data.mode,
+                                   length=int(cfg.model.length), cache_dir=cfg.data.cache_dir)
+        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
             parser.error(f"cannot prepare dataset {args.data!r} split {args.split!r}: {e}")
+        meta = getattr(data, "meta", {}) or {}
+        if meta.get("model_vocab_size") is not None and int(meta["model_vocab_size"]) != vocab_size:
+            parser.error(f"dataset {args.data!r} was tokenised with {meta.get('tokenizer')!r} (vocabulary "
+                         f"{meta['model_vocab_size']} with MASK), the model has vocabulary {vocab_size}")
 
     decode = None
     if tok is not None:

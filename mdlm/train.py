@@ -339,6 +339,8 @@ class Trainer:
         from . import data as mdata
         d = self.cfg.data
         name = d.train if split == "train" else d.valid
+        if split == "validation" and name in mdata.DATASETS:
+            split = mdata.DATASETS[name].eval_split     # the published run validates text8 / lm1b on "test"
         kw = dict(tokenizer=self.tokenizer, length=int(self.cfg.model.length), mode=d.mode, cache_dir=d.cache_dir,
                   num_workers=int(d.num_workers) or None)
         if self.world_size > 1:        # rank 0 tokenises once; the others open its shards

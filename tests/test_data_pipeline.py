@@ -538,3 +538,23 @@ def test_datasets_backed_loaders_with_a_stand_in_datasets_module(tmp_path, monke
     n_calls = len(calls)
     mdata.prepare_dataset("ptb", "train", length=16, cache_dir=tmp_path)            # cached: no new load
     assert len(calls) == n_calls
+
+
+def test_ids_outside_the_model_vocabulary_are_refused_before_the_uint16_cast(tmp_path):
+    import mdlm.data as mdata
+    from mdlm.data.tokenizers import Tokenizer
+
+    class Backend:
+        def encode(self, text):
+            return [70000 if ch == "z" else ord(ch) % 100 for ch in text]
+
+        def encode_batch(self, texts):
+            return [self.encode(t) for t in texts]
+
+    tok = Tokenizer("toy", Backend(), vocab_size=100, model_vocab_size=101, mask_id=100, bos_id=1, eos_id=2,
+                    pad_id=0, fingerprint="toy-v1")
+    f = tmp_path / "doc.txt"
+    f.write_text("abc abc abc abc abc z abc")
+    with pytest.raises(ValueError, match=r"doc.txt.*produced id 70000.*\[0, 101\)"):
+        mdata.build_shards(f, tmp_path / "out", tok, 8, mode="wrap", num_workers=0)
+    assert not (tmp_path / "out" / "meta.json").exists()

@@ -495,3 +495,43 @@ def test_cli_shipped_dataset(tmp_path):
     res = json.loads(out.read_text())["nelbo"]
     # a fresh DIT is uniform over the 50257 non-MASK tokens: the closed form again
     assert res["sequences"] == 4 and res["nelbo"] == pytest.approx((1 - 1e-3) * math.log(50257), rel=1e-5)
+
+
+def test_cli_default_split_is_the_published_eval_split_and_the_model_tokenizer_is_used(tmp_path, monkeypatch):
+    import mdlm.data as data_mod
+    calls = []
+    x = _data(4)
+
+    def fake_prepare(name, split, length=None, tokenizer=None, mode=None, **kw):
+        calls.append((name, split, tokenizer, mode))
+        return _Blocks(x, torch.ones(4, L))
+
+    monkeypatch.setattr(data_mod, "prepare_dataset", fake_prepare)
+    ckpt, _ = _write_checkpoint(tmp_path, _random_model(), with_ema=False)
+    for name, split in (("text8", "test"), ("lm1b", "test"), ("tinyshakespeare", "validation")):
+        assert ev.main(["--preset", "tiny", *OVERRIDES, "--vocab-size", str(V), "--checkpoint", str(ckpt),
+                        "--data", name, "--batch-size", "4", "--device", "cpu", "data.tokenizer=gpt2",
+                        "data.mode=wrap"]) == 0
+        assert calls[-1] == (name, split, "gpt2", "wrap")
+
+
+def test_cli_refuses_data_tokenised_for_another_vocabulary(tmp_path, capsys):
+    data_mod = pytest.importorskip("mdlm.data")
+    d = data_mod.data_dir(required=False)
+    if d is None or not (d / "tokenizers" / "bert-base-uncased" / "vocab.txt").is_file():
+        pytest.skip("the shipped data folder (shared/data) is absent")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.ckpt"
+    mdlm.save_published_checkpoint(MDLM(_cfg(), 50258), ckpt)
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--preset", "tiny", *OVERRIDES, "--vocab-size", "50258", "--checkpoint", str(ckpt),
+                 "--data", "tinyshakespeare", "data.tokenizer=bert-base-uncased", f"data.cache_dir={tmp_path}",
+                 "--max-blocks", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "bert-base-uncased" in err and "50258" in err, err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--preset", "tiny", *OVERRIDES, "--vocab-size", "50258", "--checkpoint", str(ckpt),
+                 "--data-tensor", str(bad)])
+    assert e.value.code == 2 and "cannot read --data-tensor" in capsys.readouterr().err

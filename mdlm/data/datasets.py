@@ -101,6 +101,9 @@ LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_tes
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 TEXT8_SPLITS = {"train": (0, 90_000_000), "validation": (90_000_000, 95_000_000), "test": (95_000_000, None)}
 TRAIN_FRACTION = 0.9
+# bump when a detokenizer's rules change, so that shards built with the old rules are rebuilt (the Hugging Face
+# sources are identified by name and split only: a new upstream revision needs a new cache_dir or rebuild)
+DETOKENIZER_VERSION = 1
 
 
 def default_cache_dir() -> Path:
@@ -182,11 +185,25 @@ def _text8_documents(split: str, length: int, cache_root: Path) -> Iterator[str]
         yield part[i * length:(i + 1) * length]
 
 
-def _text8_text(cache_root: Path) -> str:
+def _text8_places(cache_root: Path) -> tuple[list[Path], list[Path]]:
     roots = [cache_root / "text8"]
     if data_dir(required=False) is not None:
         roots.insert(0, data_dir(required=False) / "corpora" / "text8")
-    places = [r / f for r in roots for f in ("text8", "text8.zip")]
+    return roots, [r / f for r in roots for f in ("text8", "text8.zip")]
+
+
+def _text8_source_stamp(cache_root: Path) -> str:
+    """Path, size and mtime of the local text8 file the shard would be built from ("none" if absent), so a
+    replaced file rebuilds the shard."""
+    found = next((p for p in _text8_places(cache_root)[1] if p.is_file()), None)
+    if found is None:
+        return "none"
+    st = found.stat()
+    return f"{found.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _text8_text(cache_root: Path) -> str:
+    roots, places = _text8_places(cache_root)
     found = next((p for p in places if p.is_file()), None)
     if found is None:
         found = cache_root / "text8" / "text8.zip"
@@ -277,12 +294,13 @@ def prepare_dataset(name: str, split: str, tokenizer: Tokenizer | str | None = N
         docs, fp = _wikitext2_local(split)
     elif name == "text8":
         # lazy: the 100 MB corpus is read (or fetched) only when the shard has to be built
-        docs, fp = _text8_documents(split, length, cache_root), f"text8:{TEXT8_SPLITS[split]}:{length}"
+        docs, fp = _text8_documents(split, length, cache_root), \
+            f"text8:{TEXT8_SPLITS[split]}:{length}:{_text8_source_stamp(cache_root)}"
     else:
         # lazy too, so that a shard built elsewhere is usable without `datasets`; with no shard yet, fail
         # before anything is created on disk
         if not (out / "meta.json").is_file():
             _require_datasets(spec, split)
         docs, fp = _hf_documents(spec, split), f"hf:{spec.hf}:{dict(spec.hf_splits).get(split, split)}:" \
-                                              f"{spec.detokenizer}"
+                                              f"{spec.detokenizer}:detok-v{DETOKENIZER_VERSION}"
     return build_shards(docs, out, tok, length, mode, num_workers, fingerprint=fp)

@@ -13,7 +13,10 @@ Two ways to cut documents into blocks of ``length`` tokens, as in the published 
 
 - ``wrap`` (OpenWebText, WikiText, ...): every document is followed by EOS, the documents are joined into
   one stream, and the stream is cut into pieces of ``length - 2`` tokens, each framed ``[BOS] ... [EOS]``
-  (the same blocks as :func:`mdlm.data.wrap_chunks`); the tail that does not fill a block is dropped.
+  (the same blocks as :func:`mdlm.data.wrap_chunks`); the tail that does not fill a block is dropped. The
+  framing is the published one; the published code groups each ``datasets.map`` batch of 1000 documents
+  separately (dropping each batch's tail, so its blocks depend on the batching), here the whole split is
+  one stream (one tail dropped).
 - ``pad`` (LM1B): one block per document, ``[BOS] + ids + [EOS]`` truncated to ``length`` *keeping the
   final EOS* (as Hugging Face truncation with special tokens does), then padded with ``pad_id``.
 
@@ -478,7 +481,14 @@ def _build(items, out: Path, tok: Tokenizer, length: int, mode: str, num_workers
                                            contextlib.nullcontext()) as lf:
             writer = (_WrapWriter(f, length, dtype, tok, add_eos) if mode == "wrap" else
                       _PadWriter(f, lf, length, dtype, tok, add_eos))
+            V = int(tok.model_vocab_size)
             for ids, end, src in _encoded(_units(items, default_docs, sources), encode):
+                if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+                    # before the cast to the shard dtype, which would wrap an out-of-range id silently
+                    bad = int(ids[(ids < 0) | (ids >= V)][0])
+                    where = sources.files[src]["path"] if src >= 0 else "an in-memory document"
+                    raise ValueError(f"{where}: tokenizer {tok.name!r} produced id {bad}, outside its model "
+                                     f"vocabulary [0, {V})")
                 writer.add(ids, end)
                 text_tokens += ids.size
                 if src >= 0:
