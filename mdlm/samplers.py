@@ -26,7 +26,8 @@ masked positions), then exactly one per model call (the next unmask step and how
 2-element ``tolist``), none per step; the rows left masked are known without a sync, so noise removal adds
 none. ddpm, remasking and time-conditioned ddpm_cache take the per-step path (``_ancestral``): one sync per
 model call to size the masked-row gather and, with the cache, one per step for the cache decision (did any
-token change?). confidence: one per model call; first_hitting: one before the loop, none in it (fixed
+token change?). confidence: with k tokens per step one read before the loop and none in it, with a threshold
+one per model call; first_hitting: one before the loop, none in it (fixed
 shapes, all B rows per event). All samplers: one after the loop (invalid rows: NaN logits stay masked and
 raise then), and the seed read when ``generator`` lives on an accelerator. Not yet captured in CUDA graphs.
 
@@ -350,10 +351,17 @@ def _first_hitting(model, x, seed, opts, stats, progress, invalid):
     return x
 
 
-def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid):
+def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, static_gather: bool = True):
     """Confidence-ordered parallel decoding (LLaDA-style low-confidence remasking): per step, the most
     probable token of every masked position, committed at the k positions per sequence where that
-    probability is highest (or at all positions above ``threshold``, at least one per sequence)."""
+    probability is highest (or at all positions above ``threshold``, at least one per sequence).
+
+    With k per step (no threshold) every sequence commits exactly min(k, its masked count) positions per
+    step (confidences of valid rows are >= 0), so the per-row masked counts are read once before the loop
+    and then tracked on the host: the masked-row gather is sized without a sync (``nonzero_static``), and
+    the loop has no host read. (A row with invalid logits stays masked; the count then runs ahead of the
+    truth, the extra positions are left out of later gathers and the sampler raises after the loop, as it
+    does for any invalid row.) With a threshold the count is data dependent: one read per model call."""
     import mdlm_kernels as mk
     if k < 1:
         raise ValueError(f"tokens_per_step must be >= 1, got {k}")
@@ -365,11 +373,22 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid):
     zero = torch.zeros(B, device=device)
     step = 0
     max_steps = L if threshold is not None else -(-L // k)
-    for step in _progress(range(max_steps), progress, "sampling (confidence)"):
-        idx = _masked_idx(x, M)
+    static = static_gather and threshold is None
+    if static:
+        counts = (x == M).sum(1).tolist()   # the loop's only host read
         _sync(stats)
-        if idx.numel() == 0:
-            break
+    for step in _progress(range(max_steps), progress, "sampling (confidence)"):
+        if static:
+            n_masked = sum(counts)
+            if n_masked == 0:
+                break
+            idx = torch.nonzero_static((x == M).reshape(-1), size=n_masked).squeeze(1)
+            counts = [max(0, c - k) for c in counts]
+        else:
+            idx = _masked_idx(x, M)
+            _sync(stats)
+            if idx.numel() == 0:
+                break
         logits = masked_row_logits(model, x, zero, idx)
         stats["model_calls"] += 1
         stats["steps"] += 1

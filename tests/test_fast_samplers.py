@@ -126,6 +126,27 @@ def test_confidence_decoding_takes_ceil_L_over_k_steps():
     assert stats["steps"] == math.ceil(L / 4)
 
 
+def test_confidence_k_per_step_has_no_host_read_in_the_loop_and_equals_the_synced_gather(monkeypatch):
+    """k per step: per-row masked counts read once, then tracked on the host (nonzero_static): the same
+    tokens as the per-call nonzero gather, and a host-read count that does not grow with the steps."""
+    import mdlm.samplers as ms
+    m = _model()
+    x_init = torch.full((3, L), MASK)
+    x_init[0, 1] = 4            # rows with different numbers of given tokens
+    x_init[2, [0, 3, 5]] = 9
+    for k in (1, 2, 4):
+        a, st = fast_sample(m, 3, sampler="confidence", tokens_per_step=k, x_init=x_init, return_stats=True,
+                            generator=torch.Generator().manual_seed(k))
+        assert st["host_syncs"] == 2 and st["steps"] == math.ceil(L / k), st   # before and after the loop
+        real = ms._confidence
+        monkeypatch.setattr(ms, "_confidence", lambda *args, **kw: real(*args, static_gather=False, **kw))
+        b, st_b = fast_sample(m, 3, sampler="confidence", tokens_per_step=k, x_init=x_init, return_stats=True,
+                              generator=torch.Generator().manual_seed(k))
+        monkeypatch.setattr(ms, "_confidence", real)
+        assert torch.equal(a, b) and st_b["host_syncs"] > st["host_syncs"]
+        assert torch.all(a[x_init != MASK] == x_init[x_init != MASK]) and not torch.any(a == MASK)
+
+
 def test_ddpm_cache_skips_the_model_when_nothing_changed():
     m = _model()
     _, st_cache = fast_sample(m, 1, steps=200, sampler="ddpm_cache", return_stats=True,
