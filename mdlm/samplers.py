@@ -29,7 +29,10 @@ model call to size the masked-row gather and, with the cache, one per step for t
 token change?). confidence: with k tokens per step one read before the loop and none in it, with a threshold
 one per model call; first_hitting: one before the loop, none in it (fixed
 shapes, all B rows per event). All samplers: one after the loop (invalid rows: NaN logits stay masked and
-raise then), and the seed read when ``generator`` lives on an accelerator. Not yet captured in CUDA graphs.
+raise then), and the seed read when ``generator`` lives on an accelerator. CUDA graphs: with
+``cuda_graph=True`` the first-hitting sampler (fixed shapes, no host read in its loop) captures its model call
+(backbone + row gather + LM head) once and replays it per event; the sampling step itself is launched
+eagerly (its Philox offset is a host integer that changes per event). Not yet verified on a GPU.
 
 Philox offsets (``sample_step`` and ``philox_uniform`` key the same (seed, offset, row, col) stream, so no two
 draws may share an offset): 0 noise removal (greedy: RNG unused); 1 + i the step / event at grid index
@@ -66,6 +69,55 @@ def masked_row_logits(model, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Te
         return lin(h)
 
 
+class _GraphedRowLogits:
+    """``masked_row_logits`` for fixed shapes, captured once into a CUDA graph and replayed: x (B, L), sigma
+    (B,) and idx (N,) are copied into static buffers, the whole backbone + gather + LM head replays as one
+    graph launch (no per-kernel launch overhead), and the logits come back in a static (N, V) buffer (valid
+    until the next call). Two eager warm-up calls on a side stream run first (kernel compilation, the SDPA
+    backend choice). If capture fails, a warning is issued and every call runs eagerly."""
+
+    def __init__(self, model, stats):
+        self.model, self.stats = model, stats
+        self.graph = None
+        self.failed = False
+
+    def __call__(self, x, sigma, idx):
+        if self.failed:
+            return masked_row_logits(self.model, x, sigma, idx)
+        if self.graph is None:
+            return self._capture(x, sigma, idx)
+        self.x.copy_(x)
+        self.sigma.copy_(sigma)
+        self.idx.copy_(idx)
+        self.graph.replay()
+        self.stats["graph_replays"] = self.stats.get("graph_replays", 0) + 1
+        return self.out
+
+    def _capture(self, x, sigma, idx):
+        import warnings
+        self.x, self.sigma, self.idx = x.clone(), sigma.clone(), idx.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    masked_row_logits(self.model, self.x, self.sigma, self.idx)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = masked_row_logits(self.model, self.x, self.sigma, self.idx)
+            self.graph = graph
+        except Exception as e:  # a kernel or check that cannot be captured: stay correct, run eagerly
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            warnings.warn(f"CUDA-graph capture of the sampling model call failed ({type(e).__name__}: {e}); "
+                          "running it eagerly")
+            self.failed, self.graph = True, None
+            return masked_row_logits(self.model, x, sigma, idx)
+        self.graph.replay()
+        self.stats["graph_replays"] = self.stats.get("graph_replays", 0) + 1
+        return self.out
+
+
 def _seed_from(generator, stats) -> int:
     dev = torch.device(generator.device if generator is not None else "cpu")
     if dev.type != "cpu":
@@ -88,13 +140,16 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
                 x_init: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 tokens_per_step: int = 1, confidence_threshold: float | None = None,
-                remask_eta: float = 0.0, progress: bool = False, return_stats: bool = False):
+                remask_eta: float = 0.0, progress: bool = False, return_stats: bool = False,
+                cuda_graph: bool = False):
     """Generate (B, length) token ids with the fused sampling step.
 
     sampler: "ddpm", "ddpm_cache", "first_hitting" or "confidence" (see the module docstring). steps:
     number of uniform steps (ddpm*; default config.sampling.steps); ignored by first_hitting (one event
     per masked position) and derived from ``tokens_per_step`` for confidence decoding. temperature /
-    top_k / top_p reshape p_theta. x_init (B, L): given tokens are kept. With ``return_stats`` also
+    top_k / top_p reshape p_theta. x_init (B, L): given tokens are kept. ``cuda_graph`` (first_hitting on
+    CUDA only): replay the model call from a captured CUDA graph (see the module docstring). With
+    ``return_stats`` also
     returns {"model_calls": int, "steps": int, "host_syncs": int} (steps: grid steps covered, including the
     ones ddpm_cache skips between model calls; host_syncs: explicit host reads, see the module docstring).
     """
@@ -142,7 +197,12 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
                 x = _ancestral(model, x, given, grid, sampler == "ddpm_cache", remask_eta, seed, opts, stats,
                                progress, invalid)
         elif sampler == "first_hitting":
-            x = _first_hitting(model, x, seed, opts, stats, progress, invalid)
+            row_logits = masked_row_logits
+            if cuda_graph:
+                if x.device.type != "cuda":
+                    raise ValueError("cuda_graph=True needs the model on a CUDA device")
+                row_logits = _GraphedRowLogits(model, stats)
+            x = _first_hitting(model, x, seed, opts, stats, progress, invalid, row_logits)
         else:
             x = _confidence(model, x, tokens_per_step, confidence_threshold, seed, opts, stats, progress, invalid)
         if noise_removal and sampler in ("ddpm", "ddpm_cache"):
@@ -316,7 +376,7 @@ def _ddpm_cache_events(model, x, grid, seed, opts, stats, progress, invalid):
     return x, idx
 
 
-def _first_hitting(model, x, seed, opts, stats, progress, invalid):
+def _first_hitting(model, x, seed, opts, stats, progress, invalid, row_logits=masked_row_logits):
     """Each event: per sequence, one uniformly chosen masked position gets a token drawn from p_theta
     (s = 0: MASK cannot be drawn). All B rows go through every event with fixed shapes (sequences that are
     done keep their tokens), so the loop has no host sync. The event times t_{k+1} = t_k u^(1/n) only
@@ -340,7 +400,7 @@ def _first_hitting(model, x, seed, opts, stats, progress, invalid):
         t = torch.where(active, t * r ** (1.0 / n.clamp_min(1).double()), t)
         idx = rows * L + pick
         sigma = model.noise(t.float())[0]
-        logits = masked_row_logits(model, x, sigma, idx)
+        logits = row_logits(model, x, sigma, idx) if row_logits is masked_row_logits else row_logits(x, sigma, idx)
         stats["model_calls"] += 1
         stats["steps"] += 1
         tok = mk.sample_step(logits, torch.ones(B, device=device), torch.zeros(B, device=device), seed, 1 + k,
