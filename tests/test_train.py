@@ -313,18 +313,32 @@ def test_sigkill_anywhere_including_during_save_resumes_to_the_same_losses(tmp_p
     _run_until(_train_cmd(run, shard_cache, *steps), _env())
     assert _losses(run) == expected
 
-    # 2. killed from outside at random moments (printed, so a failure can be replayed)
+    # 2. killed from outside at random moments while training (printed, so a failure can be replayed): each
+    #    run is killed once the log reaches a random step, after a random 0-60 ms more (mid-step, mid-save)
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng = random.Random(seed)
     run = tmp_path / "random"
-    delays = []
-    for _ in range(3):
-        delays.append(rng.uniform(2.0, 9.0))
-        if _run_until(_train_cmd(run, shard_cache, *steps), _env(), kill_after=delays[-1]) == 0:
-            break
+    kills = []
+    for target in sorted(rng.sample(range(1, 16), 3)):
+        jitter = rng.uniform(0.0, 0.06)
+        p = subprocess.Popen(_train_cmd(run, shard_cache, *steps), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        t0 = time.time()
+        while p.poll() is None and time.time() - t0 < 120:
+            recs = _losses(run) if (run / "log.jsonl").exists() else []
+            if recs and recs[-1][0] >= target:
+                time.sleep(jitter)
+                break
+            time.sleep(0.005)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stderr.close()
+        kills.append((target, round(jitter, 3), p.returncode))
+    assert any(rc == -signal.SIGKILL for _, _, rc in kills), kills
     _run_until(_train_cmd(run, shard_cache, *steps), _env())
-    assert _losses(run) == expected, f"random kill delays {delays} (seed {seed})"
+    assert _losses(run) == expected, f"random kills (step, delay, rc) {kills} (seed {seed})"
     ref_w = load_training_checkpoint(ref / "checkpoints")[0]["state_dict"]
     got_w = load_training_checkpoint(run / "checkpoints")[0]["state_dict"]
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
