@@ -485,14 +485,8 @@ def fast_semi_ar_sample(model, batch_size: int = 1, stride_length: int | None = 
     from once per window. Returns (B, L + num_strides * stride_length) ids, and with ``return_stats`` the
     summed ``fast_sample`` stats plus ``windows``.
     """
-    cfg = model.config.sampling
-    stride = int(stride_length if stride_length is not None else cfg.stride_length)
-    num_strides = int(num_strides if num_strides is not None else cfg.num_strides)
-    L = int(length or model.config.model.length)
-    if not 0 < stride <= L:
-        raise ValueError(f"stride_length must be in [1, {L}], got {stride}")
-    if num_strides < 0:
-        raise ValueError(f"num_strides must be >= 0, got {num_strides}")
+    from .sampling import semi_ar_geometry
+    stride, num_strides, L = semi_ar_geometry(model, stride_length, num_strides, length)
     if kwargs.get("x_init") is not None:
         raise ValueError("semi-autoregressive sampling builds its own x_init per window")
     device = next(model.parameters()).device

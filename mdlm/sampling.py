@@ -187,6 +187,20 @@ def _sample_loop(model, x, sampler, steps, eps, noise_removal, generator, gumbel
 
 
 @torch.no_grad()
+def semi_ar_geometry(model, stride_length: int | None, num_strides: int | None, length: int | None):
+    """(stride, num_strides, window length L) of a semi-autoregressive run, config defaults filled in and
+    checked (1 <= stride <= L, num_strides >= 0); shared by the published and the fused semi-AR samplers."""
+    cfg = model.config.sampling
+    stride = int(stride_length if stride_length is not None else cfg.stride_length)
+    num_strides = int(num_strides if num_strides is not None else cfg.num_strides)
+    L = int(length or model.config.model.length)
+    if not 0 < stride <= L:
+        raise ValueError(f"stride_length must be in [1, {L}], got {stride}")
+    if num_strides < 0:
+        raise ValueError(f"num_strides must be >= 0, got {num_strides}")
+    return stride, num_strides, L
+
+
 def semi_ar_sample(model, batch_size: int = 1, stride_length: int | None = None, num_strides: int | None = None,
                    steps: int | None = None, generator=None, gumbel_dtype=torch.float32, length: int | None = None,
                    return_nfe: bool = False):
@@ -199,15 +213,8 @@ def semi_ar_sample(model, batch_size: int = 1, stride_length: int | None = None,
     then an argmax at sigma = 0. Returns (B, L + num_strides * stride_length) token ids, and with
     ``return_nfe`` also the number of model evaluations (cache misses) as in the published code.
     """
-    cfg = model.config.sampling
-    stride = int(stride_length if stride_length is not None else cfg.stride_length)
-    num_strides = int(num_strides if num_strides is not None else cfg.num_strides)
-    steps = int(steps if steps is not None else cfg.steps)
-    L = int(length or model.config.model.length)
-    if not 0 < stride <= L:
-        raise ValueError(f"stride_length must be in [1, {L}], got {stride}")
-    if num_strides < 0:
-        raise ValueError(f"num_strides must be >= 0, got {num_strides}")
+    stride, num_strides, L = semi_ar_geometry(model, stride_length, num_strides, length)
+    steps = int(steps if steps is not None else model.config.sampling.steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if model.noise.name != "loglinear":

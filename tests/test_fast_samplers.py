@@ -218,6 +218,22 @@ def _chi2_crit(dof, z=3.719):
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
+def _chi2_per_position(a_ids: torch.Tensor, b_ids: torch.Tensor) -> tuple[float, int]:
+    """Chi-square homogeneity statistic of two samples (n_a, P) and (n_b, P) of token ids, summed over the P
+    positions (per-position histograms over the classes seen), and its degrees of freedom."""
+    chi2, dof = 0.0, 0
+    for pos in range(a_ids.shape[1]):
+        a = torch.bincount(a_ids[:, pos], minlength=V).double()
+        b = torch.bincount(b_ids[:, pos], minlength=V).double()
+        keep = (a + b) > 0
+        a, b = a[keep], b[keep]
+        exp_a = (a + b) * a.sum() / (a.sum() + b.sum())
+        exp_b = (a + b) * b.sum() / (a.sum() + b.sum())
+        chi2 += float(((a - exp_a) ** 2 / exp_a + (b - exp_b) ** 2 / exp_b).sum())
+        dof += int(keep.sum()) - 1
+    return chi2, dof
+
+
 def test_first_unmask_step_follows_the_ddpm_cache_schedule(monkeypatch):
     """From a model call at grid index i, a masked row first unmasks at step k >= i with probability
     (t_k - t_{k+1}) / t_i and never (within the grid) with probability t_steps / t_i: chi-square of the
@@ -248,16 +264,7 @@ def test_fused_ddpm_cache_matches_the_reference_sampler_in_distribution():
     fused = fast_sample(m, n, steps=10, sampler="ddpm_cache", generator=torch.Generator().manual_seed(1))
     ref = reference_sample(m, n, steps=10, sampler="ddpm_cache", generator=torch.Generator().manual_seed(2),
                            gumbel_dtype=torch.float64)
-    chi2, dof = 0.0, 0
-    for pos in range(L):
-        a = torch.bincount(fused[:, pos], minlength=V).double()
-        b = torch.bincount(ref[:, pos], minlength=V).double()
-        keep = (a + b) > 0
-        a, b = a[keep], b[keep]
-        exp_a = (a + b) * a.sum() / (a.sum() + b.sum())
-        exp_b = (a + b) * b.sum() / (a.sum() + b.sum())
-        chi2 += float(((a - exp_a) ** 2 / exp_a + (b - exp_b) ** 2 / exp_b).sum())
-        dof += int(keep.sum()) - 1
+    chi2, dof = _chi2_per_position(fused, ref)
     crit = _chi2_crit(dof)
     assert chi2 < crit, (chi2, crit, dof)
 
@@ -331,16 +338,7 @@ def test_fused_semi_ar_matches_the_published_semi_ar_in_distribution():
     ref = semi_ar_sample(m, n, stride_length=stride, num_strides=2, steps=8,
                          generator=torch.Generator().manual_seed(2), gumbel_dtype=torch.float64)
     assert fused.shape == ref.shape == (n, L + 2 * stride)
-    chi2, dof = 0.0, 0
-    for pos in range(L + 2 * stride):
-        a = torch.bincount(fused[:, pos], minlength=V).double()
-        b = torch.bincount(ref[:, pos], minlength=V).double()
-        keep = (a + b) > 0
-        a, b = a[keep], b[keep]
-        exp_a = (a + b) * a.sum() / (a.sum() + b.sum())
-        exp_b = (a + b) * b.sum() / (a.sum() + b.sum())
-        chi2 += float(((a - exp_a) ** 2 / exp_a + (b - exp_b) ** 2 / exp_b).sum())
-        dof += int(keep.sum()) - 1
+    chi2, dof = _chi2_per_position(fused, ref)
     assert chi2 < _chi2_crit(dof), (chi2, _chi2_crit(dof), dof)
 
 
