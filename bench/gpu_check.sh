@@ -8,6 +8,7 @@
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)   # absolute: some steps run from /tmp (to import the installed package)
 cd "$(dirname "$0")/.."
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
@@ -66,6 +67,11 @@ else
   echo "shipped data not found (set MDLM_DATA_DIR): training run skipped" | tee "$OUT/train_tiny.txt"
 fi
 
+step "trainer smoke run without shipped data: synthetic corpus, tiny preset, 60 steps with a stop + resume"
+(cd /tmp && timeout 150 python "$OLDPWD/bench/train_smoke.py" --steps 60 --out "$OUT") 2>&1 \
+  | tee "$OUT/train_smoke.txt" | grep -v Warning | tail -3
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "summary"
 tail -1 "$OUT/pytest_cuda.txt"
 grep -A8 "^provider" "$OUT/bench_linear_ce.txt"
@@ -76,4 +82,5 @@ grep -A3 "^# step arithmetic" "$OUT/bench_sampling.txt"
 grep -A4 "^# generation" "$OUT/bench_sampling.txt"
 grep -A8 "^provider" "$OUT/throughput.txt"
 grep "val NELBO" "$OUT/train_tiny.txt"
+tail -1 "$OUT/train_smoke.txt"
 exit $status
