@@ -100,6 +100,7 @@ _BASE: dict = {
         "val_blocks": 0,            # validation blocks per evaluation; 0 = all
         "save_every": 1000,         # steps; 0 = only at the end / on interruption
         "keep_checkpoints": 2,      # complete checkpoints kept on disk (>= 2: the last good one survives)
+        "resume_fallback": True,    # newest checkpoint corrupt: resume from the previous one (False: stop)
         "sample_every": 0,          # steps; 0 = never during training
         "num_samples": 2, "sample_steps": 128,
         "max_nonfinite": 10,        # consecutive non-finite steps that stop the run

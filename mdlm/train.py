@@ -451,7 +451,8 @@ class Trainer:
             target = self.ckpt_dir
         else:
             target = resume
-        obj, path = load_training_checkpoint(target, fallback=True, log=self.log)
+        obj, path = load_training_checkpoint(target, fallback=bool(self.cfg.trainer.get("resume_fallback", True)),
+                                             log=self.log)
         self.load_state(obj)
         self.log(f"resumed from {path} at step {self.state.step}")
         if self.is_main and self.log_path.exists():

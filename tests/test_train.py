@@ -157,6 +157,8 @@ def test_corrupt_checkpoint_named_and_fallback(tmp_path):
         load_training_checkpoint(newest)
     msgs = []
     train, val = _data()
+    with pytest.raises(CheckpointError, match="step_00000004.ckpt"):       # fallback turned off: stop, named
+        Trainer(_cfg(run, **{"trainer.resume_fallback": False}), train, val, model=mdlm.MDLM(_cfg(run), V))
     t = Trainer(_cfg(run), train, val, model=mdlm.MDLM(_cfg(run), V), log=msgs.append)
     assert t.state.step == 2 and any("skipping checkpoint" in m for m in msgs)
     with pytest.raises(CheckpointError, match="does_not_exist.*does not exist"):
