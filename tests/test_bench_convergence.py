@@ -9,23 +9,19 @@ keeps the weight updates' rounding differences from growing much over a few step
 still catching any real difference in the math (a changed draw, weight or reduction moves the loss by
 far more than 1e-3 relative).
 """
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_loader import load_bench
+
 LOSS_RTOL = 1e-5   # per-step relative agreement of the two training-loss curves (fp32, CPU)
 STEPS, EVAL_EVERY = 6, 3
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_convergence", ROOT / "bench" / "convergence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("convergence")
 
 
 def _need_corpus():

@@ -1,19 +1,15 @@
 """bench/kernels.py runs end to end (tiny shapes, CPU, no torch.compile) and writes one row per kernel x pass x
 provider; unknown kernels and providers are rejected."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_loader import load_bench
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("kernels")
 
 
 def test_kernels_smoke(tmp_path, monkeypatch):

@@ -1,18 +1,15 @@
 """bench/make_readme_table.py: GPU JSONs -> Markdown tables; README block replacement between markers."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_loader import load_bench
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("make_readme_table", ROOT / "bench" / "make_readme_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("make_readme_table")
 
 
 def _env(device="cuda", gpu="NVIDIA H200", rev="abc1234", date="2027-01-02T03:04:05+00:00"):

@@ -1,18 +1,14 @@
 """bench/throughput.py runs end to end (tiny shapes, CPU) and writes a JSON with every provider's figures."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_loader import load_bench
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "bench" / "throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("throughput")
 
 
 def test_throughput_smoke(tmp_path):

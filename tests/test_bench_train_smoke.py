@@ -1,18 +1,14 @@
 """bench/train_smoke.py (the trainer on a synthetic corpus, stop + resume) runs end to end on CPU."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_loader import load_bench
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_train_smoke", ROOT / "bench" / "train_smoke.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("train_smoke")
 
 
 def test_synthetic_blocks_are_phrase_sequences():
