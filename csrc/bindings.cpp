@@ -55,6 +55,16 @@ void* as_ptr(const char* op, std::uintptr_t p, bool nonempty) {
   return reinterpret_cast<void*>(p);
 }
 
+// The device-side Philox offset (philox.h, DEVICE-SIDE OFFSET): 0 = none, else the address of one int64
+// (8-byte aligned) in the memory of the op's data; only the kernel dereferences it.
+const int64_t* as_offset_ptr(const char* op, std::uintptr_t p) {
+  if (p % alignof(int64_t) != 0) {
+    throw std::invalid_argument(std::string(op) + ": offset_ptr must be the 8-byte aligned address of an int64, got " +
+                                std::to_string(p));
+  }
+  return reinterpret_cast<const int64_t*>(p);
+}
+
 #if MDLM_WITH_CUDA
 [[noreturn]] void throw_cuda(const char* op, int code) {
   throw std::runtime_error(std::string("mdlm_kernels CUDA error in ") + op + ": " + mdlm::cuda_error_string(code) +
@@ -102,18 +112,21 @@ std::array<uint32_t, 4> philox4x32(const std::vector<uint64_t>& ctr, const std::
   return {out[0], out[1], out[2], out[3]};
 }
 
-void philox_uniform_cpu(std::uintptr_t out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype) {
+void philox_uniform_cpu(std::uintptr_t out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype,
+                        std::uintptr_t offset_ptr) {
   const char* op = "philox_uniform_cpu";
   check_sizes(op, rows, cols, uniform_elem_size(op, dtype));
   void* p = as_ptr(op, out, rows * cols > 0);
+  const int64_t* off = as_offset_ptr(op, offset_ptr);
   py::gil_scoped_release release;
-  mdlm::philox_uniform_cpu(p, rows, cols, seed, offset, dtype);
+  mdlm::philox_uniform_cpu(p, rows, cols, seed, offset, dtype, off);
 }
 
 void philox_uniform_cuda(std::uintptr_t out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype,
-                         std::uintptr_t stream) {
+                         std::uintptr_t stream, std::uintptr_t offset_ptr) {
   const char* op = "philox_uniform_cuda";
   check_sizes(op, rows, cols, uniform_elem_size(op, dtype));
+  const int64_t* off = as_offset_ptr(op, offset_ptr);
 #if MDLM_WITH_CUDA
   void* p = as_ptr(op, out, rows * cols > 0);
   if (rows * cols == 0) return;
@@ -121,13 +134,14 @@ void philox_uniform_cuda(std::uintptr_t out, int64_t rows, int64_t cols, uint64_
   int err;
   {
     py::gil_scoped_release release;
-    err = mdlm::philox_uniform_cuda(p, rows, cols, seed, offset, dtype, reinterpret_cast<void*>(stream));
+    err = mdlm::philox_uniform_cuda(p, rows, cols, seed, offset, dtype, off, reinterpret_cast<void*>(stream));
   }
   check_cuda(op, err);
 #else
   (void)out;
   (void)seed;
   (void)offset;
+  (void)off;
   (void)stream;
   no_cuda(op);
 #endif
@@ -245,7 +259,7 @@ struct SampleCall {
 SampleCall check_sample_step(const char* op, std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s,
                              std::uintptr_t row_ids, std::uintptr_t tokens, std::uintptr_t conf, int64_t rows,
                              int64_t vocab, uint64_t seed, uint64_t offset, int64_t mask_index, double temperature,
-                             int64_t top_k, double top_p, bool greedy) {
+                             int64_t top_k, double top_p, bool greedy, std::uintptr_t offset_ptr) {
   int64_t elem_size;
   if (dtype == mdlm::kFloat32) {
     elem_size = 4;
@@ -282,17 +296,18 @@ SampleCall check_sample_step(const char* op, std::uintptr_t logits, int dtype, s
   c.row_ids = static_cast<const int64_t*>(as_ptr(op, row_ids, false));  // 0: row i
   c.tokens = static_cast<int64_t*>(as_ptr(op, tokens, nonempty));
   c.conf = static_cast<float*>(as_ptr(op, conf, nonempty));
-  c.params = mdlm::SampleParams{vocab, mask_index, 1.0 / temperature, top_k, top_p, greedy ? 1 : 0, seed, offset};
+  c.params = mdlm::SampleParams{vocab, mask_index, 1.0 / temperature, top_k, top_p, greedy ? 1 : 0, seed, offset,
+                                as_offset_ptr(op, offset_ptr)};
   return c;
 }
 
 void sample_step_cpu(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
                      std::uintptr_t tokens, std::uintptr_t conf, int64_t rows, int64_t vocab, uint64_t seed,
                      uint64_t offset, int64_t mask_index, double temperature, int64_t top_k, double top_p,
-                     bool greedy) {
+                     bool greedy, std::uintptr_t offset_ptr) {
   const char* op = "sample_step_cpu";
   const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
-                                         mask_index, temperature, top_k, top_p, greedy);
+                                         mask_index, temperature, top_k, top_p, greedy, offset_ptr);
   py::gil_scoped_release release;
   mdlm::sample_step_cpu(c.logits, dtype, c.t, c.s, c.row_ids, c.tokens, c.conf, rows, c.params);
 }
@@ -300,10 +315,10 @@ void sample_step_cpu(std::uintptr_t logits, int dtype, std::uintptr_t t, std::ui
 void sample_step_cuda(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
                       std::uintptr_t tokens, std::uintptr_t conf, int64_t rows, int64_t vocab, uint64_t seed,
                       uint64_t offset, int64_t mask_index, double temperature, int64_t top_k, double top_p,
-                      bool greedy, std::uintptr_t stream) {
+                      bool greedy, std::uintptr_t stream, std::uintptr_t offset_ptr) {
   const char* op = "sample_step_cuda";
   const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
-                                         mask_index, temperature, top_k, top_p, greedy);
+                                         mask_index, temperature, top_k, top_p, greedy, offset_ptr);
 #if MDLM_WITH_CUDA
   if (rows == 0) return;
   require_device(op);
@@ -326,7 +341,7 @@ void sample_threshold_cpu(std::uintptr_t logits, int dtype, std::uintptr_t keys,
                           int64_t mask_index, double temperature, int64_t top_k, double top_p) {
   const char* op = "sample_threshold_cpu";
   const SampleCall c = check_sample_step(op, logits, dtype, 0, 0, 0, keys, keys, rows, vocab, 0, 0, mask_index,
-                                         temperature, top_k, top_p, true);
+                                         temperature, top_k, top_p, true, 0);
   std::vector<uint32_t> k(static_cast<size_t>(rows));
   {
     py::gil_scoped_release release;
@@ -372,11 +387,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("uniform24", [](uint32_t w) { return static_cast<double>(mdlm::uniform24(w)); }, py::arg("w"),
         "Header helper uniform24 (host instantiation, returned widened to double), for tests.");
   m.def("philox_uniform_cpu", &philox_uniform_cpu, py::arg("out_ptr"), py::arg("rows"), py::arg("cols"),
-        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"),
-        "Fill a (rows, cols) row-major host buffer with Philox uniforms in (0, 1).");
+        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("offset_ptr") = 0,
+        "Fill a (rows, cols) row-major host buffer with Philox uniforms in (0, 1). offset_ptr: 0, or the address "
+        "of one int64 the kernel adds to offset (mod 2^64) when it runs.");
   m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("out_ptr"), py::arg("rows"), py::arg("cols"),
-        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("stream"),
-        "Same as philox_uniform_cpu on a device buffer, launched on `stream` (cudaStream_t as int).");
+        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("stream"), py::arg("offset_ptr") = 0,
+        "Same as philox_uniform_cpu on a device buffer, launched on `stream` (cudaStream_t as int); offset_ptr "
+        "(0 or a device address) is read by the kernel.");
   m.def("forward_mask_cpu", &forward_mask_cpu, py::arg("x0_ptr"), py::arg("xt_ptr"), py::arg("dtype_code"),
         py::arg("t_in_ptr"), py::arg("t_out_ptr"), py::arg("sigma_ptr"), py::arg("weight_ptr"),
         py::arg("move_chance_ptr"), py::arg("row_counts_ptr"), py::arg("rows"), py::arg("cols"), py::arg("seed"),
@@ -392,14 +409,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("sample_step_cpu", &sample_step_cpu, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
         py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
         py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
-        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("offset_ptr") = 0,
         "Fused categorical sampling step (mdlm/sampling.h) on host buffers; row_ids_ptr = 0 uses row i; "
-        "t_ptr / s_ptr may be 0 when greedy.");
+        "t_ptr / s_ptr may be 0 when greedy; offset_ptr: 0, or the address of one int64 the kernel adds to "
+        "offset (mod 2^64) when it runs.");
   m.def("sample_step_cuda", &sample_step_cuda, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
         py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
         py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
-        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("stream"),
-        "Same as sample_step_cpu on device buffers, launched on `stream` (cudaStream_t as int).");
+        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("stream"), py::arg("offset_ptr") = 0,
+        "Same as sample_step_cpu on device buffers, launched on `stream` (cudaStream_t as int); offset_ptr "
+        "(0 or a device address) is read by the kernel.");
   m.def("sample_threshold_cpu", &sample_threshold_cpu, py::arg("logits_ptr"), py::arg("dtype_code"),
         py::arg("keys_ptr"), py::arg("rows"), py::arg("vocab"), py::arg("mask_index"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"),

@@ -182,6 +182,141 @@ def test_zero_sized():
 
 
 # ---------------------------------------------------------------------------------------------
+# device-side offset (offset_tensor): (offset + uint64(offset_tensor[0])) mod 2^64, read by the kernel
+# ---------------------------------------------------------------------------------------------
+# (host offset o, tensor value k as int64) -> effective offset (o + k) mod 2^64
+OFFSET_TENSOR_CASES = [
+    (0, 5),
+    (2**64 - 3, 7),  # wraps around 2^64 -> 4
+    (10, -1),  # int64 -1 is 2^64 - 1: offset 9
+    (0, 2**40 + 3),
+    (2**32 - 1, 1),  # carry from the low into the high counter word
+    (2**63 + 5, -2**63),  # the most negative int64
+]
+
+
+def _eff(o, k):
+    return (o + k) % 2**64
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("o,k", OFFSET_TENSOR_CASES)
+def test_offset_tensor_equals_host_offset(backend, dtype, o, k):
+    want = mk.philox_uniform(5, 37, 2**63 + 5, _eff(o, k), dtype=dtype, backend=backend)
+    for off in (torch.tensor([k], dtype=torch.int64), torch.tensor(k, dtype=torch.int64)):  # (1,) and ()
+        got = mk.philox_uniform(5, 37, 2**63 + 5, o, dtype=dtype, backend=backend, offset_tensor=off)
+        assert B.last_used["philox_uniform"] == backend
+        assert torch.equal(got, want), (backend, dtype, o, k, tuple(off.shape))
+    # and all backends agree with the reference at the effective offset
+    assert torch.equal(want, mk.philox_uniform(5, 37, 2**63 + 5, _eff(o, k), dtype=dtype, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_offset_tensor_view_with_storage_offset(backend):
+    """A (1,) view into a larger buffer: the kernel reads the viewed element, not the storage start."""
+    buf = torch.arange(100, 108, dtype=torch.int64)
+    got = mk.philox_uniform(3, 11, 7, 1, backend=backend, offset_tensor=buf[5:6])
+    assert torch.equal(got, mk.philox_uniform(3, 11, 7, 106, backend="reference"))
+    got = mk.philox_uniform(3, 11, 7, 1, backend=backend, offset_tensor=buf[::2][3])  # () view, stride 2
+    assert torch.equal(got, mk.philox_uniform(3, 11, 7, 107, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_offset_tensor_read_at_call_time(backend):
+    """The graph use case: the same tensor, changed in place between calls, moves the stream exactly as
+    the host offset would (the kernel loads the value when it runs, nothing is cached)."""
+    off = torch.zeros(1, dtype=torch.int64)
+    o = 2**64 - 2
+    outs = []
+    for _ in range(4):
+        outs.append(mk.philox_uniform(4, 9, 1234, o, backend=backend, offset_tensor=off))
+        off += 1
+    assert int(off) == 4
+    for i, got in enumerate(outs):
+        assert torch.equal(got, mk.philox_uniform(4, 9, 1234, _eff(o, i), backend="reference")), i
+    assert not torch.equal(outs[0], outs[1])
+    off.fill_(-7)
+    assert torch.equal(mk.philox_uniform(4, 9, 1234, 100, backend=backend, offset_tensor=off),
+                       mk.philox_uniform(4, 9, 1234, 93, backend="reference"))
+
+
+def test_offset_tensor_zero_sized_and_op():
+    off = torch.tensor([3], dtype=torch.int64)
+    for backend in ["reference"] + [b for b in ("cpp", "triton") if B.unavailable_reason(b, "cpu") is None]:
+        assert mk.philox_uniform(0, 5, 1, backend=backend, offset_tensor=off).shape == (0, 5)
+    # through the torch.library op directly (schema: ..., backend, offset_tensor)
+    got = torch.ops.mdlm.philox_uniform(3, 5, 1, 2, torch.float32, torch.device("cpu"), None, off)
+    assert torch.equal(got, mk.philox_uniform(3, 5, 1, 5, dtype=torch.float32))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        t = torch.ops.mdlm.philox_uniform(3, 5, 1, 0, torch.float64, torch.device("cpu"), None,
+                                          torch.zeros(1, dtype=torch.int64))
+    assert t.shape == (3, 5) and t.dtype == torch.float64
+
+
+def test_offset_tensor_torch_compile_fullgraph():
+    """Under torch.compile the op reads the tensor's value at run time; an in-place advance inside the
+    compiled function is ordered after the draw."""
+
+    def f(off):
+        u = mk.philox_uniform(4, 9, 11, 3, dtype=torch.float32, offset_tensor=off)
+        off.add_(1)
+        return u * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    off = torch.tensor([-4], dtype=torch.int64)
+    try:
+        first = compiled(off)
+    except RuntimeError as e:  # pragma: no cover - broken compiler toolchain, not our op
+        if "compile" in str(e).lower() and "mdlm" not in str(e):
+            pytest.skip(f"torch.compile unusable here: {e}")
+        raise
+    second = compiled(off)
+    assert int(off) == -2
+    assert torch.equal(first, mk.philox_uniform(4, 9, 11, _eff(3, -4), dtype=torch.float32) * 2.0)
+    assert torch.equal(second, mk.philox_uniform(4, 9, 11, _eff(3, -3), dtype=torch.float32) * 2.0)
+
+
+@pytest.mark.parametrize(
+    "off,exc,match",
+    [
+        (torch.tensor([1.0]), TypeError, "philox_uniform: offset_tensor must be torch.int64, got torch.float32"),
+        (torch.tensor([1], dtype=torch.int32), TypeError, "offset_tensor must be torch.int64"),
+        (torch.tensor([1, 2]), ValueError, "philox_uniform: offset_tensor must have shape \\(1,\\) or \\(\\)"),
+        (torch.zeros(0, dtype=torch.int64), ValueError, "offset_tensor must have shape"),
+        (torch.zeros(1, 1, dtype=torch.int64), ValueError, "offset_tensor must have shape"),
+        (torch.zeros(1, dtype=torch.int64, device="meta"), ValueError,
+         "philox_uniform: offset_tensor is on meta but the op runs on cpu"),
+        (5, TypeError, "philox_uniform: offset_tensor must be a torch.Tensor"),
+        ([5], TypeError, "offset_tensor must be a torch.Tensor"),
+    ],
+)
+def test_offset_tensor_errors(off, exc, match):
+    with pytest.raises(exc, match=match):
+        mk.philox_uniform(2, 3, 0, 1, offset_tensor=off)
+    if isinstance(off, torch.Tensor):  # the op (and its fake) check too: the kernels dereference the pointer
+        with pytest.raises(exc, match=match):
+            torch.ops.mdlm.philox_uniform(2, 3, 0, 1, torch.float64, torch.device("cpu"), "reference", off)
+
+
+@needs_ext
+def test_binding_offset_ptr():
+    C = _ext.load()
+    out = torch.empty(2, 3, dtype=torch.float64)
+    off = torch.tensor([5], dtype=torch.int64)
+    C.philox_uniform_cpu(out.data_ptr(), 2, 3, 9, 1, 3, off.data_ptr())
+    assert torch.equal(out, mk.philox_uniform(2, 3, 9, 6, backend="reference"))
+    C.philox_uniform_cpu(out_ptr=out.data_ptr(), rows=2, cols=3, seed=9, offset=1, dtype_code=3)  # default: none
+    assert torch.equal(out, mk.philox_uniform(2, 3, 9, 1, backend="reference"))
+    with pytest.raises(ValueError, match="philox_uniform_cpu: offset_ptr must be the 8-byte aligned"):
+        C.philox_uniform_cpu(out.data_ptr(), 2, 3, 9, 1, 3, off.data_ptr() + 4)
+    with pytest.raises(ValueError, match="philox_uniform_cuda: offset_ptr must be the 8-byte aligned"):
+        C.philox_uniform_cuda(out.data_ptr(), 2, 3, 9, 1, 3, 0, 12)
+
+
+# ---------------------------------------------------------------------------------------------
 # errors and dispatch
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
@@ -309,3 +444,45 @@ def test_gpu_uses_current_stream():
         a = mk.philox_uniform(64, 1000, 3, 4, device="cuda")
     s.synchronize()
     assert torch.equal(a.cpu(), mk.philox_uniform(64, 1000, 3, 4))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_cuda_graph_offset_tensor(dtype):
+    """philox_uniform with a device-side offset captured in a CUDA graph together with `off += 1`
+    (cpp and triton kernels): three replays draw at offsets o, o + 1, o + 2 (wrapping past 2^64),
+    bit-identical to eager calls with those host offsets and to the CPU twin."""
+    seed, o = 2**63 + 5, 2**64 - 2
+    rows, cols = 37, 1023
+    for backend in ("cpp", "triton"):
+        if B.unavailable_reason(backend, "cuda") is not None:
+            continue
+        off = torch.zeros(1, dtype=torch.int64, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (Triton compiles here)
+            mk.philox_uniform(rows, cols, seed, o, dtype=dtype, device="cuda", backend=backend, offset_tensor=off)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mk.philox_uniform(rows, cols, seed, o, dtype=dtype, device="cuda", backend=backend,
+                                    offset_tensor=off)
+            off += 1
+        replays = []
+        for _ in range(3):
+            graph.replay()
+            replays.append(out.clone())
+        torch.cuda.synchronize()
+        assert int(off) == 3, backend
+        for i, got in enumerate(replays):
+            eff = _eff(o, i)
+            eager = mk.philox_uniform(rows, cols, seed, eff, dtype=dtype, device="cuda", backend=backend)
+            assert torch.equal(got, eager), (backend, i)
+            eager_t = mk.philox_uniform(rows, cols, seed, o, dtype=dtype, device="cuda", backend=backend,
+                                        offset_tensor=torch.tensor([i], device="cuda"))
+            assert torch.equal(got, eager_t), (backend, i)
+            cpu = mk.philox_uniform(rows, cols, seed, eff, dtype=dtype, backend="cpp" if HAS_EXT else "reference")
+            assert torch.equal(got.cpu(), cpu), (backend, i)
+        assert not torch.equal(replays[0], replays[1])
+    with pytest.raises(ValueError, match="offset_tensor is on cpu but the op runs on cuda"):
+        mk.philox_uniform(2, 3, 0, device="cuda", offset_tensor=torch.zeros(1, dtype=torch.int64))

@@ -198,6 +198,117 @@ def test_deterministic_offsets_and_row_ids(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# (2b) device-side offset (offset_tensor): (offset + uint64(offset_tensor[0])) mod 2^64, read by the
+#      kernel when it runs (the CUDA graph use case; the GPU half is in (8))
+# ---------------------------------------------------------------------------------------------
+# (host offset o, tensor value k as int64) -> effective offset (o + k) mod 2^64
+OFFSET_TENSOR_CASES = [(0, 5), (2**64 - 3, 7), (10, -1), (0, 2**40 + 3), (2**32 - 1, 1)]
+
+
+def _eff(o, k):
+    return (o + k) % 2**64
+
+
+def _same(a, b):
+    return torch.equal(a.tokens, b.tokens) and torch.equal(a.confidence, b.confidence)
+
+
+def _offset_case(dtype):
+    N, V = 37, 50
+    x, t, s = _inputs(N, V, dtype, seed=123)
+    rid = torch.randint(0, 2**32, (N,), generator=torch.Generator().manual_seed(9))
+    return x, t, s, dict(mask_index=V - 1, row_ids=rid)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_ext), "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("o,k", OFFSET_TENSOR_CASES)
+def test_offset_tensor_equals_host_offset(backend, dtype, o, k):
+    x, t, s, kw = _offset_case(dtype)
+    seed = 2**63 + 5
+    want = mk.sample_step(x, t, s, seed, _eff(o, k), backend=backend, **kw)
+    for off in (torch.tensor([k], dtype=torch.int64), torch.tensor(k, dtype=torch.int64)):  # (1,) and ()
+        got = mk.sample_step(x, t, s, seed, o, backend=backend, offset_tensor=off, **kw)
+        assert B.last_used["sample_step"] == backend
+        assert _same(got, want), (backend, dtype, o, k, tuple(off.shape))
+    # the offset matters (the case is not degenerate) and top-k / top-p / temperature paths agree too
+    assert not torch.equal(want.tokens, mk.sample_step(x, t, s, seed, _eff(o, k + 1), backend=backend, **kw).tokens)
+    opts = dict(top_k=7, top_p=0.9, temperature=0.7)
+    assert _same(mk.sample_step(x, t, s, seed, o, backend=backend, offset_tensor=torch.tensor([k]), **opts, **kw),
+                 mk.sample_step(x, t, s, seed, _eff(o, k), backend=backend, **opts, **kw))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_ext), "reference"])
+def test_offset_tensor_read_at_call_time(backend):
+    """The graph use case on CPU: one tensor, changed in place between calls, moves the draws exactly as
+    the host offset would; a (1,) view into a larger buffer reads the viewed element."""
+    x, t, s, kw = _offset_case(torch.float32)
+    off = torch.zeros(1, dtype=torch.int64)
+    o = 2**64 - 2
+    outs = []
+    for _ in range(4):
+        outs.append(mk.sample_step(x, t, s, 77, o, backend=backend, offset_tensor=off, **kw))
+        off += 1
+    assert int(off) == 4
+    for i, got in enumerate(outs):
+        assert _same(got, mk.sample_step(x, t, s, 77, _eff(o, i), backend=backend, **kw)), i
+    assert not torch.equal(outs[0].tokens, outs[1].tokens)
+    buf = torch.arange(-3, 5, dtype=torch.int64)
+    assert _same(mk.sample_step(x, t, s, 77, 100, backend=backend, offset_tensor=buf[1:2], **kw),
+                 mk.sample_step(x, t, s, 77, 98, backend=backend, **kw))
+    # greedy draws nothing: the offset tensor is accepted and changes nothing
+    g = mk.sample_step(x, None, None, 77, 0, greedy=True, backend=backend, offset_tensor=off, **kw)
+    assert _same(g, mk.sample_step(x, None, None, 77, 0, greedy=True, backend=backend, **kw))
+
+
+@pytest.mark.parametrize(
+    "off,exc,match",
+    [
+        (torch.tensor([1.0]), TypeError, "sample_step: offset_tensor must be torch.int64, got torch.float32"),
+        (torch.tensor([1], dtype=torch.int32), TypeError, "sample_step: offset_tensor must be torch.int64"),
+        (torch.tensor([1, 2]), ValueError, "sample_step: offset_tensor must have shape \\(1,\\) or \\(\\)"),
+        (torch.zeros(0, dtype=torch.int64), ValueError, "sample_step: offset_tensor must have shape"),
+        (torch.zeros(1, dtype=torch.int64, device="meta"), ValueError,
+         "sample_step: offset_tensor is on meta but the op runs on cpu"),
+        (3, TypeError, "sample_step: offset_tensor must be a torch.Tensor"),
+        (None, None, None),  # None: the host offset only (the default)
+    ],
+)
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_ext), "reference"])
+def test_offset_tensor_errors(off, exc, match, backend):
+    kw = _ok()
+    args = (kw.pop("logits"), kw.pop("t"), kw.pop("s"), kw.pop("seed"))
+    if exc is None:
+        mk.sample_step(*args, backend=backend, offset_tensor=off, **kw)
+        return
+    with pytest.raises(exc, match=match):
+        mk.sample_step(*args, backend=backend, offset_tensor=off, **kw)
+    if isinstance(off, torch.Tensor):  # the op (and its fake) check too: the kernels dereference the pointer
+        with pytest.raises(exc, match=match):
+            torch.ops.mdlm.sample_step(args[0], args[1], args[2], None, 0, 0, 4, 1.0, 0, 1.0, False, backend, off)
+
+
+@needs_ext
+def test_binding_offset_ptr():
+    C = _ext.load()
+    x = torch.randn(3, 5)
+    t, s = torch.ones(3), torch.full((3,), 0.25)
+    tokens = torch.empty(3, dtype=torch.int64)
+    conf = torch.empty(3, 3)
+    off = torch.tensor([-2], dtype=torch.int64)
+    args = dict(logits_ptr=x.data_ptr(), dtype_code=0, t_ptr=t.data_ptr(), s_ptr=s.data_ptr(), row_ids_ptr=0,
+                tokens_ptr=tokens.data_ptr(), conf_ptr=conf.data_ptr(), rows=3, vocab=5, seed=4, offset=9,
+                mask_index=4, temperature=1.0, top_k=0, top_p=1.0, greedy=False)
+    C.sample_step_cpu(**args, offset_ptr=off.data_ptr())
+    want = mk.sample_step(x, t, s, 4, 7, mask_index=4, backend="reference")
+    assert torch.equal(tokens, want.tokens)
+    with pytest.raises(ValueError, match="sample_step_cpu: offset_ptr must be the 8-byte aligned"):
+        C.sample_step_cpu(**args, offset_ptr=off.data_ptr() + 2)
+    with pytest.raises(ValueError, match="sample_step_cuda: offset_ptr must be the 8-byte aligned"):
+        C.sample_step_cuda(**args, stream=0, offset_ptr=4)
+
+
+# ---------------------------------------------------------------------------------------------
 # (3) distribution
 # ---------------------------------------------------------------------------------------------
 def _counts(logits_row, n, t, s, V, mask_index, seed, offset=0, **kw):
@@ -481,6 +592,49 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b)
 
 
+def test_fake_impl_shapes_offset_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 11)
+        tok, conf = torch.ops.mdlm.sample_step(x, torch.empty(3), torch.empty(3), None, 1, 0, 10, 1.0, 0, 1.0,
+                                               False, None, torch.zeros(1, dtype=torch.int64))
+    assert tok.shape == (3,) and tok.dtype == torch.int64
+    assert conf.shape == (3, 3) and conf.dtype == torch.float32
+
+
+def test_offset_tensor_through_op_and_torch_compile():
+    """The torch.library op takes the tensor (schema: ..., backend, offset_tensor); under
+    torch.compile(fullgraph=True) the op reads its value when the graph runs, and an in-place advance
+    inside the compiled function is ordered after the draw (what a graph-captured loop does)."""
+    x, t, s = _inputs(6, 33, torch.float32, seed=2)
+    rid = torch.arange(6) * 7
+    M = 32
+    off = torch.tensor([5], dtype=torch.int64)
+    tok, conf = torch.ops.mdlm.sample_step(x, t, s, rid, 11, 3, M, 1.0, 4, 1.0, False, None, off)
+    want = mk.sample_step(x, t, s, 11, 8, mask_index=M, row_ids=rid, top_k=4)
+    assert torch.equal(tok, want.tokens) and torch.equal(conf, want.confidence)
+
+    def f(x, t, s, rid, off):
+        out = mk.sample_step(x, t, s, 11, 2**64 - 1, mask_index=M, row_ids=rid, top_k=4, offset_tensor=off)
+        off.add_(1)
+        return out.tokens + 1, out.confidence * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    off = torch.tensor([-1], dtype=torch.int64)
+    try:
+        first = compiled(x, t, s, rid, off)
+    except RuntimeError as e:  # pragma: no cover - broken compiler toolchain, not our op
+        if "compile" in str(e).lower() and "mdlm" not in str(e):
+            pytest.skip(f"torch.compile unusable here: {e}")
+        raise
+    second = compiled(x, t, s, rid, off)
+    assert int(off) == 1
+    for got, host_off in ((first, 2**64 - 2), (second, 2**64 - 1)):
+        want = mk.sample_step(x, t, s, 11, host_off, mask_index=M, row_ids=rid, top_k=4)
+        assert torch.equal(got[0], want.tokens + 1) and torch.equal(got[1], want.confidence * 2.0), host_off
+
+
 # ---------------------------------------------------------------------------------------------
 # (8) GPU
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +671,48 @@ def test_gpu_uses_current_stream():
     st.synchronize()
     ref = mk.sample_step(x, t, s, 3, 4, mask_index=4999, top_p=0.9, backend="cpp")
     assert torch.equal(out.tokens.cpu(), ref.tokens) and torch.equal(out.confidence.cpu(), ref.confidence)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cuda_graph_offset_tensor(dtype):
+    """sample_step with a device-side offset captured in a CUDA graph together with `off += 1`: three
+    replays draw at offsets o, o + 1, o + 2 (wrapping past 2^64), bit-identical to eager calls with
+    those host offsets and to the CPU twin."""
+    N, V = 37, 50
+    x, t, s = _inputs(N, V, dtype, seed=17)
+    rid = torch.randint(0, 2**32, (N,), generator=torch.Generator().manual_seed(4))
+    xc, tc, sc, rc = x.cuda(), t.cuda(), s.cuda(), rid.cuda()
+    o = 2**64 - 2
+    kw = dict(mask_index=V - 1, top_k=9, temperature=0.8)
+    off = torch.zeros(1, dtype=torch.int64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        mk.sample_step(xc, tc, sc, 5, o, row_ids=rc, validate=False, backend="cpp", offset_tensor=off, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mk.sample_step(xc, tc, sc, 5, o, row_ids=rc, validate=False, backend="cpp", offset_tensor=off, **kw)
+        off += 1
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append((out.tokens.clone(), out.confidence.clone()))
+    torch.cuda.synchronize()
+    assert int(off) == 3
+    for i, (tok, conf) in enumerate(replays):
+        host_off = _eff(o, i)
+        eager = mk.sample_step(xc, tc, sc, 5, host_off, row_ids=rc, validate=False, backend="cpp", **kw)
+        assert torch.equal(tok, eager.tokens) and _eq_nan(conf, eager.confidence), i
+        eager_t = mk.sample_step(xc, tc, sc, 5, o, row_ids=rc, validate=False, backend="cpp",
+                                 offset_tensor=torch.tensor([i], device="cuda"), **kw)
+        assert torch.equal(tok, eager_t.tokens) and _eq_nan(conf, eager_t.confidence), i
+        cpu = mk.sample_step(x, t, s, 5, host_off, row_ids=rid, validate=False, backend="cpp", **kw)
+        assert torch.equal(tok.cpu(), cpu.tokens) and _eq_nan(conf.cpu(), cpu.confidence), i
+    assert not torch.equal(replays[0][0], replays[1][0])
+    with pytest.raises(ValueError, match="offset_tensor is on cpu but the op runs on cuda"):
+        mk.sample_step(xc, tc, sc, 5, o, row_ids=rc, offset_tensor=torch.zeros(1, dtype=torch.int64), **kw)
 
 
 def _gpu_tail_count(gap, K, n, seed):

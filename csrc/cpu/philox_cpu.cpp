@@ -38,8 +38,9 @@ void fill(T* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset) {
 }  // namespace
 
 void philox_uniform_cpu(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
-                        int out_dtype) {
+                        int out_dtype, const int64_t* offset_ptr) {
   if (rows == 0 || cols == 0) return;
+  offset = effective_offset(offset, offset_ptr);  // the same header function as the CUDA kernel
   switch (out_dtype) {
     case kFloat64: fill(static_cast<double*>(out), rows, cols, seed, offset); break;
     case kFloat32: fill(static_cast<float*>(out), rows, cols, seed, offset); break;

@@ -127,12 +127,13 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
 void sample_step_cpu(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
                      int64_t* tokens, float* conf, int64_t rows, const SampleParams& params) {
   if (rows == 0) return;
+  const SampleParams p = resolve_offset(params);  // reads *params.offset_ptr (if any) once, as the kernel does
   switch (dtype) {
     case kFloat32:
-      sample_rows(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, params);
+      sample_rows(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, p);
       break;
     case kBFloat16:
-      sample_rows(static_cast<const uint16_t*>(logits), t, s, row_ids, tokens, conf, rows, params);
+      sample_rows(static_cast<const uint16_t*>(logits), t, s, row_ids, tokens, conf, rows, p);
       break;
     default: throw std::invalid_argument("sample_step_cpu: unsupported dtype");
   }

@@ -1,5 +1,7 @@
 // CUDA launcher for philox_uniform: one thread per element, grid-stride loop, on the caller's
 // stream. Same header math as the CPU twin (csrc/cpu/philox_cpu.cpp) -> bit-identical output.
+// offset_ptr (device memory, or nullptr): each thread adds it to the host offset when the kernel
+// runs (effective_offset), so a CUDA graph replay sees the value current at replay time.
 #include <cuda_runtime.h>
 
 #include "mdlm/ops.h"
@@ -20,7 +22,8 @@ __device__ __forceinline__ float uniform_from<float>(const U32x4& w) { return un
 
 template <typename T>
 __global__ void philox_uniform_kernel(T* __restrict__ out, uint64_t n, uint64_t cols, uint64_t seed,
-                                      uint64_t offset) {
+                                      uint64_t host_offset, const int64_t* __restrict__ offset_ptr) {
+  const uint64_t offset = effective_offset(host_offset, offset_ptr);
   const uint64_t stride = static_cast<uint64_t>(blockDim.x) * gridDim.x;
   for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const uint64_t r = i / cols;
@@ -31,24 +34,26 @@ __global__ void philox_uniform_kernel(T* __restrict__ out, uint64_t n, uint64_t 
 }
 
 template <typename T>
-int launch(T* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, cudaStream_t stream) {
+int launch(T* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, const int64_t* offset_ptr,
+           cudaStream_t stream) {
   const uint64_t n = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols);
   constexpr int kThreads = 256;
   const uint64_t want = (n + kThreads - 1) / kThreads;
   const unsigned int blocks = static_cast<unsigned int>(want < (1u << 20) ? want : (1u << 20));
-  philox_uniform_kernel<T><<<blocks, kThreads, 0, stream>>>(out, n, static_cast<uint64_t>(cols), seed, offset);
+  philox_uniform_kernel<T><<<blocks, kThreads, 0, stream>>>(out, n, static_cast<uint64_t>(cols), seed, offset,
+                                                            offset_ptr);
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
 int philox_uniform_cuda(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
-                        int out_dtype, void* stream) {
+                        int out_dtype, const int64_t* offset_ptr, void* stream) {
   if (rows == 0 || cols == 0) return static_cast<int>(cudaSuccess);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (out_dtype) {
-    case kFloat64: return launch(static_cast<double*>(out), rows, cols, seed, offset, s);
-    case kFloat32: return launch(static_cast<float*>(out), rows, cols, seed, offset, s);
+    case kFloat64: return launch(static_cast<double*>(out), rows, cols, seed, offset, offset_ptr, s);
+    case kFloat32: return launch(static_cast<float*>(out), rows, cols, seed, offset, offset_ptr, s);
     default: return static_cast<int>(cudaErrorInvalidValue);  // validated by the binding already
   }
 }

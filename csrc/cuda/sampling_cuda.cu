@@ -7,7 +7,8 @@
 // Threshold passes (top-k counts, top-p masses) are block reductions whose result every thread
 // reads, so all threads take the same bisection path. Reads the row's logits once per pass (once
 // in total without top-k / top-p); writes only tokens and confidences; queued on the caller's
-// stream, never synchronises.
+// stream, never synchronises. The device-side offset (params.offset_ptr) is read by every thread at
+// the kernel's start (resolve_offset), so a CUDA graph replay uses the value current at replay time.
 #include <cuda_runtime.h>
 
 #include "mdlm/ops.h"
@@ -128,7 +129,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, const float* __restrict__ s,
                    const int64_t* __restrict__ row_ids, int64_t* __restrict__ tokens, float* __restrict__ conf,
-                   int64_t N, SampleParams p) {
+                   int64_t N, SampleParams params) {
+  const SampleParams p = resolve_offset(params);  // the effective offset, as the CPU twin computes it
   __shared__ Shared sh;
   __shared__ float g_hi[kGumbelBuckets];  // the Gumbel prefilter table, once per block
   const int j = threadIdx.x;

@@ -5,6 +5,13 @@ array uses ctr = {c, r, offset_lo32, offset_hi32}, key = {seed_lo32, seed_hi32};
 float64: uniform53(w0, w1), float32: uniform24(w0). Three bit-identical implementations:
 Triton (tl.philox: same key split and round function as Random123), the compiled extension
 (CPU twin / CUDA kernel from one header) and the PyTorch reference below.
+
+Device-side offset (CUDA graphs: a captured launch freezes its host ints): ``offset_tensor``, a
+(1,) or () int64 tensor on the output device, moves the stream position to
+(offset + uint64(offset_tensor[0])) mod 2^64, uint64() being the two's complement reinterpretation
+(int64 -1 adds 2^64 - 1, i.e. subtracts 1). The "cpp" and "triton" kernels load it themselves when
+they run (no host synchronisation; a replayed graph sees the tensor's current value); the
+"reference" backend reads it on the host (``int(offset_tensor)``, a sync on a GPU).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ _DTYPES = (torch.float64, torch.float32)
 if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["n", "cols", "seed", "off_lo", "off_hi"])
-    def _philox_uniform_kernel(out_ptr, n, cols, seed, off_lo, off_hi, IS_F64: tl.constexpr,
-                               BLOCK: tl.constexpr):
+    def _philox_uniform_kernel(out_ptr, off_ptr, n, cols, seed, off_lo, off_hi, HAS_OFF_PTR: tl.constexpr,
+                               IS_F64: tl.constexpr, BLOCK: tl.constexpr):
+        # off_ptr: the device-side offset (one int64), read only when HAS_OFF_PTR
         pid = tl.program_id(0).to(tl.int64)
         idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         mask = idx < n
@@ -40,8 +48,16 @@ if HAS_TRITON:
         col = idx - row * cols
         c0 = col.to(tl.uint32)
         c1 = row.to(tl.uint32)
-        c2 = (idx * 0 + off_lo).to(tl.uint32)
-        c3 = (idx * 0 + off_hi).to(tl.uint32)
+        if HAS_OFF_PTR:
+            # (host offset + uint64(*off_ptr)) mod 2^64: unsigned 64-bit addition, then split into words
+            dev = tl.load(off_ptr).to(tl.uint64, bitcast=True)
+            host = (off_hi.to(tl.uint64) << 32) | off_lo.to(tl.uint64)
+            eff = host + dev
+            c2 = tl.zeros([BLOCK], dtype=tl.uint32) + eff.to(tl.uint32)
+            c3 = tl.zeros([BLOCK], dtype=tl.uint32) + (eff >> 32).to(tl.uint32)
+        else:
+            c2 = (idx * 0 + off_lo).to(tl.uint32)
+            c3 = (idx * 0 + off_hi).to(tl.uint32)
         w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=10)
         if IS_F64:
             x = ((w0 >> 5).to(tl.uint64) << 26) | (w1 >> 6).to(tl.uint64)
@@ -103,7 +119,15 @@ def _uniform_from_words(w0: torch.Tensor, w1: torch.Tensor, dtype: torch.dtype) 
     return torch.where(y < (1 << 23), yf + 0.5, yf) * (2.0 ** -24)
 
 
-def _reference(rows, cols, seed, offset, dtype, device):
+def _host_offset(offset: int, offset_tensor: Optional[torch.Tensor]) -> int:
+    """The effective offset read on the HOST (reference backends only): (offset + uint64(t)) mod 2^64."""
+    if offset_tensor is None:
+        return offset
+    return (offset + (int(offset_tensor.reshape(())) & (_U64 - 1))) & (_U64 - 1)
+
+
+def _reference(rows, cols, seed, offset, dtype, device, offset_tensor=None):
+    offset = _host_offset(offset, offset_tensor)
     row = torch.arange(rows, dtype=torch.int64, device=device).view(rows, 1).expand(rows, cols)
     col = torch.arange(cols, dtype=torch.int64, device=device).view(1, cols).expand(rows, cols)
     c2 = torch.full((rows, cols), offset & _M32, dtype=torch.int64, device=device)
@@ -118,29 +142,38 @@ def _reference(rows, cols, seed, offset, dtype, device):
 _TRITON_BLOCK = 1024
 
 
-def _triton_launch(rows, cols, seed, offset, dtype, device):
+def _triton_launch(rows, cols, seed, offset, dtype, device, offset_tensor=None):
     out = torch.empty((rows, cols), dtype=dtype, device=device)
     n = rows * cols
     if n == 0:
         return out
     grid = (triton.cdiv(n, _TRITON_BLOCK),)
+    has_off = offset_tensor is not None
     with _backend.device_guard(device):
-        _philox_uniform_kernel[grid](out, n, cols, seed, offset & _M32, offset >> 32,
-                                     IS_F64=(dtype == torch.float64), BLOCK=_TRITON_BLOCK)
+        # without a device-side offset, `out` stands in for the pointer the kernel never reads
+        _philox_uniform_kernel[grid](out, offset_tensor if has_off else out, n, cols, seed, offset & _M32,
+                                     offset >> 32, HAS_OFF_PTR=has_off, IS_F64=(dtype == torch.float64),
+                                     BLOCK=_TRITON_BLOCK)
     return out
 
 
-def _cpp_launch(rows, cols, seed, offset, dtype, device):
+def _offset_ptr(offset_tensor: Optional[torch.Tensor]) -> int:
+    """Address of the device-side offset for the compiled kernels (0 = none); never read on the host."""
+    return 0 if offset_tensor is None else offset_tensor.data_ptr()
+
+
+def _cpp_launch(rows, cols, seed, offset, dtype, device, offset_tensor=None):
     out = torch.empty((rows, cols), dtype=dtype, device=device)
     if out.numel() == 0:
         return out
     code = dtype_code(dtype)
+    off_ptr = _offset_ptr(offset_tensor)
     if device.type == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
-            _ext.call("philox_uniform_cuda", out.data_ptr(), rows, cols, seed, offset, code, stream)
+            _ext.call("philox_uniform_cuda", out.data_ptr(), rows, cols, seed, offset, code, stream, off_ptr)
     else:
-        _ext.call("philox_uniform_cpu", out.data_ptr(), rows, cols, seed, offset, code)
+        _ext.call("philox_uniform_cpu", out.data_ptr(), rows, cols, seed, offset, code, off_ptr)
     return out
 
 
@@ -161,14 +194,17 @@ def _from_i64(v: int) -> int:
 
 @torch.library.custom_op("mdlm::philox_uniform", mutates_args=())
 def _philox_uniform_op(rows: int, cols: int, seed: int, offset: int, dtype: torch.dtype,
-                       device: torch.device, backend: Optional[str] = None) -> torch.Tensor:
+                       device: torch.device, backend: Optional[str] = None,
+                       offset_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
     device = torch.device(device)
+    offset_tensor = _check_offset_tensor(offset_tensor, device, OP)  # the kernels dereference it
     name = _backend.resolve(OP, backend, device, _SUPPORTED)
-    return _IMPLS[name](rows, cols, _from_i64(seed), _from_i64(offset), dtype, device)
+    return _IMPLS[name](rows, cols, _from_i64(seed), _from_i64(offset), dtype, device, offset_tensor)
 
 
 @_philox_uniform_op.register_fake
-def _(rows, cols, seed, offset, dtype, device, backend=None):
+def _(rows, cols, seed, offset, dtype, device, backend=None, offset_tensor=None):
+    _check_offset_tensor(offset_tensor, torch.device(device), OP)  # metadata only
     return torch.empty((rows, cols), dtype=dtype, device=device)
 
 
@@ -192,6 +228,34 @@ def _check_u64(name: str, v, op: str = "philox_uniform") -> int:
     return v
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """a and b name the same device (a CUDA device without an index is the current one)."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        cur = torch.cuda.current_device
+        return (a.index if a.index is not None else cur()) == (b.index if b.index is not None else cur())
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def _check_offset_tensor(x, device: torch.device, op: str = OP) -> Optional[torch.Tensor]:
+    """The device-side Philox offset argument: None, or a (1,) / () int64 tensor on ``device``
+    (shared by every Philox-keyed op; errors name ``op``). Reads no value."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: offset_tensor must be a torch.Tensor of shape (1,) and dtype torch.int64 (or None), "
+                        f"got {type(x).__name__}")
+    if x.dtype != torch.int64:
+        raise TypeError(f"{op}: offset_tensor must be torch.int64, got {x.dtype}")
+    if x.dim() > 1 or x.numel() != 1:
+        raise ValueError(f"{op}: offset_tensor must have shape (1,) or () (one int64), got {tuple(x.shape)}")
+    if not _same_device(x.device, device):
+        raise ValueError(f"{op}: offset_tensor is on {x.device} but the op runs on {device}; the kernel reads it "
+                         "there, so it must be on the same device")
+    return x
+
+
 def _check_dim(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
         raise TypeError(f"philox_uniform: {name} must be an int, got {type(v).__name__}")
@@ -203,12 +267,20 @@ def _check_dim(name: str, v) -> int:
 
 
 def philox_uniform(rows: int, cols: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float64,
-                   device: Union[str, torch.device] = "cpu", backend: Optional[str] = None) -> torch.Tensor:
+                   device: Union[str, torch.device] = "cpu", backend: Optional[str] = None, *,
+                   offset_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(rows, cols) tensor of Philox4x32-10 uniforms in the open interval (0, 1).
 
     seed, offset: Python ints in [0, 2^64). dtype: torch.float64 (53-bit uniforms, the default)
     or torch.float32 (24-bit). backend: None/"auto", "cpp" (alias "cuda"), "triton", "reference";
     MDLM_BACKEND sets it globally. All backends return bit-identical tensors.
+
+    offset_tensor: optional device-side offset, a tensor of shape (1,) (or ()) and dtype torch.int64
+    on ``device``. The stream position is then (offset + uint64(offset_tensor[0])) mod 2^64, uint64
+    reinterpreting the int64's two's complement bits (-1 means 2^64 - 1). The "cpp" and "triton"
+    kernels read it on the device when they run (no host sync), so a CUDA graph that captured this
+    call and then advances the tensor in place (``off += 1``) draws a new stream on each replay. The
+    "reference" backend reads it on the host (``int(offset_tensor)``: a synchronisation on a GPU).
     """
     rows = _check_dim("rows", rows)
     cols = _check_dim("cols", cols)
@@ -217,9 +289,11 @@ def philox_uniform(rows: int, cols: int, seed: int, offset: int = 0, dtype: torc
     if dtype not in _DTYPES:
         raise ValueError(f"philox_uniform: dtype must be torch.float64 or torch.float32, got {dtype}")
     device = torch.device(device)
+    offset_tensor = _check_offset_tensor(offset_tensor, device, OP)
     if backend is not None:
         _backend.normalize(backend)  # unknown names fail here, before tracing
-    return torch.ops.mdlm.philox_uniform(rows, cols, _to_i64(seed), _to_i64(offset), dtype, device, backend)
+    return torch.ops.mdlm.philox_uniform(rows, cols, _to_i64(seed), _to_i64(offset), dtype, device, backend,
+                                         offset_tensor)
 
 
 def philox4x32(ctr: Sequence[int], key: Sequence[int], backend: Optional[str] = None) -> tuple:

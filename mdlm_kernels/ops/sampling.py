@@ -9,6 +9,11 @@ top-p (thresholds found by bisection, no sort), greedy argmax and per-row confid
 Conventions (csrc/include/mdlm/sampling.h documents them in full):
 - keying: G_v = -log(-log(u_v)), u_v = uniform53 of Philox element (row = row_ids[i] (default i),
   col = v) at (seed, offset) -- the philox.h convention; the MASK competitor uses col = mask_index.
+- device-side offset (CUDA graphs): with ``offset_tensor`` (a (1,) or () int64 tensor next to the
+  logits) the offset is (offset + uint64(offset_tensor[0])) mod 2^64 (two's complement: -1 adds
+  2^64 - 1). The "cpp" kernels (CUDA kernel and CPU twin) load it when they run, never the host, so a
+  captured graph that advances it in place draws a fresh step on each replay; the "reference"
+  backend reads it on the host (``int(offset_tensor)``).
 - a_v = x_v * (1 / T) in float64; non-MASK wins iff max_v (a_v + G_v) - lse + log(t - s) >
   log(s) + G_MASK (float64; s = 0: MASK never wins); the kernel accumulates the log-sum-exp in
   float32 (the only approximation: ~1e-7 relative in P(MASK)).
@@ -35,7 +40,8 @@ import torch
 
 from .. import _ext, backend as _backend
 from .._dtypes import dtype_code
-from .philox import _M32, _check_u64, _from_i64, _philox_reference, _to_i64, _uniform_from_words
+from .philox import (_M32, _check_offset_tensor, _check_u64, _from_i64, _host_offset, _offset_ptr, _philox_reference,
+                     _to_i64, _uniform_from_words)
 
 OP = "sample_step"
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -64,7 +70,9 @@ def _gumbel_reference(row_ids: torch.Tensor, V: int, seed: int, offset: int) -> 
     return -torch.log(-torch.log(u))
 
 
-def _reference(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy):
+def _reference(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy,
+               offset_tensor=None):
+    offset = _host_offset(offset, offset_tensor)  # the reference reads the device-side offset on the host
     N, V = logits.shape
     device = logits.device
     ninf = float("-inf")
@@ -129,7 +137,7 @@ def _reference(logits, t, s, row_ids, seed, offset, mask_index, temperature, top
 # ---------------------------------------------------------------------------------------------
 # Host launcher of the compiled extension (CUDA kernel / CPU twin)
 # ---------------------------------------------------------------------------------------------
-def _cpp(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy):
+def _cpp(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy, offset_tensor=None):
     logits = logits.contiguous()
     N, V = logits.shape
     device = logits.device
@@ -146,9 +154,9 @@ def _cpp(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, to
     if device.type == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
-            _ext.call("sample_step_cuda", *args, stream)
+            _ext.call("sample_step_cuda", *args, stream, _offset_ptr(offset_tensor))
     else:
-        _ext.call("sample_step_cpu", *args)
+        _ext.call("sample_step_cpu", *args, _offset_ptr(offset_tensor))
     return tokens, conf
 
 
@@ -166,15 +174,18 @@ _SUPPORTED = {
 @torch.library.custom_op("mdlm::sample_step", mutates_args=())
 def _sample_step_op(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[torch.Tensor],
                     row_ids: Optional[torch.Tensor], seed: int, offset: int, mask_index: int, temperature: float,
-                    top_k: int, top_p: float, greedy: bool, backend: Optional[str] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    top_k: int, top_p: float, greedy: bool, backend: Optional[str] = None,
+                    offset_tensor: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    offset_tensor = _check_offset_tensor(offset_tensor, logits.device, OP)  # the kernels dereference it
     name = _backend.resolve(OP, backend, logits.device, _SUPPORTED)
     return _IMPLS[name](logits, t, s, row_ids, _from_i64(seed), _from_i64(offset), mask_index, temperature, top_k,
-                        top_p, greedy)
+                        top_p, greedy, offset_tensor)
 
 
 @_sample_step_op.register_fake
-def _(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy, backend=None):
+def _(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy, backend=None,
+      offset_tensor=None):
+    _check_offset_tensor(offset_tensor, logits.device, OP)  # metadata only
     N = logits.shape[0]
     return logits.new_empty((N,), dtype=torch.int64), logits.new_empty((N, 3), dtype=torch.float32)
 
@@ -239,7 +250,8 @@ def _diagnose(logits, t, s, row_ids, tokens, mask_index, greedy) -> str:
 def sample_step(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[torch.Tensor], seed: int,
                 offset: int = 0, *, mask_index: int, row_ids: Optional[torch.Tensor] = None,
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                validate: bool = True, backend: Optional[str] = None) -> SampleOutput:
+                validate: bool = True, backend: Optional[str] = None,
+                offset_tensor: Optional[torch.Tensor] = None) -> SampleOutput:
     """One exact ancestral sampling step t -> s for the rows of masked positions.
 
     logits: (N, V) float32 or bfloat16 (CPU or CUDA), the rows of MASKED positions only (the MASK
@@ -247,6 +259,12 @@ def sample_step(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[tor
     ``greedy``). seed, offset: Python ints in [0, 2^64) (Philox key and stream position; a new step
     uses a new offset). row_ids: optional (N,) int64 Philox row words (default arange(N)), e.g. the flat
     positions of the masked rows so that a draw does not depend on which rows are masked.
+    offset_tensor: optional device-side offset, a tensor of shape (1,) (or ()) and dtype torch.int64 on
+    the logits' device; the Philox offset is then (offset + uint64(offset_tensor[0])) mod 2^64, uint64
+    reinterpreting the int64's two's complement bits (-1 means 2^64 - 1). The "cpp" kernels read it on
+    the device when they run (no host sync): capture the step in a CUDA graph together with an in-place
+    ``offset_tensor += 1`` and every replay draws the next step (pass validate=False under capture).
+    The "reference" backend reads it on the host (``int(offset_tensor)``: a synchronisation on a GPU).
     temperature > 0 (>= 1e-30; use greedy=True for the limit), top_k >= 0 (0: off), top_p in (0, 1]
     (1: off), greedy: argmax over v != MASK (ties -> lowest index).
 
@@ -284,6 +302,7 @@ def sample_step(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[tor
         _check_row_tensor("row_ids", row_ids, N, torch.int64, device)
     seed = _check_u64("seed", seed, OP)
     offset = _check_u64("offset", offset, OP)
+    offset_tensor = _check_offset_tensor(offset_tensor, device, OP)
     mask_index = _check_int("mask_index", mask_index)
     if not 0 <= mask_index < V:
         raise ValueError(_err(f"mask_index must be in [0, V={V}), got {mask_index}"))
@@ -308,7 +327,7 @@ def sample_step(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[tor
     if greedy:
         t = s = None  # not read
     tokens, conf = torch.ops.mdlm.sample_step(logits, t, s, row_ids, _to_i64(seed), _to_i64(offset), mask_index,
-                                              temperature, top_k, top_p, greedy, backend)
+                                              temperature, top_k, top_p, greedy, backend, offset_tensor)
     if validate and N > 0 and not _is_compiling():
         if bool((tokens < 0).any()):  # the one host synchronisation
             raise ValueError(_diagnose(logits, t, s, row_ids, tokens, mask_index, greedy))

@@ -13,9 +13,10 @@
 namespace mdlm {
 
 // ---- CPU (always built) ----------------------------------------------------------------------
-// out: rows x cols row-major, dtype kFloat64 (uniform53) or kFloat32 (uniform24).
+// out: rows x cols row-major, dtype kFloat64 (uniform53) or kFloat32 (uniform24). offset_ptr: one int64
+// added to `offset` mod 2^64 when the kernel runs (philox.h, DEVICE-SIDE OFFSET), or nullptr.
 void philox_uniform_cpu(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
-                        int out_dtype);
+                        int out_dtype, const int64_t* offset_ptr);
 void philox4x32_cpu(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 // Forward masking (mdlm/masking.h): x0, xt rows x cols row-major, dtype kInt64 or kInt32;
 // t_in (rows,) float32 or nullptr (draw t in the kernel); t_out, sigma, weight, move_chance (rows,)
@@ -25,7 +26,8 @@ void forward_mask_cpu(const void* x0, void* xt, int x_dtype, const float* t_in, 
                       uint64_t seed, uint64_t offset, int64_t mask_index, const MaskParams& params);
 // Fused categorical sampling step (mdlm/sampling.h): logits rows x vocab row-major, dtype kFloat32 or
 // kBFloat16 (raw bf16 bits); t, s (rows,) float32 (may be nullptr when params.greedy); row_ids (rows,)
-// int64 Philox row words or nullptr (row i); tokens (rows,) int64 out; conf (rows, 3) float32 out.
+// int64 Philox row words or nullptr (row i); tokens (rows,) int64 out; conf (rows, 3) float32 out;
+// params.offset_ptr: the device-side offset (one int64 next to the logits) or nullptr.
 void sample_step_cpu(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
                      int64_t* tokens, float* conf, int64_t rows, const SampleParams& params);
 // Test hook: the keep threshold kappa of each row (top-k / top-p passes; 0 = keep all); keys (rows,).
@@ -36,7 +38,7 @@ void sample_math_cpu(int fn, const double* in, double* out, int64_t n);
 #if MDLM_WITH_CUDA
 // ---- CUDA (built when nvcc is found) ---------------------------------------------------------
 int philox_uniform_cuda(void* out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
-                        int out_dtype, void* stream);
+                        int out_dtype, const int64_t* offset_ptr, void* stream);
 int forward_mask_cuda(const void* x0, void* xt, int x_dtype, const float* t_in, float* t_out, float* sigma,
                       float* weight, float* move_chance, int32_t* row_counts, int64_t rows, int64_t cols,
                       uint64_t seed, uint64_t offset, int64_t mask_index, const MaskParams& params, void* stream);

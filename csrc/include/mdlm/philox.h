@@ -11,6 +11,15 @@
 // draws per element consumes successive words of that block, or advances `offset` (the caller's
 // "offset" is the generator's position: a new step/call uses a new offset with the same seed).
 //
+// DEVICE-SIDE OFFSET (CUDA graphs: a captured launch freezes its host arguments, so the stream
+// position can also live in memory and advance there). A kernel may receive, next to the host
+// `offset`, a pointer to one int64 in the memory of the data it works on (nullptr: none); the
+// effective offset is then
+//   offset + uint64(*offset_ptr)  (mod 2^64; uint64() reinterprets the int64's two's complement bits,
+//                                  so -1 adds 2^64 - 1, i.e. subtracts 1)
+// read by the kernel itself when it runs (effective_offset below: every CPU twin and CUDA kernel
+// calls it, so both agree bit for bit), never by the host at launch time.
+//
 // Uniforms: both helpers return values in the OPEN interval (0, 1), exactly representable, so
 // log(u) and log(-log(u)) are always finite.
 //   uniform53(w0, w1): x = (w0 >> 5) * 2^26 + (w1 >> 6)  (53 random bits, x in [0, 2^53))
@@ -69,6 +78,11 @@ MDLM_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
     ctr = philox_round(ctr, k0, k1);
   }
   return ctr;
+}
+
+// The effective stream position (DEVICE-SIDE OFFSET above): unsigned addition wraps mod 2^64.
+MDLM_HD uint64_t effective_offset(uint64_t offset, const int64_t* offset_ptr) {
+  return offset_ptr == nullptr ? offset : offset + static_cast<uint64_t>(*offset_ptr);
 }
 
 // The convention above, for element (row, col).

@@ -13,6 +13,8 @@
 // EXACT GUMBEL-MAX (no truncation, nothing written to memory but the outputs):
 //   u_v = uniform53 of Philox element (row = row_ids[i] (default i), col = v) at (seed, offset)
 //         (philox.h keying; words w.x, w.y). The MASK competitor uses col = mask_index.
+//         offset is the effective one: host offset + the device-side int64 at params.offset_ptr
+//         (mod 2^64; philox.h, DEVICE-SIDE OFFSET), read by the kernel when it runs.
 //   G_v = -log64(-log64(u_v)) in float64 (u in [2^-54, 1 - 2^-53]: G in [-3.6, 36.7]; 32-bit
 //         uniforms would cap G at 16.6).
 //   best = max_{v in K} (a_v + G_v), ties -> lowest index.
@@ -102,7 +104,18 @@ struct SampleParams {
   double top_p;        // 1: off
   int greedy;          // 0 / 1
   uint64_t seed, offset;
+  // Device-side offset (philox.h, DEVICE-SIDE OFFSET): one int64 in the memory of the logits, or
+  // nullptr. The CPU twin and the CUDA kernel resolve it once per call / per thread with
+  // resolve_offset below, before any draw; the header functions then read p.offset only.
+  const int64_t* offset_ptr = nullptr;
 };
+
+// p with offset := effective_offset(p.offset, p.offset_ptr) and offset_ptr := nullptr (idempotent).
+MDLM_HD SampleParams resolve_offset(SampleParams p) {
+  p.offset = effective_offset(p.offset, p.offset_ptr);
+  p.offset_ptr = nullptr;
+  return p;
+}
 
 // ---- bit casts and non-contracting float32 arithmetic -----------------------------------------
 MDLM_HD uint64_t double_as_bits(double d) {
