@@ -53,7 +53,8 @@ __all__ = ["sample", "fast_sample", "fast_semi_ar_sample", "FAST_SAMPLERS", "mas
 
 FAST_SAMPLERS = ("ddpm", "ddpm_cache", "first_hitting", "confidence")
 
-_OFF_UNMASK_STEP = 1 << 42  # + grid index of the model call: ddpm_cache per-row unmask-step uniforms
+_OFF_UNMASK_STEP = 1 << 42  # ddpm*: the per-position unmask-step uniforms (+ grid index with remasking)
+_OFF_REMASK = 1 << 43       # + grid index: ReMDM remask uniforms
 _MAX_STEPS = 1 << 38        # keeps the offset ranges of the module docstring disjoint
 
 
@@ -191,11 +192,7 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
             if not 1 <= n_steps < _MAX_STEPS:
                 raise ValueError(f"steps must be in [1, 2^38), got {n_steps}")
             grid = torch.linspace(1, eps, n_steps + 1, dtype=torch.float64)  # the published grid
-            if sampler == "ddpm_cache" and remask_eta == 0 and not model.time_conditioning:
-                x, left = _ddpm_cache_events(model, x, grid, seed, opts, stats, progress, invalid)
-            else:
-                x = _ancestral(model, x, given, grid, sampler == "ddpm_cache", remask_eta, seed, opts, stats,
-                               progress, invalid)
+            x, left = _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid)
         elif sampler == "first_hitting":
             row_logits = masked_row_logits
             if cuda_graph:
@@ -243,60 +240,8 @@ def _sanitize(tok: torch.Tensor, M: int, invalid: list) -> torch.Tensor:
     return torch.where(bad, M, tok)
 
 
-def _ancestral(model, x, given, grid, cache, remask_eta, seed, opts, stats, progress, invalid):
-    """Steps t = grid[i] -> s = grid[i + 1] (fast_sample passes the published uniform grid 1 -> eps); one
-    fused step per masked row per step.
-
-    With ReMDM remasking (sigma > 0) the step is, from z_t: tokens masked at t are drawn from the kernel with
-    s' = s - sigma (1 - t) (unmask probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t), alpha = 1 - t),
-    and tokens decoded before t (not given ones) are re-masked with probability sigma; both from z_t.
-    """
-    import mdlm_kernels as mk
-    B, L = x.shape
-    M = opts["mask_index"]
-    device = x.device
-    steps = grid.numel() - 1
-    logits = idx = None
-    for i in _progress(range(steps), progress, "sampling (fused)"):
-        t, s = float(grid[i]), float(grid[i + 1])
-        sig = min(remask_eta, s / (1 - t)) if (remask_eta > 0 and t < 1) else 0.0
-        s_eff = max(0.0, s - sig * (1 - t))
-        if logits is None or not cache:
-            idx = _masked_idx(x, M)  # host sync: sizes the gather
-            _sync(stats)
-            if idx.numel() == 0 and sig == 0.0:
-                break
-            if idx.numel():
-                sigma_t = model.noise(torch.full((B,), t, device=device))[0]
-                logits = masked_row_logits(model, x, sigma_t, idx)
-                stats["model_calls"] += 1
-        stats["steps"] += 1
-        remask = None
-        if sig > 0:
-            u = mk.philox_uniform(B, L, seed, offset=2 * steps + 2 + i, dtype=torch.float32, device=device)
-            remask = (x != M) & ~given & (u < sig)          # decided on z_t, before this step's draws
-        changed = None
-        n = idx.numel()
-        if n:
-            out = mk.sample_step(logits, torch.full((n,), t, device=device),
-                                 torch.full((n,), s_eff, device=device), seed, 1 + i, row_ids=idx, **opts)
-            tok = _sanitize(out.tokens, M, invalid)
-            x.view(-1).index_copy_(0, idx, tok)
-            changed = tok != M
-        if remask is not None:
-            x = torch.where(remask, M, x)
-            logits = None  # the masked set changed
-        elif not cache or model.time_conditioning or changed is None:
-            logits = None
-        else:
-            _sync(stats)
-            if bool(changed.any()):  # one sync per step: the cache decision
-                logits = None
-    return x
-
-
 def _unmask_steps(u: torch.Tensor, t_i: float, neg_grid: torch.Tensor, i: int) -> torch.Tensor:
-    """First unmask step of each masked row under ddpm_cache from grid index i (time t_i = grid[i]).
+    """First unmask step of each masked row of the ancestral sampler from grid index i (time t_i = grid[i]).
 
     A row masked at t_i stays masked through steps i..j (t_k -> t_{k+1}, survival t_{k+1} / t_k each) with
     probability grid[j + 1] / t_i (telescoping), so with u ~ U(0, 1) its first unmask step is the smallest
@@ -309,71 +254,119 @@ def _unmask_steps(u: torch.Tensor, t_i: float, neg_grid: torch.Tensor, i: int) -
     return (m - 1).clamp_min(i)
 
 
-def _ddpm_cache_events(model, x, grid, seed, opts, stats, progress, invalid):
-    """ddpm_cache (no remasking, model ignoring t) driven by unmask events instead of steps: one host read
-    per model call, none per step. Returns (x, the masked flat positions left (ascending)).
+def _step_draws(m, given, seed, i, t, s_eff, sig):
+    """The model-independent part of ancestral step i (t -> s) with ReMDM remasking, from the masked set m
+    (B, L) bool at t: (unmask, remask) bool masks. A masked row stays masked with probability s_eff / t
+    (uniform at offset 2^42 + i: unmask iff u t >= s_eff); a decoded, non-given row is re-masked with
+    probability sig (uniform at offset 2 steps + 2 + i, float32 as before)."""
+    import mdlm_kernels as mk
+    B, L = m.shape
+    u = mk.philox_uniform(B, L, seed, offset=_OFF_UNMASK_STEP + i, dtype=torch.float64, device=m.device)
+    unmask = m & (u * t >= s_eff)
+    remask = None
+    if sig > 0:
+        r = mk.philox_uniform(B, L, seed, offset=_OFF_REMASK + i, dtype=torch.float32, device=m.device)
+        remask = ~m & ~given & (r < sig)
+    return unmask, remask
 
-    The per-step process (``_ancestral`` with the cache) reuses the logits of a model call at grid index i
-    until a step in which some token unmasks; in each step t_k -> t_{k+1} every masked row independently
-    stays masked with probability t_{k+1} / t_k and otherwise takes a token from p_theta (the kernel's race:
-    whether MASK loses is independent of which token wins). So after a model call at i, each row draws its
-    first unmask step j_row from one uniform (``_unmask_steps``), k* = min_row j_row; the rows with
-    j_row == k* take a token from p_theta (kernel with t = 1, s = 0: no MASK option) at step k*, all others
-    stay masked through k*, the steps i..k*-1 change nothing (and call nothing), and the next model call is at
-    k* + 1. If no row unmasks before the end of the grid the loop ends (noise removal does the rest).
 
-    Drawing fresh uniforms at each model call is exact: the per-step process is a Markov chain on x whose
-    step draws are independent across rows and steps, and a row still masked at k* + 1 has revealed nothing
-    beyond "still masked" (its u exceeds a threshold, a condition on this call's draw only); its future given
-    the state at k* + 1 is the per-step process restarted there, which is what a fresh uniform draws. The
-    cached logits are those the skipped steps would use (x did not change and the model ignores t).
+def _remask_schedule(grid, remask_eta):
+    """Per step i: (t, s, sig, s_eff) with sig = min(eta, s / (1 - t)) (0 at t = 1) and the unmask target
+    s_eff = max(0, s - sig (1 - t)) (alpha = 1 - t: the ReMDM posterior with remasking probability sig)."""
+    g = grid.tolist()
+    out = []
+    for i in range(len(g) - 1):
+        t, s = g[i], g[i + 1]
+        sig = min(remask_eta, s / (1 - t)) if (remask_eta > 0 and t < 1) else 0.0
+        out.append((t, s, sig, max(0.0, s - sig * (1 - t))))
+    return out
+
+
+def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid):
+    """ddpm / ddpm_cache: ancestral steps t = grid[i] -> s = grid[i + 1] (fast_sample passes the published
+    uniform grid 1 -> eps), with no host read inside the loop. Returns (x, masked flat positions left).
+
+    Under the loglinear SUBS step a masked row stays masked with probability s / t whatever the logits (the
+    kernel's race: whether MASK loses is independent of which token wins), and ReMDM re-masking is decided
+    on z_t with probability sigma, also without the model. So the whole masked-set trajectory is independent
+    of the model: it is drawn first, on the device, and its per-step counts are read ONCE; then the loop visits
+    only the steps at which a token unmasks (or is re-masked), calls the model there on the current x at that
+    step's time, applies the LM head to the unmasking rows only, and draws their tokens from p_theta (kernel
+    with t = 1, s = 0: no MASK option). The gathers are sized from the counts (``nonzero_static`` / slices),
+    so nothing in the loop waits for the device.
+
+    Same process as the published ddpm and ddpm_cache: a model call whose output cannot change any token
+    (no row unmasks in that step) is skipped — for ddpm_cache this is its cache (x unchanged -> the same
+    p_theta), for ddpm the output of such a call is unused. (The published ddpm_cache recomputes every step
+    for time-conditioned models, so both call the model at the time of the step that uses it.)
+
+    Without remasking each masked row's first unmask step comes from one uniform (``_unmask_steps`` from
+    t = 1, offset 2^42) and the rows are grouped by step with one stable sort. With remasking (eta > 0) the
+    trajectory is simulated step by step (``_step_draws``) in a pre-pass and replayed with the same draws.
     """
     import mdlm_kernels as mk
     B, L = x.shape
     M = opts["mask_index"]
     device = x.device
     steps = grid.numel() - 1
-    g = grid.tolist()
-    neg_grid = (-grid).to(device)
-    idx = _masked_idx(x, M)  # one sync before the loop: the masked positions
-    _sync(stats)
-    n = idx.numel()
-    i = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # optional dependency
-        bar = tqdm(total=steps, desc="sampling (fused, events)")
-    while n and i < steps:
-        t = g[i]
-        sigma_t = model.noise(torch.full((B,), t, device=device))[0]
+    sched = _remask_schedule(grid, remask_eta)
+    flat = x.view(-1)
+
+    def draw(idx, i):
+        """Tokens for the unmasking flat positions idx at step i: the model at t = grid[i] on the current x."""
+        sigma_t = model.noise(torch.full((B,), sched[i][0], device=device))[0]
         logits = masked_row_logits(model, x, sigma_t, idx)
         stats["model_calls"] += 1
-        u = mk.philox_uniform(B, L, seed, offset=_OFF_UNMASK_STEP + i, dtype=torch.float64,
-                              device=device).view(-1).index_select(0, idx)
-        j = _unmask_steps(u, t, neg_grid, i)
-        k_star = j.min()
-        hit = j == k_star
-        k, n_hit = torch.stack([k_star, hit.sum()]).tolist()  # the one host read of this model call
+        n = idx.numel()
+        tok = mk.sample_step(logits, torch.ones(n, device=device), torch.zeros(n, device=device), seed, 1 + i,
+                             row_ids=idx, **opts).tokens
+        flat.index_copy_(0, idx, _sanitize(tok, M, invalid))  # invalid rows stay MASK, raise after the loop
+
+    stats["steps"] += steps
+    if remask_eta == 0:
+        u = mk.philox_uniform(B, L, seed, offset=_OFF_UNMASK_STEP, dtype=torch.float64, device=device).view(-1)
+        j = _unmask_steps(u, 1.0, (-grid).to(device), 0)
+        j = torch.where(flat == M, j, steps + 1)            # given tokens: never drawn
+        order = torch.argsort(j, stable=True)                # by unmask step, positions ascending within one
+        counts = torch.bincount(j, minlength=steps + 2).tolist()  # the one host read
         _sync(stats)
-        if bar is not None:
-            bar.update(min(k + 1, steps) - i)
-        if k >= steps:  # every masked row survives to the end of the grid
-            stats["steps"] += steps - i
-            break
-        stats["steps"] += k + 1 - i
-        order = torch.argsort(~hit, stable=True)  # the hit rows first, each part in ascending position order
-        rows, keep = order[:n_hit], order[n_hit:]
-        pos = idx.index_select(0, rows)
-        tok = mk.sample_step(logits.index_select(0, rows), torch.ones(n_hit, device=device),
-                             torch.zeros(n_hit, device=device), seed, 1 + k, row_ids=pos, **opts).tokens
-        x.view(-1).index_copy_(0, pos, _sanitize(tok, M, invalid))
-        # invalid rows (token -1) stay masked but leave the known masked set; they raise after the loop
-        idx = idx.index_select(0, keep)
-        n -= n_hit
-        i = k + 1
-    if bar is not None:
-        bar.close()
-    return x, idx
+        start = 0
+        for i in _progress(range(steps), progress, "sampling (fused)"):
+            n = counts[i]
+            if n:
+                draw(order[start:start + n], i)
+                start += n
+        return x, order[start:start + counts[steps]]
+
+    m = flat.view(B, L) == M
+    hits = []
+    for i, (t, s, sig, s_eff) in enumerate(sched):          # pre-pass: the masked-set trajectory
+        unmask, remask = _step_draws(m, given, seed, i, t, s_eff, sig)
+        hits.append(unmask.sum())
+        m = m & ~unmask
+        if remask is not None:
+            hits.append(remask.sum())
+            m = m | remask
+    n_left = m.sum()
+    counts = torch.stack(hits + [n_left]).tolist()          # the one host read
+    _sync(stats)
+    m = x == M
+    c = 0
+    for i in _progress(range(steps), progress, "sampling (fused)"):
+        t, s, sig, s_eff = sched[i]
+        n_hit, n_rem = counts[c], counts[c + 1] if sig > 0 else 0
+        c += 2 if sig > 0 else 1
+        if n_hit == 0 and n_rem == 0:
+            continue
+        unmask, remask = _step_draws(m, given, seed, i, t, s_eff, sig)
+        if n_hit:
+            draw(torch.nonzero_static(unmask.view(-1), size=n_hit).squeeze(1), i)
+            m = m & ~unmask
+        if n_rem:
+            x = torch.where(remask, M, x)
+            flat = x.view(-1)
+            m = m | remask
+    return x, torch.nonzero_static(m.view(-1), size=counts[c]).squeeze(1)
 
 
 def _first_hitting(model, x, seed, opts, stats, progress, invalid, row_logits=masked_row_logits):

@@ -98,8 +98,9 @@ def test_remasking_rate_and_posterior():
     given = torch.zeros(B, L, dtype=torch.bool)
     given[:, 0] = True
     opts = dict(mask_index=MASK, temperature=1.0, top_k=0, top_p=1.0, validate=False)
-    out = _ancestral(m, x.clone(), given, torch.tensor([0.6, 0.3], dtype=torch.float64), False, 0.3, 7, opts,
-                     {"model_calls": 0, "steps": 0}, False, [])
+    out, left = _ancestral(m, x.clone(), given, torch.tensor([0.6, 0.3], dtype=torch.float64), 0.3, 7, opts,
+                           {"model_calls": 0, "steps": 0}, False, [])
+    assert torch.equal(left, (out == MASK).view(-1).nonzero().squeeze(1))  # the trajectory's masked set is x's
 
     def check(frac, p, n):
         assert abs(frac - p) < 5 * (p * (1 - p) / n) ** 0.5, (frac, p)
@@ -147,27 +148,59 @@ def test_confidence_k_per_step_has_no_host_read_in_the_loop_and_equals_the_synce
         assert torch.all(a[x_init != MASK] == x_init[x_init != MASK]) and not torch.any(a == MASK)
 
 
-def test_ddpm_cache_skips_the_model_when_nothing_changed():
+def test_ancestral_calls_the_model_only_where_a_token_unmasks(monkeypatch):
+    """ddpm and ddpm_cache are one process here: every model call has >= 1 unmasking row and its LM head sees
+    only those rows; the rows drawn over all calls are exactly the positions decoded in the loop; and without
+    time conditioning both samplers give the same tokens for the same seed."""
+    import mdlm.samplers as ms
     m = _model()
-    _, st_cache = fast_sample(m, 1, steps=200, sampler="ddpm_cache", return_stats=True,
-                              generator=torch.Generator().manual_seed(0))
-    _, st_plain = fast_sample(m, 1, steps=200, sampler="ddpm", return_stats=True,
-                              generator=torch.Generator().manual_seed(0))
-    assert st_cache["model_calls"] <= L + 1 < st_plain["model_calls"]
+    real = ms.masked_row_logits
+    for eta in (0.0, 0.05):
+        sizes = []
+        monkeypatch.setattr(ms, "masked_row_logits", lambda *a: (sizes.append(a[3].numel()), real(*a))[1])
+        a, st = fast_sample(m, 3, steps=200, sampler="ddpm_cache", noise_removal=False, remask_eta=eta,
+                            return_stats=True, generator=torch.Generator().manual_seed(4))
+        monkeypatch.setattr(ms, "masked_row_logits", real)
+        assert len(sizes) == st["model_calls"] >= 1 and min(sizes) >= 1, sizes
+        if eta == 0:
+            assert sum(sizes) == int((a != MASK).sum()), (sizes, a)
+            assert st["model_calls"] <= 3 * L and st["steps"] == 200
+        b = fast_sample(m, 3, steps=200, sampler="ddpm", noise_removal=False, remask_eta=eta,
+                        generator=torch.Generator().manual_seed(4))
+        assert torch.equal(a, b)
 
 
-def test_ddpm_cache_reads_the_host_once_per_model_call():
-    """Event-driven ddpm_cache: one host read before the loop, one per model call, one after the loop (the
-    invalid-row check) and none per step; the per-step path (remasking) reads at least once per step."""
-    m = _model()
-    for seed in range(3):
-        _, st = fast_sample(m, 2, steps=200, sampler="ddpm_cache", return_stats=True,
-                            generator=torch.Generator().manual_seed(seed))
-        assert 1 <= st["model_calls"] <= 2 * L + 1
-        assert st["host_syncs"] <= st["model_calls"] + 2, st
-    _, st = fast_sample(m, 1, steps=20, sampler="ddpm_cache", remask_eta=0.01, return_stats=True,
-                        generator=torch.Generator().manual_seed(0))
-    assert st["host_syncs"] >= st["steps"]
+@pytest.mark.parametrize("kw", [{"sampler": "ddpm_cache"}, {"sampler": "ddpm"}, {"remask_eta": 0.05},
+                                {"sampler": "ddpm", "time": True}])
+def test_ancestral_samplers_read_the_host_twice_whatever_the_step_count(kw):
+    """One read before the loop (the masked-set trajectory's per-step counts) and one after it (the invalid-row
+    check); none per step or per model call."""
+    kw = dict(kw)
+    m = _model(**({"time_conditioning": True} if kw.pop("time", False) else {}))
+    for steps in (5, 200):
+        _, st = fast_sample(m, 2, steps=steps, return_stats=True, generator=torch.Generator().manual_seed(steps),
+                            **kw)
+        assert st["host_syncs"] == 2 and st["model_calls"] >= 1, (steps, st)
+
+
+def test_time_conditioned_ancestral_calls_the_model_at_the_time_of_its_step(monkeypatch):
+    """With time conditioning each model call gets sigma(t_i) of the grid step i whose tokens it draws (the
+    published ddpm and ddpm_cache both recompute every step then); i is read from the step's Philox offset."""
+    import mdlm.samplers as ms
+    m = _model(**{"time_conditioning": True})
+    steps, eps = 30, 1e-3
+    grid = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    log = []
+    real_logits, real_step = ms.masked_row_logits, mk.sample_step
+    monkeypatch.setattr(ms, "masked_row_logits", lambda *a: (log.append(("sigma", a[2].clone())), real_logits(*a))[1])
+    monkeypatch.setattr(mk, "sample_step", lambda *a, **k: (log.append(("offset", a[4])), real_step(*a, **k))[1])
+    fast_sample(m, 2, steps=steps, eps=eps, sampler="ddpm_cache", noise_removal=False,
+                generator=torch.Generator().manual_seed(0))
+    assert len(log) >= 2 and len(log) % 2 == 0
+    for (k1, sigma), (k2, offset) in zip(log[::2], log[1::2]):
+        assert k1 == "sigma" and k2 == "offset" and 1 <= offset <= steps
+        want = m.noise(torch.full((2,), float(grid[offset - 1])))[0]
+        assert torch.equal(sigma, want), (offset, sigma, want)
 
 
 def _cheap_logits(monkeypatch):
@@ -177,40 +210,32 @@ def _cheap_logits(monkeypatch):
     monkeypatch.setattr(S, "masked_row_logits", lambda model, x, sigma, idx: torch.zeros(idx.numel(), V))
 
 
-def _expected_ddpm_cache_calls(grid, n):
-    """Exact E[model calls] of ddpm_cache from n masked rows (no noise removal): rows unmask independently,
-    at step k with probability p_k = grid[k] - grid[k + 1] (grid[0] = 1), and there is one call at step 0
-    plus one at k + 1 for every k <= steps - 2 at which some row unmasks while some row unmasks later (or
-    never): P = 1 - (1 - p_k)^n - F(k)^n + F(k - 1)^n, F(k) = P(j <= k) = 1 - grid[k + 1]."""
+def _expected_ancestral_calls(grid, n):
+    """Exact E[model calls] of the fused ddpm / ddpm_cache from n masked rows (no noise removal): each row
+    first unmasks at step k with probability p_k = grid[k] - grid[k + 1] (grid[0] = 1), independently, and the
+    model is called once at each step where some row unmasks: sum_k 1 - (1 - p_k)^n."""
     g = grid.tolist()
-    steps = len(g) - 1
-    F = lambda k: 0.0 if k < 0 else 1.0 - g[k + 1]  # noqa: E731
-    return 1 + sum(1 - (1 - (g[k] - g[k + 1])) ** n - F(k) ** n + F(k - 1) ** n for k in range(steps - 1))
+    return sum(1 - (1 - (g[k] - g[k + 1])) ** n for k in range(len(g) - 1))
 
 
-def test_event_driven_ddpm_cache_model_calls_match_the_per_step_sampler(monkeypatch):
-    """Model-call counts (a function of the unmask times only): event-driven ddpm_cache and the per-step
-    cached path (``_ancestral``) both match the exact expectation within 4.5 standard errors."""
-    from mdlm.samplers import _ancestral
+def test_ancestral_model_calls_match_their_exact_expectation(monkeypatch):
+    """Model-call counts (a function of the unmask times only) match the exact expectation within 4.5
+    standard errors, for the closed-form trajectory (eta = 0) and the step-by-step one (eta = 1e-9: sigma is
+    negligible, so the same law)."""
     _cheap_logits(monkeypatch)
     m = _model()
     steps, eps, runs = 12, 0.05, 400
     grid = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
-    expected = _expected_ddpm_cache_calls(grid, L)
-    opts = dict(mask_index=MASK, temperature=1.0, top_k=0, top_p=1.0, validate=False)
-    event, per_step = [], []
-    for r in range(runs):
-        _, st = fast_sample(m, 1, steps=steps, eps=eps, sampler="ddpm_cache", noise_removal=False,
-                            return_stats=True, generator=torch.Generator().manual_seed(r))
-        event.append(st["model_calls"])
-        st = {"model_calls": 0, "steps": 0}
-        _ancestral(m, torch.full((1, L), MASK), torch.zeros(1, L, dtype=torch.bool), grid, True, 0.0, 10_000 + r,
-                   opts, st, False, [])
-        per_step.append(st["model_calls"])
-    for calls in (event, per_step):
+    expected = _expected_ancestral_calls(grid, L)
+    for eta in (0.0, 1e-9):
+        calls = []
+        for r in range(runs):
+            _, st = fast_sample(m, 1, steps=steps, eps=eps, sampler="ddpm_cache", noise_removal=False,
+                                remask_eta=eta, return_stats=True, generator=torch.Generator().manual_seed(r))
+            calls.append(st["model_calls"])
         c = torch.tensor(calls, dtype=torch.float64)
         se = max(c.std().item(), 0.5) / runs ** 0.5
-        assert abs(c.mean().item() - expected) < 4.5 * se, (c.mean().item(), expected, se)
+        assert abs(c.mean().item() - expected) < 4.5 * se, (eta, c.mean().item(), expected, se)
 
 
 def _chi2_crit(dof, z=3.719):
@@ -257,12 +282,14 @@ def test_first_unmask_step_follows_the_ddpm_cache_schedule(monkeypatch):
     assert abs(frac - 0.3) < 5 * (0.3 * 0.7 / (B * L)) ** 0.5, frac
 
 
-def test_fused_ddpm_cache_matches_the_reference_sampler_in_distribution():
-    """Per-position token histograms of 8000 fused vs 8000 published-sampler sequences (same model)."""
-    m = _model()
+@pytest.mark.parametrize("sampler,over", [("ddpm_cache", {}), ("ddpm", {"time_conditioning": True})])
+def test_fused_ddpm_matches_the_reference_sampler_in_distribution(sampler, over):
+    """Per-position token histograms of 8000 fused vs 8000 published-sampler sequences (same model; with time
+    conditioning the model's input time matters, so its plumbing is checked too)."""
+    m = _model(**over)
     n = 8000
-    fused = fast_sample(m, n, steps=10, sampler="ddpm_cache", generator=torch.Generator().manual_seed(1))
-    ref = reference_sample(m, n, steps=10, sampler="ddpm_cache", generator=torch.Generator().manual_seed(2),
+    fused = fast_sample(m, n, steps=10, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    ref = reference_sample(m, n, steps=10, sampler=sampler, generator=torch.Generator().manual_seed(2),
                            gumbel_dtype=torch.float64)
     chi2, dof = _chi2_per_position(fused, ref)
     crit = _chi2_crit(dof)
