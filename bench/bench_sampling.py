@@ -88,6 +88,9 @@ def generation_rows(preset, B, L, steps, device):
              ("fused ddpm_cache", lambda: mdlm.fast_sample(model, B, L, steps, "ddpm_cache", return_stats=True)),
              ("fused first_hitting", lambda: mdlm.fast_sample(model, B, L, sampler="first_hitting",
                                                               return_stats=True)))
+    if device.type == "cuda":  # the whole event replayed from one captured CUDA graph
+        cases += (("fused first_hitting graph", lambda: mdlm.fast_sample(model, B, L, sampler="first_hitting",
+                                                                         cuda_graph=True, return_stats=True)),)
     for name, fn in cases:
         # the published sampler runs the plain-PyTorch blocks; the fused samplers the block kernels (on CUDA)
         model.backbone.use_kernels = False if name.startswith("reference") else None
@@ -100,7 +103,7 @@ def generation_rows(preset, B, L, steps, device):
         sec = time.perf_counter() - t0
         stats = out[1] if isinstance(out, tuple) else {}
         res.append({"provider": name, "seconds": sec, "tokens_per_s": B * L / sec,
-                    "model_calls": stats.get("model_calls")})
+                    "model_calls": stats.get("model_calls"), "graph_replays": stats.get("graph_replays")})
     return res
 
 
@@ -133,7 +136,7 @@ def main(argv=None):
         print(f"# generation: {args.preset}, B={args.batch} x L={args.length}, {args.steps} steps")
         for r in gen:
             calls = f"  model calls {r['model_calls']}" if r["model_calls"] is not None else ""
-            print(f"  {r['provider']:<22} {r['seconds']:>8.2f} s {r['tokens_per_s']:>10,.0f} tokens/s{calls}")
+            print(f"  {r['provider']:<26} {r['seconds']:>8.2f} s {r['tokens_per_s']:>10,.0f} tokens/s{calls}")
     if device.type != "cuda":
         print("# CPU figures: they show the benchmark runs, not GPU speed.")
     out = Path(args.out)

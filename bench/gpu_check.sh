@@ -41,8 +41,8 @@ step "kernels: fused / reference / torch.compile of the spec, fwd and fwd+bwd, v
 timeout 240 python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" | grep -v Warning
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-step "sampling: step arithmetic (B=16, L=1024, half masked) and generation (100 ddpm_cache steps; first hitting)"
-timeout 240 python bench/bench_sampling.py --steps 100 --iters 10 --out "$OUT" 2>&1 | tee "$OUT/bench_sampling.txt" | grep -v Warning
+step "sampling: step arithmetic (B=16, L=1024, half masked) and generation (100 ddpm_cache steps; first hitting eager and CUDA graph)"
+timeout 300 python bench/bench_sampling.py --steps 100 --iters 10 --out "$OUT" 2>&1 | tee "$OUT/bench_sampling.txt" | grep -v Warning
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "training throughput: fused / reference / masked (DiT small, B=16, L=1024, bf16)"

@@ -4,9 +4,11 @@ The published samplers in ``mdlm.sampling`` are the spec; these compute the same
 the LM head applied to masked rows only and the exact (53-bit, log-space Gumbel) categorical kernel:
 
 - ``ddpm`` / ``ddpm_cache``: ancestral steps t -> s on a uniform grid (loglinear: a masked token stays
-  masked with probability s/t, else becomes v with probability p_theta(v)); ``ddpm_cache`` reuses the
-  masked rows' logits while no token changed (the model ignores t unless time conditioning is on), and
-  then jumps straight to the next step at which some token unmasks (event-driven, same distribution);
+  masked with probability s/t, else becomes v with probability p_theta(v)). Whether a token unmasks does
+  not depend on the model, so the masked-set trajectory is drawn first and the model is called only at the
+  steps where some token unmasks, on those rows only (``_ancestral``): the cache of ddpm_cache, and for
+  ddpm the skipped calls are ones whose output no draw uses. Same process as the published samplers;
+  a step launches a number of rows known on the host, so the loop never waits for the device;
 - ``first_hitting`` (Zheng et al. 2024): exact event-driven sampling; each event unmasks exactly one
   uniformly chosen masked position per sequence, at the time t_next = t u^(1/n) (n masked tokens);
 - ``confidence``: parallel decoding that commits, per step, the most probable token at the k masked
@@ -20,26 +22,25 @@ the LM head applied to masked rows only and the exact (53-bit, log-space Gumbel)
 Given tokens (prefix / infill in ``x_init``) are never changed. Randomness: the kernel's Philox stream
 keyed by (seed, step offset, flat position, vocabulary id), the seed drawn once from ``generator``.
 
-Host synchronisation (counted in ``stats["host_syncs"]``; ``return_stats=True``): ``ddpm_cache`` (no
-remasking, no time conditioning) runs event-driven (``_ddpm_cache_events``): one read before the loop (the
-masked positions), then exactly one per model call (the next unmask step and how many rows unmask there, one
-2-element ``tolist``), none per step; the rows left masked are known without a sync, so noise removal adds
-none. ddpm, remasking and time-conditioned ddpm_cache take the per-step path (``_ancestral``): one sync per
-model call to size the masked-row gather and, with the cache, one per step for the cache decision (did any
-token change?). confidence: with k tokens per step one read before the loop and none in it, with a threshold
-one per model call; first_hitting: one before the loop, none in it (fixed
-shapes, all B rows per event). All samplers: one after the loop (invalid rows: NaN logits stay masked and
-raise then), and the seed read when ``generator`` lives on an accelerator. CUDA graphs: with
-``cuda_graph=True`` the first-hitting sampler (fixed shapes, no host read in its loop) captures its model call
-(backbone + row gather + LM head) once and replays it per event; the sampling step itself is launched
-eagerly (its Philox offset is a host integer that changes per event). Not yet verified on a GPU.
+Host synchronisation (counted in ``stats["host_syncs"]``; ``return_stats=True``): ddpm, ddpm_cache (with or
+without remasking or time conditioning) and first_hitting read the host once before the loop (ddpm*: the
+trajectory's per-step counts, which size every gather; first hitting: the number of events) and once after
+it (invalid rows: NaN logits stay masked and raise then), never inside it. confidence: with k tokens per
+step one read before the loop and none in it, with a threshold one per model call. Plus the seed read when
+``generator`` lives on an accelerator.
+
+CUDA graphs (``cuda_graph=True``, first_hitting on CUDA): an event is a fixed sequence of kernels on fixed
+shapes that updates x, the event times and an event counter in place; the Philox offsets are read by the
+kernels from that device counter (``offset_tensor``), so after two eager warm-up events the whole event
+(position choice, backbone, row gather, LM head, sampling step, scatter) is captured once and replayed per
+event; a failed capture warns and runs eagerly. Not yet verified on a GPU. ddpm* steps have data-dependent
+row counts (known on the host, but different per step) and are launched eagerly.
 
 Philox offsets (``sample_step`` and ``philox_uniform`` key the same (seed, offset, row, col) stream, so no two
 draws may share an offset): 0 noise removal (greedy: RNG unused); 1 + i the step / event at grid index
-i < steps (ancestral steps, ddpm_cache events, confidence and first-hitting events); 2 steps + 2 + i the
-ReMDM remask uniforms; 2^40 + k / 2^41 + k first hitting's position choice / event time; 2^42 + i the
-per-row unmask-step uniforms of the ddpm_cache model call at grid index i (fast_sample enforces
-steps < 2^38).
+i < steps (ancestral steps, confidence and first-hitting events); 2^40 + k / 2^41 + k first hitting's
+position choice / event time; 2^42 the per-position unmask-step uniforms of ddpm* (2^42 + i per step with
+remasking); 2^43 + i the ReMDM remask uniforms (fast_sample enforces steps < 2^38).
 """
 from __future__ import annotations
 
@@ -70,53 +71,50 @@ def masked_row_logits(model, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Te
         return lin(h)
 
 
-class _GraphedRowLogits:
-    """``masked_row_logits`` for fixed shapes, captured once into a CUDA graph and replayed: x (B, L), sigma
-    (B,) and idx (N,) are copied into static buffers, the whole backbone + gather + LM head replays as one
-    graph launch (no per-kernel launch overhead), and the logits come back in a static (N, V) buffer (valid
-    until the next call). Two eager warm-up calls on a side stream run first (kernel compilation, the SDPA
-    backend choice). If capture fails, a warning is issued and every call runs eagerly."""
+class _EventGraph:
+    """Runs ``event()`` once per call, where event is a fixed sequence of kernels that only updates
+    preallocated tensors in place (fixed shapes, no host read, Philox offsets on the device). The first
+    ``warmup`` calls run eagerly on a side stream (they are real events; they compile kernels and settle the
+    SDPA backend choice), the next one captures the event into a CUDA graph, and every call from then on
+    (that one included) is one ``graph.replay()``: a single launch for the backbone, LM head and sampling
+    step. If capture fails, a warning is issued and every later call runs eagerly (same results)."""
 
-    def __init__(self, model, stats):
-        self.model, self.stats = model, stats
-        self.graph = None
-        self.failed = False
+    def __init__(self, event, device, stats, warmup: int = 2):
+        self.event, self.device, self.stats, self.warmup = event, device, stats, warmup
+        self.graph, self.failed, self.calls = None, False, 0
 
-    def __call__(self, x, sigma, idx):
-        if self.failed:
-            return masked_row_logits(self.model, x, sigma, idx)
+    def __call__(self):
+        if self.graph is None and not self.failed:
+            if self.calls < self.warmup:
+                self.calls += 1
+                self._on_side_stream(self.event)
+                return
+            self._capture()
         if self.graph is None:
-            return self._capture(x, sigma, idx)
-        self.x.copy_(x)
-        self.sigma.copy_(sigma)
-        self.idx.copy_(idx)
+            self.event()
+            return
         self.graph.replay()
         self.stats["graph_replays"] = self.stats.get("graph_replays", 0) + 1
-        return self.out
 
-    def _capture(self, x, sigma, idx):
+    def _on_side_stream(self, fn):
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            fn()
+        main.wait_stream(side)
+
+    def _capture(self):
         import warnings
-        self.x, self.sigma, self.idx = x.clone(), sigma.clone(), idx.clone()
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    masked_row_logits(self.model, self.x, self.sigma, self.idx)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.out = masked_row_logits(self.model, self.x, self.sigma, self.idx)
+            with torch.cuda.graph(graph):   # records only: the state is not touched until replay
+                self.event()
             self.graph = graph
         except Exception as e:  # a kernel or check that cannot be captured: stay correct, run eagerly
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            warnings.warn(f"CUDA-graph capture of the sampling model call failed ({type(e).__name__}: {e}); "
+            warnings.warn(f"CUDA-graph capture of the sampling event failed ({type(e).__name__}: {e}); "
                           "running it eagerly")
-            self.failed, self.graph = True, None
-            return masked_row_logits(self.model, x, sigma, idx)
-        self.graph.replay()
-        self.stats["graph_replays"] = self.stats.get("graph_replays", 0) + 1
-        return self.out
+            self.failed = True
 
 
 def _seed_from(generator, stats) -> int:
@@ -149,10 +147,10 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     number of uniform steps (ddpm*; default config.sampling.steps); ignored by first_hitting (one event
     per masked position) and derived from ``tokens_per_step`` for confidence decoding. temperature /
     top_k / top_p reshape p_theta. x_init (B, L): given tokens are kept. ``cuda_graph`` (first_hitting on
-    CUDA only): replay the model call from a captured CUDA graph (see the module docstring). With
-    ``return_stats`` also
-    returns {"model_calls": int, "steps": int, "host_syncs": int} (steps: grid steps covered, including the
-    ones ddpm_cache skips between model calls; host_syncs: explicit host reads, see the module docstring).
+    CUDA only): replay each whole event from one captured CUDA graph (see the module docstring). With
+    ``return_stats`` also returns {"model_calls": int, "steps": int, "host_syncs": int} (+ "graph_replays"
+    with cuda_graph) (steps: grid steps covered, including the ones without a model call; host_syncs:
+    explicit host reads, see the module docstring).
     """
     import mdlm_kernels as mk
 
@@ -167,6 +165,10 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     if not 0 <= remask_eta <= 1:
         raise ValueError(f"remask_eta must be in [0, 1], got {remask_eta}")
     device = next(model.parameters()).device
+    if cuda_graph and sampler != "first_hitting":
+        raise ValueError(f"cuda_graph=True applies to the first_hitting sampler (fixed shapes), not {sampler!r}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model on a CUDA device")
     length = int(length or (x_init.shape[1] if x_init is not None else model.config.model.length))
     if x_init is None:
         x = torch.full((batch_size, length), model.mask_index, dtype=torch.int64, device=device)
@@ -185,7 +187,7 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     model.eval()
     model.backbone.validate_inputs = False  # x is checked once above; no range-check sync per model call
     invalid: list = []
-    left = None  # masked flat positions after the loop, where known without a sync
+    left = grid = None  # ddpm*: masked flat positions after the loop (known without a sync), the time grid
     try:
         if sampler in ("ddpm", "ddpm_cache"):
             n_steps = int(steps or model.config.sampling.steps)
@@ -194,23 +196,14 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
             grid = torch.linspace(1, eps, n_steps + 1, dtype=torch.float64)  # the published grid
             x, left = _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid)
         elif sampler == "first_hitting":
-            row_logits = masked_row_logits
-            if cuda_graph:
-                if x.device.type != "cuda":
-                    raise ValueError("cuda_graph=True needs the model on a CUDA device")
-                row_logits = _GraphedRowLogits(model, stats)
-            x = _first_hitting(model, x, seed, opts, stats, progress, invalid, row_logits)
+            x = _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph)
         else:
             x = _confidence(model, x, tokens_per_step, confidence_threshold, seed, opts, stats, progress, invalid)
         if noise_removal and sampler in ("ddpm", "ddpm_cache"):
-            if left is None:
-                idx = _masked_idx(x, M)
-                _sync(stats)
-            else:
-                idx = left  # the event-driven loop knows the masked positions (and their number) already
+            idx = left  # the trajectory's masked positions: their number is known without a sync
             if idx.numel():
-                zero = torch.zeros(B, device=device)
-                logits = masked_row_logits(model, x, zero, idx)
+                sigma = model.noise(torch.full((B,), float(grid[-1]), device=device))[0]  # published: t = eps
+                logits = masked_row_logits(model, x, sigma, idx)
                 stats["model_calls"] += 1
                 tok = mk.sample_step(logits, None, None, seed, 0, greedy=True, **opts).tokens
                 x.view(-1).index_copy_(0, idx, _sanitize(tok, M, invalid))
@@ -369,38 +362,53 @@ def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, i
     return x, torch.nonzero_static(m.view(-1), size=counts[c]).squeeze(1)
 
 
-def _first_hitting(model, x, seed, opts, stats, progress, invalid, row_logits=masked_row_logits):
+def _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph=False):
     """Each event: per sequence, one uniformly chosen masked position gets a token drawn from p_theta
     (s = 0: MASK cannot be drawn). All B rows go through every event with fixed shapes (sequences that are
-    done keep their tokens), so the loop has no host sync. The event times t_{k+1} = t_k u^(1/n) only
-    matter with time conditioning; they are tracked for it."""
+    done keep their tokens) and the event counter k lives on the device (the Philox offsets 2^40 + k,
+    2^41 + k and 1 + k are read by the kernels from it), so an event is one fixed sequence of kernels that
+    only updates x, t, k and the invalid flag in place: no host read in the loop, and with ``cuda_graph``
+    the whole event (draws, backbone, row gather, LM head, sampling step, scatter) is captured once and
+    replayed (``_EventGraph``). The event times t_{k+1} = t_k u^(1/n) only matter with time conditioning;
+    they are tracked for it."""
     import mdlm_kernels as mk
     B, L = x.shape
     M = opts["mask_index"]
     device = x.device
-    t = torch.ones(B, dtype=torch.float64, device=device)
-    rows = torch.arange(B, device=device)
     n_events = int((x == M).sum(1).max())  # one sync before the loop
     _sync(stats)
-    for k in _progress(range(n_events), progress, "sampling (first hitting)"):
+    flat = x.view(-1)
+    t = torch.ones(B, dtype=torch.float64, device=device)
+    k = torch.zeros(1, dtype=torch.int64, device=device)   # event counter, advanced on the device
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    row_start = torch.arange(B, device=device) * L
+    ones, zeros = torch.ones(B, device=device), torch.zeros(B, device=device)
+
+    def event():
         masked = x == M
         n = masked.sum(1)
         active = n > 0
         # uniform choice among masked positions: argmax of Philox uniforms over masked entries
-        u = mk.philox_uniform(B, L, seed, offset=(1 << 40) + k, dtype=torch.float64, device=device)
+        u = mk.philox_uniform(B, L, seed, offset=1 << 40, dtype=torch.float64, device=device, offset_tensor=k)
         pick = torch.where(masked, u, -1.0).argmax(1)                       # (B,)
-        r = mk.philox_uniform(B, 1, seed, offset=(1 << 41) + k, dtype=torch.float64, device=device)[:, 0]
-        t = torch.where(active, t * r ** (1.0 / n.clamp_min(1).double()), t)
-        idx = rows * L + pick
-        sigma = model.noise(t.float())[0]
-        logits = row_logits(model, x, sigma, idx) if row_logits is masked_row_logits else row_logits(x, sigma, idx)
+        r = mk.philox_uniform(B, 1, seed, offset=1 << 41, dtype=torch.float64, device=device,
+                              offset_tensor=k)[:, 0]
+        t.copy_(torch.where(active, t * r ** (1.0 / n.clamp_min(1).double()), t))
+        idx = row_start + pick
+        logits = masked_row_logits(model, x, model.noise(t.float())[0], idx)
+        tok = mk.sample_step(logits, ones, zeros, seed, 1, row_ids=idx, offset_tensor=k, **opts).tokens
+        invalid_row = tok < 0                  # NaN logits etc.: the position stays masked, raise after the loop
+        bad.logical_or_((invalid_row & active).any())
+        tok = torch.where(invalid_row | ~active, flat.index_select(0, idx), tok)
+        flat.index_copy_(0, idx, tok)
+        k.add_(1)
+
+    run = _EventGraph(event, device, stats) if cuda_graph else event
+    for _ in _progress(range(n_events), progress, "sampling (first hitting)"):
+        run()
         stats["model_calls"] += 1
         stats["steps"] += 1
-        tok = mk.sample_step(logits, torch.ones(B, device=device), torch.zeros(B, device=device), seed, 1 + k,
-                             row_ids=idx, **opts).tokens
-        tok = _sanitize(tok, M, invalid)
-        old = x.view(-1).index_select(0, idx)
-        x.view(-1).index_copy_(0, idx, torch.where(active, tok, old))
+    invalid.append(bad)
     return x
 
 
