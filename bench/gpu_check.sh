@@ -23,6 +23,14 @@ step() { echo; echo "=== $* ($(date -u +%H:%M:%S), $(( $(date +%s) - START )) s 
 # limit WANT: the step's timeout in seconds (WANT capped by the budget left); 0 = skip the step
 limit() { local left=$(( BUDGET - ($(date +%s) - START) )); (( left < $1 )) && set -- "$left"; (( $1 < 20 )) && set -- 0; echo "$1"; }
 skipped() { echo "skipped: time budget (GPU_CHECK_BUDGET_S=$BUDGET) spent" | tee "$1"; }
+# bench WANT OUT_FILE CMD...: run a benchmark under the budget, output to the terminal (minus warnings) and OUT_FILE
+bench() {
+  local T; T=$(limit "$1"); local file=$2; shift 2
+  if (( T > 0 )); then
+    timeout "$T" "$@" 2>&1 | tee "$file" | grep -v Warning
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  else skipped "$file"; fi
+}
 
 step "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
@@ -44,40 +52,19 @@ if (( T > 0 )); then
 else skipped "$OUT/pytest_cuda.txt"; fi
 
 step "training throughput: fused / reference / masked (DiT small, B=16, L=1024, bf16)"
-T=$(limit 200)
-if (( T > 0 )); then
-  timeout "$T" python bench/throughput.py --providers fused,reference,masked --no-sampling --out "$OUT" 2>&1 \
-    | tee "$OUT/throughput.txt" | grep -v Warning
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else skipped "$OUT/throughput.txt"; fi
+bench 200 "$OUT/throughput.txt" python bench/throughput.py --providers fused,reference,masked --no-sampling --out "$OUT"
 
 step "sampling: step arithmetic (B=16, L=1024, half masked) and generation (100 ddpm_cache steps; first hitting eager and CUDA graph)"
-T=$(limit 240)
-if (( T > 0 )); then
-  timeout "$T" python bench/bench_sampling.py --steps 100 --iters 10 --out "$OUT" 2>&1 | tee "$OUT/bench_sampling.txt" | grep -v Warning
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else skipped "$OUT/bench_sampling.txt"; fi
+bench 240 "$OUT/bench_sampling.txt" python bench/bench_sampling.py --steps 100 --iters 10 --out "$OUT"
 
 step "loss stage: reference / masked / masked_compiled / fused (B=64, L=1024, d=768, V=50258, bf16)"
-T=$(limit 200)
-if (( T > 0 )); then
-  timeout "$T" python bench/bench_linear_ce.py --out "$OUT" 2>&1 | tee "$OUT/bench_linear_ce.txt" | grep -v Warning
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else skipped "$OUT/bench_linear_ce.txt"; fi
+bench 200 "$OUT/bench_linear_ce.txt" python bench/bench_linear_ce.py --out "$OUT"
 
 step "block kernels vs copy bandwidth; DiT small fwd+bwd: kernels / reference / torch.compile (B=64, L=1024, bf16)"
-T=$(limit 200)
-if (( T > 0 )); then
-  timeout "$T" python bench/bench_blocks.py --iters 10 --out "$OUT" 2>&1 | tee "$OUT/bench_blocks.txt" | grep -v Warning
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else skipped "$OUT/bench_blocks.txt"; fi
+bench 200 "$OUT/bench_blocks.txt" python bench/bench_blocks.py --iters 10 --out "$OUT"
 
 step "kernels: fused / reference / torch.compile of the spec, fwd and fwd+bwd, vs copy and matmul ceilings (B=8, L=1024, bf16)"
-T=$(limit 200)
-if (( T > 0 )); then
-  timeout "$T" python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" | grep -v Warning
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else skipped "$OUT/kernels.txt"; fi
+bench 200 "$OUT/kernels.txt" python bench/kernels.py --out "$OUT"
 
 step "trainer smoke run without shipped data: synthetic corpus, tiny preset, 60 steps with a stop + resume"
 T=$(limit 150)

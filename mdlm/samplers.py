@@ -377,6 +377,24 @@ def _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph=Fa
     device = x.device
     n_events = int((x == M).sum(1).max())  # one sync before the loop
     _sync(stats)
+    event, bad = _first_hitting_event(model, x, seed, opts)
+    run = _EventGraph(event, device, stats) if cuda_graph else event
+    for _ in _progress(range(n_events), progress, "sampling (first hitting)"):
+        run()
+        stats["model_calls"] += 1
+        stats["steps"] += 1
+    invalid.append(bad)
+    return x
+
+
+def _first_hitting_event(model, x, seed, opts):
+    """(event, bad): ``event()`` runs one first-hitting event on x (B, L) in place (fixed shapes, every
+    tensor it writes allocated here; no host read: it also runs under FakeTensorMode); ``bad`` () bool is set
+    when a row's logits were invalid."""
+    import mdlm_kernels as mk
+    B, L = x.shape
+    M = opts["mask_index"]
+    device = x.device
     flat = x.view(-1)
     t = torch.ones(B, dtype=torch.float64, device=device)
     k = torch.zeros(1, dtype=torch.int64, device=device)   # event counter, advanced on the device
@@ -403,13 +421,7 @@ def _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph=Fa
         flat.index_copy_(0, idx, tok)
         k.add_(1)
 
-    run = _EventGraph(event, device, stats) if cuda_graph else event
-    for _ in _progress(range(n_events), progress, "sampling (first hitting)"):
-        run()
-        stats["model_calls"] += 1
-        stats["steps"] += 1
-    invalid.append(bad)
-    return x
+    return event, bad
 
 
 def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, static_gather: bool = True):

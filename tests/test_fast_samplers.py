@@ -474,3 +474,65 @@ def test_first_hitting_matches_its_exact_law(given):
     assert not torch.any(one_step == MASK)
     chi2_bad, dof_bad = chi2_of(one_step)
     assert chi2_bad > _chi2_crit(dof_bad), (chi2_bad, dof_bad)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read device data on the host (a scalar read, bool(), a data-sized nonzero) plus
+    Tensor.tolist calls (which do not dispatch): an independent check of the samplers' own host_syncs count."""
+    READS = ("aten._local_scalar_dense", "aten.nonzero.", "aten.is_nonzero", "aten.item", "aten.masked_select",
+             "aten.unique", "aten._unique")
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.n = 0
+        real = torch.Tensor.tolist
+
+        def tolist(t):
+            self.n += 1
+            return real(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.READS):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{"sampler": "ddpm_cache"}, {"sampler": "ddpm", "remask_eta": 0.05},
+                                {"sampler": "first_hitting"}, {"sampler": "confidence", "tokens_per_step": 1}])
+def test_host_reads_do_not_grow_with_steps_or_events(monkeypatch, kw):
+    """Counted at the dispatcher (not by the sampler itself): the same number of host reads for 5 and 60 steps
+    (ddpm*), and for 1 and 6 masked positions per sequence (first hitting, confidence: 1 vs 6 events)."""
+    m = _model()
+    counts = []
+    for size in (5, 60) if kw["sampler"].startswith("ddpm") else (1, L):
+        x_init = torch.full((2, L), MASK)
+        if not kw["sampler"].startswith("ddpm"):
+            x_init[:, size:] = 3      # `size` masked positions per sequence
+        with _HostReads(monkeypatch) as reads:
+            out = fast_sample(m, 2, steps=size, x_init=x_init, generator=torch.Generator().manual_seed(0), **kw)
+        monkeypatch.undo()
+        assert not torch.any(out == MASK)
+        counts.append(reads.n)
+    assert counts[0] == counts[1] and counts[0] > 0, counts
+
+
+def test_first_hitting_event_has_no_data_dependent_host_read():
+    """The captured unit of first hitting runs under FakeTensorMode (no data at all): any host read of device
+    data (.item(), bool(), data-sized nonzero, a range check) would raise there — and does in the control."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from mdlm.samplers import _first_hitting_event
+    m = _model()
+    m.backbone.validate_inputs = False   # fast_sample does this (x is checked once before the loop)
+    opts = dict(mask_index=MASK, temperature=0.9, top_k=0, top_p=1.0, validate=False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.full((3, L), MASK)
+        event, bad = _first_hitting_event(m, x, 5, opts)
+        event()
+        event()
+        assert x.shape == (3, L) and bad.shape == ()
+    m.backbone.validate_inputs = True    # the input range check reads the host: the control must raise
+    with pytest.raises(DataDependentOutputException):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.full((3, L), MASK)
+            _first_hitting_event(m, x, 5, opts)[0]()
