@@ -536,3 +536,74 @@ def test_first_hitting_event_has_no_data_dependent_host_read():
         with FakeTensorMode(allow_non_fake_inputs=True):
             x = torch.full((3, L), MASK)
             _first_hitting_event(m, x, 5, opts)[0]()
+
+
+def _fake_cuda_graphs(monkeypatch, fail_capture=False):
+    """CPU stand-ins for the torch.cuda pieces _EventGraph uses, with CUDA-graph semantics: capture records the
+    event without changing any state (here: runs it under FakeTensorMode, so any host read would raise, and
+    restores every tensor the event closes over afterwards: FakeTensorMode still runs in-place ops whose inputs
+    are all real) and replay runs it for real on the live tensors."""
+    import contextlib
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import mdlm.samplers as ms
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    owners = []
+
+    class EventGraph(ms._EventGraph):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            owners.append(self)
+
+    class Graph:
+        def replay(self):
+            owners[-1].event()
+
+    @contextlib.contextmanager
+    def graph(g):
+        cells = [c.cell_contents for c in owners[-1].event.__closure__]
+        saved = [(v, v.clone()) for v in cells if isinstance(v, torch.Tensor)]
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            if fail_capture:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            yield
+        for live, snap in saved:
+            live.copy_(snap)
+
+    monkeypatch.setattr(ms, "_EventGraph", EventGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+@pytest.mark.parametrize("fail_capture", [False, True])
+def test_event_graph_warms_up_captures_once_and_replays_the_eager_tokens(monkeypatch, fail_capture):
+    """_EventGraph's control flow on CPU with stand-in CUDA graphs: two eager warm-up events, one capture that
+    does not touch the state, then one replay per event — the same tokens as the eager loop; a failed capture
+    warns and the rest runs eagerly, same tokens again."""
+    from mdlm.samplers import _first_hitting
+    m = _model()
+    m.backbone.validate_inputs = False
+    opts = dict(mask_index=MASK, temperature=1.0, top_k=0, top_p=1.0, validate=False)
+    x_init = torch.full((3, L), MASK)
+    x_init[1, :2] = 5
+    st_a = {"model_calls": 0, "steps": 0}
+    a = _first_hitting(m, x_init.clone(), 77, opts, st_a, False, [], cuda_graph=False)
+    _fake_cuda_graphs(monkeypatch, fail_capture)
+    st_b = {"model_calls": 0, "steps": 0}
+    if fail_capture:
+        with pytest.warns(UserWarning, match="CUDA-graph capture of the sampling event failed"):
+            b = _first_hitting(m, x_init.clone(), 77, opts, st_b, False, [], cuda_graph=True)
+    else:
+        b = _first_hitting(m, x_init.clone(), 77, opts, st_b, False, [], cuda_graph=True)
+    assert torch.equal(a, b) and not torch.any(b == MASK)
+    assert st_b["model_calls"] == st_a["model_calls"] == L
+    assert st_b.get("graph_replays", 0) == (0 if fail_capture else L - 2)
