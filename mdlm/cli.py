@@ -33,6 +33,20 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=4, help="number of samples")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default config.sampling.steps)")
     p.add_argument("--sampler", default=None, help="ddpm | ddpm_cache | first_hitting | confidence | analytic")
+    p.add_argument("--impl", default="auto", choices=("auto", "fused", "reference"),
+                   help="fused samplers where they apply (auto), or force one implementation")
+    p.add_argument("--temperature", type=float, default=None, help="fused samplers: p_theta^(1/T)")
+    p.add_argument("--top-k", type=int, default=None, help="fused samplers: keep the k most probable tokens")
+    p.add_argument("--top-p", type=float, default=None, help="fused samplers: nucleus mass in (0, 1]")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="confidence decoding: k tokens per step")
+    p.add_argument("--confidence-threshold", type=float, default=None,
+                   help="confidence decoding: commit every token above this probability (at least one)")
+    p.add_argument("--remask-eta", type=float, default=None, help="ddpm*: ReMDM remasking strength in [0, 1]")
+    p.add_argument("--cuda-graph", action="store_true", help="first_hitting on CUDA: replay events from a graph")
+    p.add_argument("--num-strides", type=int, default=None,
+                   help="semi-autoregressive: generate L + num_strides * stride_length tokens")
+    p.add_argument("--stride-length", type=int, default=None, help="semi-autoregressive stride (tokens)")
+    p.add_argument("--prefix", default=None, help="text every sample starts with (kept as given tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--no-ema", action="store_true")
@@ -40,18 +54,49 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
     from .data import decode, get_tokenizer
+
+    def fail(msg) -> int:
+        print(f"mdlm sample: error: {msg}", file=sys.stderr)
+        return 2
+
     try:
         cfg = apply_overrides(preset(args.preset, data=args.data), args.overrides)
         tok = get_tokenizer(cfg.data.tokenizer)
         model = MDLM(cfg, tok.model_vocab_size, mask_index=tok.mask_id)
         load_published_checkpoint(model, args.checkpoint, use_ema=not args.no_ema)
     except (CheckpointError, OSError, ImportError, ValueError, KeyError) as e:
-        print(f"mdlm sample: error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    x = sample(model, args.num, steps=args.steps, sampler=args.sampler, generator=gen, progress=True)
+    opts = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+                              ("tokens_per_step", args.tokens_per_step),
+                              ("confidence_threshold", args.confidence_threshold),
+                              ("remask_eta", args.remask_eta), ("num_strides", args.num_strides),
+                              ("stride_length", args.stride_length)) if v is not None}
+    if args.cuda_graph:
+        opts["cuda_graph"] = True
+    if args.prefix is not None:
+        if args.num_strides:
+            return fail("--prefix is not supported with semi-autoregressive sampling (--num-strides)")
+        ids = tok.encode(args.prefix)
+        L = int(cfg.model.length)
+        if not 0 < len(ids) < L:
+            return fail(f"--prefix must encode to 1..{L - 1} tokens (the sequence length is {L}), got {len(ids)}")
+        x_init = torch.full((args.num, L), model.mask_index, dtype=torch.int64, device=device)
+        x_init[:, :len(ids)] = torch.tensor(ids, dtype=torch.int64, device=device)
+        opts["x_init"] = x_init
+    fused_only = {"temperature", "top_k", "top_p", "tokens_per_step", "confidence_threshold", "remask_eta",
+                  "cuda_graph"} & set(opts)
+    if fused_only and args.impl == "reference":
+        return fail(f"{', '.join('--' + k.replace('_', '-') for k in sorted(fused_only))} need the fused samplers "
+                    "(not --impl reference)")
+    impl = "fused" if fused_only and args.impl == "auto" else args.impl
+    try:
+        x = sample(model, args.num, steps=args.steps, sampler=args.sampler, impl=impl, generator=gen,
+                   progress=True, **opts)
+    except ValueError as e:
+        return fail(e)
     texts = decode(x.cpu(), tok, mask_index=model.mask_index)
     for i, t in enumerate(texts):
         print(f"--- sample {i}\n{t}")
