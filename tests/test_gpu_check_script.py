@@ -1,6 +1,7 @@
 """bench/gpu_check.sh runs on a lent GPU machine with minutes of device time: a typo there costs a whole
 session. These CPU tests check what can be checked without a GPU: the script parses, every benchmark it calls
 exists and accepts the flags it passes, and its time-budget helper caps and skips steps as documented."""
+import os
 import re
 import subprocess
 import sys
@@ -34,8 +35,9 @@ def test_every_benchmark_call_uses_flags_the_script_accepts():
     helps = {}
     for path, flags in calls:
         if path not in helps:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
             r = subprocess.run([sys.executable, str(ROOT / path), "--help"], capture_output=True, text=True,
-                               cwd=ROOT, timeout=300)
+                               cwd=ROOT, timeout=300, env=env)
             assert r.returncode == 0, (path, r.stderr[-2000:])
             helps[path] = r.stdout
         for f in flags:
