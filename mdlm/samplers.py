@@ -33,7 +33,8 @@ CUDA graphs (``cuda_graph=True``, first_hitting on CUDA): an event is a fixed se
 shapes that updates x, the event times and an event counter in place; the Philox offsets are read by the
 kernels from that device counter (``offset_tensor``), so after two eager warm-up events the whole event
 (position choice, backbone, row gather, LM head, sampling step, scatter) is captured once and replayed per
-event; a failed capture warns and runs eagerly. Not yet verified on a GPU. ddpm* steps have data-dependent
+event; the capture itself synchronises the device once (counted); a failed capture warns and runs eagerly,
+the caller's stream restored. Not yet verified on a GPU. ddpm* steps have data-dependent
 row counts (known on the host, but different per step) and are launched eagerly.
 
 Philox offsets (``sample_step`` and ``philox_uniform`` key the same (seed, offset, row, col) stream, so no two
@@ -77,7 +78,11 @@ class _EventGraph:
     ``warmup`` calls run eagerly on a side stream (they are real events; they compile kernels and settle the
     SDPA backend choice), the next one captures the event into a CUDA graph, and every call from then on
     (that one included) is one ``graph.replay()``: a single launch for the backbone, LM head and sampling
-    step. If capture fails, a warning is issued and every later call runs eagerly (same results)."""
+    step. Capture synchronises the device once (``torch.cuda.graph`` does; counted in stats["host_syncs"]).
+    Capture runs on a stream of the model's device inside ``torch.cuda.device`` / ``torch.cuda.stream``
+    contexts, so the caller's current device and stream are restored even when capture fails; a failed
+    capture records nothing and changes no state, so a warning is issued and every later call (this one
+    included) runs eagerly with the same results."""
 
     def __init__(self, event, device, stats, warmup: int = 2):
         self.event, self.device, self.stats, self.warmup = event, device, stats, warmup
@@ -87,9 +92,9 @@ class _EventGraph:
         if self.graph is None and not self.failed:
             if self.calls < self.warmup:
                 self.calls += 1
-                self._on_side_stream(self.event)
+                self._on_side_stream(lambda stream: self.event())
                 return
-            self._capture()
+            self._on_side_stream(self._capture)
         if self.graph is None:
             self.event()
             return
@@ -100,15 +105,18 @@ class _EventGraph:
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(main)
-        with torch.cuda.stream(side):
-            fn()
-        main.wait_stream(side)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(side):
+                fn(side)
+        finally:
+            main.wait_stream(side)
 
-    def _capture(self):
+    def _capture(self, stream):
         import warnings
         graph = torch.cuda.CUDAGraph()
+        self.stats["host_syncs"] = self.stats.get("host_syncs", 0) + 1
         try:
-            with torch.cuda.graph(graph):   # records only: the state is not touched until replay
+            with torch.cuda.graph(graph, stream=stream):   # records only: the state is not touched until replay
                 self.event()
             self.graph = graph
         except Exception as e:  # a kernel or check that cannot be captured: stay correct, run eagerly
@@ -162,6 +170,8 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
         raise ValueError("fast samplers assume the loglinear schedule (move chance = t), as ddpm_cache does")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if not 0 <= eps <= 1:
+        raise ValueError(f"eps (the last time of the grid 1 -> eps) must be in [0, 1], got {eps}")
     if not 0 <= remask_eta <= 1:
         raise ValueError(f"remask_eta must be in [0, 1], got {remask_eta}")
     device = next(model.parameters()).device
