@@ -381,14 +381,11 @@ def _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph=Fa
     the whole event (draws, backbone, row gather, LM head, sampling step, scatter) is captured once and
     replayed (``_EventGraph``). The event times t_{k+1} = t_k u^(1/n) only matter with time conditioning;
     they are tracked for it."""
-    import mdlm_kernels as mk
-    B, L = x.shape
     M = opts["mask_index"]
-    device = x.device
     n_events = int((x == M).sum(1).max())  # one sync before the loop
     _sync(stats)
     event, bad = _first_hitting_event(model, x, seed, opts)
-    run = _EventGraph(event, device, stats) if cuda_graph else event
+    run = _EventGraph(event, x.device, stats) if cuda_graph else event
     for _ in _progress(range(n_events), progress, "sampling (first hitting)"):
         run()
         stats["model_calls"] += 1
@@ -475,7 +472,6 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, st
         logits = masked_row_logits(model, x, zero, idx)
         stats["model_calls"] += 1
         stats["steps"] += 1
-        n = idx.numel()
         out = mk.sample_step(logits, None, None, seed, 1 + step, row_ids=idx, greedy=True, **opts)
         tok = _sanitize(out.tokens, M, invalid)
         conf = torch.full((B * L,), -1.0, device=device)
