@@ -15,6 +15,7 @@ Environment:
 """
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -88,6 +89,44 @@ def parse_archs(spec):
     return archs, flags
 
 
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def _demangle(names):
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+        lines = out.stdout.splitlines()
+        return lines if len(lines) == len(names) else list(names)
+    except (OSError, subprocess.CalledProcessError):
+        return list(names)
+
+
+def parse_ptxas_resources(log, source):
+    """Kernels of one `nvcc -Xptxas -v` log: [{kernel, mangled, arch, registers, stack, spill_*, smem}]."""
+    kernels, cur = [], None
+    for line in log.splitlines():
+        m = _PTXAS_ENTRY.search(line)
+        if m:
+            cur = {"source": source, "mangled": m.group(1), "arch": m.group(2)}
+            kernels.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = _PTXAS_SPILL.search(line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = _PTXAS_USED.search(line)
+        if m:
+            cur.update(registers=int(m.group(1)), smem=int(m.group(2) or 0))
+    kernels = [k for k in kernels if "registers" in k and "stack" in k]
+    for k, name in zip(kernels, _demangle([k["mangled"] for k in kernels])):
+        name = name.replace("(anonymous namespace)::", "")
+        k["kernel"] = re.sub(r"^void ", "", re.sub(r"\(.*", "", name))
+    return kernels
+
+
 class BuildExt(build_ext):
     """build_ext that compiles csrc/cuda/*.cu with nvcc and links them as extra objects."""
 
@@ -114,18 +153,55 @@ class BuildExt(build_ext):
 
         def one(src):
             obj = os.path.join(out_dir, os.path.basename(src).replace(".cu", ".o"))
-            cmd = base + ["-c", src, "-o", obj]
+            cmd = base + ["-Xptxas", "-v", "-c", src, "-o", obj]   # -v: resource usage, recorded below
             _log(" ".join(cmd))
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stdout + proc.stderr)
                 raise CompileError(f"nvcc failed on {src} (exit {proc.returncode}); see the output above")
-            if proc.stderr.strip():
-                sys.stderr.write(proc.stderr)
-            return obj
+            other = "".join(l for l in proc.stderr.splitlines(True)
+                            if not l.startswith("ptxas info") and not l.startswith("    "))
+            if other.strip():
+                sys.stderr.write(other)
+            return obj, parse_ptxas_resources(proc.stderr, os.path.basename(src))
 
         with ThreadPoolExecutor(max_workers=min(_max_jobs(), len(sources))) as pool:
-            return list(pool.map(one, sources))
+            done = list(pool.map(one, sources))
+        return [o for o, _ in done], [k for _, ks in done for k in ks]
+
+    def _resources_paths(self, ext):
+        """(where the build writes _C_resources.json, its in-place twin next to the sources)."""
+        build_py = self.get_finalized_command("build_py")
+        inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+        return (os.path.join(os.path.dirname(regular_file), "_C_resources.json"),
+                os.path.join(os.path.dirname(inplace_file), "_C_resources.json"))
+
+    def copy_extensions_to_source(self):  # in-place / editable builds: the record goes with the module
+        super().copy_extensions_to_source()
+        for ext in self.extensions:
+            regular, inplace = self._resources_paths(ext)
+            if os.path.exists(regular):
+                self.copy_file(regular, inplace, level=self.verbose)
+            elif os.path.exists(inplace):
+                os.remove(inplace)  # a record of an earlier CUDA build would describe kernels no longer built
+
+    def _get_output_mapping(self):
+        yield from super()._get_output_mapping()
+        if self.inplace:
+            for ext in self.extensions:
+                regular, inplace = self._resources_paths(ext)
+                if os.path.exists(regular):
+                    yield regular, inplace
+
+    def _write_resources(self, ext, kernels, archs):
+        """mdlm_kernels/_C_resources.json next to the built module: the CUDA kernels' registers, spills and
+        shared memory per arch, as ptxas reported them (read by mdlm_kernels.compile_check)."""
+        path = self._resources_paths(ext)[0] if self.inplace else os.path.join(
+            os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_resources.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"archs": archs, "kernels": kernels}, f, indent=1)
+        _log(f"CUDA resource usage of {len(kernels)} kernel images written to {path}")
 
     def build_extension(self, ext):
         # C++ flags, OpenMP if the compiler takes it.
@@ -153,7 +229,8 @@ class BuildExt(build_ext):
             _log(f"CUDA: nvcc from {cuda_home}, archs {arch_str}")
             defines = [("MDLM_WITH_CUDA", "1"), ("MDLM_CUDA_ARCHS", f'"{arch_str}"')]
             nvcc = os.path.join(cuda_home, "bin", "nvcc")
-            objs = self._compile_cu(nvcc, cu_sources, gencode, [("MDLM_WITH_CUDA", "1")], ext.include_dirs)
+            objs, kernels = self._compile_cu(nvcc, cu_sources, gencode, [("MDLM_WITH_CUDA", "1")], ext.include_dirs)
+            self._write_resources(ext, kernels, archs)
             ext.extra_objects = list(ext.extra_objects or []) + objs
             libdirs = [d for d in (os.path.join(cuda_home, "lib64"),
                                    os.path.join(cuda_home, "targets", "x86_64-linux", "lib"),

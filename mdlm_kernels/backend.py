@@ -78,6 +78,11 @@ def unavailable_reason(backend: str, device: Union[torch.device, str]) -> Option
             return f"triton is not installed ({_triton.ERROR})"
         if device.type == "cuda":
             return None
+        if device.type == "meta":
+            from . import launch  # launchers record their plans for meta tensors inside launch.recording()
+            if launch.is_recording(device):
+                return None
+            return "triton does not run on meta tensors (outside mdlm_kernels.launch.recording())"
         if device.type == "cpu":
             if not _triton.interpret_env():
                 return "TRITON_INTERPRET=1 is needed to run Triton on CPU tensors"

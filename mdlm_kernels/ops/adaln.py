@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from .. import launch as _launch
 from .._triton import HAS_TRITON, INTERPRETED, tl, triton
 from .philox import _M32, _check_u64, _from_i64, _to_i64
 from .philox import _philox_reference, _uniform_from_words
@@ -336,31 +337,25 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------
 # Host launchers (Triton)
 # ---------------------------------------------------------------------------------------------
-_device_ctx = _backend.device_guard
-
-
-_SM_COUNT: dict = {}
-
-
-def _launch_cfg(d: int, device: torch.device):
-    """(BLOCK_R rows per tile, BLOCK_D, launch kwargs). The interpreter pays per op, the GPU per register:
-    bigger tiles under TRITON_INTERPRET."""
+def _launch_cfg(d: int, gpu):
+    """(BLOCK_R rows per tile, BLOCK_D, num_warps). The interpreter (gpu None) pays per op, the GPU per
+    register: bigger tiles under TRITON_INTERPRET."""
     block_d = max(4, triton.next_power_of_2(d))  # >= 4: the dropout mask draws one Philox per 4 columns
-    tile = 16384 if (INTERPRETED and device.type == "cpu") else 4096
+    tile = 4096 if gpu is not None else 16384
     block_r = max(1, min(64, tile // block_d))
     # 8 warps for the 4096-element tile: with 4 (32 elements per thread) the training backward needs 255
     # registers and spills on sm_90 (checked with ptxas); with 8 it fits without spilling.
-    kw = {"num_warps": 8} if device.type == "cuda" else {}
-    return block_r, block_d, kw
+    return block_r, block_d, 8
 
 
-def _chunks(B: int, L: int, block_r: int, device: torch.device):
+_BWD_BLOCKS_PER_SM = 4
+
+
+def _chunks(B: int, L: int, block_r: int, gpu):
     """Split each batch row's L rows into n_chunks programs (multiples of block_r rows): about 4 programs
     per SM on a GPU, one per batch row on the interpreter."""
-    if device.type == "cuda":
-        if device not in _SM_COUNT:
-            _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        n = max(1, min(triton.cdiv(L, block_r), triton.cdiv(4 * _SM_COUNT[device], B)))
+    if gpu is not None:
+        n = max(1, min(triton.cdiv(L, block_r), triton.cdiv(_BWD_BLOCKS_PER_SM * gpu.sm_count, B)))
     else:
         n = 1
     rows = triton.cdiv(triton.cdiv(L, n), block_r) * block_r
@@ -375,11 +370,11 @@ def _adaln_fwd_triton(x, weight, mod, shift_idx, scale_idx, out_dtype, eps):
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
         return y, mean, rstd
-    br, bd, kw = _launch_cfg(d, x.device)
-    with _device_ctx(x.device):
-        _adaln_fwd_kernel[(triton.cdiv(N, br),)](
-            x, weight, mod, y, mean, rstd, N, L, d, mod.stride(0), shift_idx * d, scale_idx * d, eps,
-            BLOCK_R=br, BLOCK_D=bd, **kw)
+    br, bd, nw = _launch_cfg(d, _launch.gpu_of(x.device))
+    _launch.launch(_launch.Plan(
+        "adaln_modulate.fwd", _adaln_fwd_kernel, (triton.cdiv(N, br),),
+        (x, weight, mod, y, mean, rstd, N, L, d, mod.stride(0), shift_idx * d, scale_idx * d, eps),
+        dict(BLOCK_R=br, BLOCK_D=bd), num_warps=nw, vector_io=("ld", "st")), x.device)
     return y, mean, rstd
 
 
@@ -389,12 +384,14 @@ def _adaln_bwd_triton(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps)
     dmod = torch.zeros(mod.shape, dtype=mod.dtype, device=mod.device)
     if B * L == 0:
         return dx, torch.zeros_like(weight), dmod
-    br, bd, kw = _launch_cfg(d, x.device)
-    nc, rows = _chunks(B, L, br, x.device)
+    gpu = _launch.gpu_of(x.device)
+    br, bd, nw = _launch_cfg(d, gpu)
+    nc, rows = _chunks(B, L, br, gpu)
     part = torch.empty((B, nc, 3, d), dtype=torch.float32, device=x.device)
-    with _device_ctx(x.device):
-        _adaln_bwd_kernel[(B, nc)](gy, x, weight, mod, mean, rstd, dx, part, L, d, mod.stride(0),
-                                   shift_idx * d, scale_idx * d, rows, BLOCK_R=br, BLOCK_D=bd, **kw)
+    _launch.launch(_launch.Plan(
+        "adaln_modulate.bwd", _adaln_bwd_kernel, (B, nc),
+        (gy, x, weight, mod, mean, rstd, dx, part, L, d, mod.stride(0), shift_idx * d, scale_idx * d, rows),
+        dict(BLOCK_R=br, BLOCK_D=bd), num_warps=nw, blocks_per_sm=_BWD_BLOCKS_PER_SM, vector_io=("ld", "st")), x.device)
     s = part.sum(1)                                  # (B, 3, d) fp32
     dw = s[:, 0].sum(0).to(weight.dtype)
     dmod[:, shift_idx * d:(shift_idx + 1) * d] += s[:, 1].to(mod.dtype)
@@ -423,16 +420,17 @@ def _gated_fwd_triton(residual, h, mod, gate_idx, weight, mod_next, shift_idx, s
     rstd = torch.empty_like(mean)
     if N == 0:
         return r, y, mean, rstd
-    br, bd, kw = _launch_cfg(d, residual.device)
+    br, bd, nw = _launch_cfg(d, _launch.gpu_of(residual.device))
     s, olo, ohi = _seed_words(seed, offset)
     prod = _ROUND_CODE[torch.promote_types(mod.dtype, h.dtype)]
-    with _device_ctx(residual.device):
-        _gated_fwd_kernel[(triton.cdiv(N, br),)](
-            residual, h, mod, modn, weight if has_norm else residual, r, y if has_norm else r,
-            mean if has_norm else r, rstd if has_norm else r,
-            N, L, d, mod.stride(0), gate_idx * d, modn.stride(0), shift_idx * d, scale_idx * d, eps,
-            s, olo, ohi, float(p), _drop_scale(p),
-            PROD_CODE=prod, DROPOUT=bool(dropout), HAS_NORM=has_norm, BLOCK_R=br, BLOCK_D=bd, **kw)
+    _launch.launch(_launch.Plan(
+        "gated_residual_modulate.fwd", _gated_fwd_kernel, (triton.cdiv(N, br),),
+        (residual, h, mod, modn, weight if has_norm else residual, r, y if has_norm else r,
+         mean if has_norm else r, rstd if has_norm else r,
+         N, L, d, mod.stride(0), gate_idx * d, modn.stride(0), shift_idx * d, scale_idx * d, eps,
+         s, olo, ohi, float(p), _drop_scale(p)),
+        dict(PROD_CODE=prod, DROPOUT=bool(dropout), HAS_NORM=has_norm, BLOCK_R=br, BLOCK_D=bd),
+        num_warps=nw, vector_io=("ld", "st")), residual.device)
     return r, y, mean, rstd
 
 
@@ -447,17 +445,19 @@ def _gated_bwd_triton(dr, dy, r, h, mod, gate_idx, weight, mod_next, shift_idx, 
     dmodn = torch.zeros(mod_next.shape, dtype=mod_next.dtype, device=mod.device) if mod_next is not None else None
     dw = torch.zeros_like(weight) if weight is not None else None
     if B * L > 0:
-        br, bd, kw = _launch_cfg(d, r.device)
-        nc, rows = _chunks(B, L, br, r.device)
+        gpu = _launch.gpu_of(r.device)
+        br, bd, nw = _launch_cfg(d, gpu)
+        nc, rows = _chunks(B, L, br, gpu)
         part = torch.empty((B, nc, 4, d), dtype=torch.float32, device=r.device)
         s, olo, ohi = _seed_words(seed, offset)
-        with _device_ctx(r.device):
-            _gated_bwd_kernel[(B, nc)](
-                dr if dr is not None else r, dy if has_dy else r, r, h, mod, modn,
-                weight if weight is not None else r, mean if has_dy else r, rstd if has_dy else r,
-                dres, dh, part, L, d, mod.stride(0), gate_idx * d, modn.stride(0), shift_idx * d,
-                scale_idx * d, rows, s, olo, ohi, float(p), _drop_scale(p),
-                DROPOUT=bool(dropout), HAS_DR=dr is not None, HAS_DY=has_dy, BLOCK_R=br, BLOCK_D=bd, **kw)
+        _launch.launch(_launch.Plan(
+            "gated_residual_modulate.bwd", _gated_bwd_kernel, (B, nc),
+            (dr if dr is not None else r, dy if has_dy else r, r, h, mod, modn,
+             weight if weight is not None else r, mean if has_dy else r, rstd if has_dy else r,
+             dres, dh, part, L, d, mod.stride(0), gate_idx * d, modn.stride(0), shift_idx * d,
+             scale_idx * d, rows, s, olo, ohi, float(p), _drop_scale(p)),
+            dict(DROPOUT=bool(dropout), HAS_DR=dr is not None, HAS_DY=has_dy, BLOCK_R=br, BLOCK_D=bd),
+            num_warps=nw, blocks_per_sm=_BWD_BLOCKS_PER_SM, vector_io=("ld", "st")), r.device)
         sums = part.sum(1)                           # (B, 4, d) fp32
         dmod[:, gate_idx * d:(gate_idx + 1) * d] += sums[:, 3].to(mod.dtype)
         if has_dy:

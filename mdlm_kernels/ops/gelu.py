@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
-from .._triton import HAS_TRITON, INTERPRETED, tl, triton
-from .adaln import _SM_COUNT, _device_ctx
+from .. import launch as _launch
+from .._triton import HAS_TRITON, tl, triton
 if HAS_TRITON:
     from .adaln import _cast
 
@@ -87,12 +87,14 @@ if HAS_TRITON:
         tl.store(part_ptr + chunk * n + cols, acc, mask=cm)
 
 
-def _cfg(M, n, device):
-    interp = INTERPRETED and device.type == "cpu"
-    bn = min(triton.next_power_of_2(n), 4096 if interp else 512)
-    bm = max(1, min(256 if interp else 32, (16384 if interp else 4096) // bn))
-    kw = {"num_warps": 4} if device.type == "cuda" else {}
-    return bm, bn, kw
+def _cfg(M, n, gpu):
+    """(BLOCK_M, BLOCK_N, num_warps); the interpreter (gpu None) gets wider tiles (it pays per op)."""
+    bn = min(triton.next_power_of_2(n), 512 if gpu is not None else 4096)
+    bm = max(1, min(32 if gpu is not None else 256, (4096 if gpu is not None else 16384) // bn))
+    return bm, bn, 4
+
+
+_BWD_BLOCKS_PER_SM = 4
 
 
 def _fwd_triton(x2, bias):
@@ -100,10 +102,10 @@ def _fwd_triton(x2, bias):
     y = torch.empty_like(x2)
     if M == 0:
         return y
-    bm, bn, kw = _cfg(M, n, x2.device)
-    with _device_ctx(x2.device):
-        _bias_gelu_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(n, bn))](x2, bias, y, M, n, BLOCK_M=bm, BLOCK_N=bn,
-                                                                         **kw)
+    bm, bn, nw = _cfg(M, n, _launch.gpu_of(x2.device))
+    _launch.launch(_launch.Plan(
+        "bias_gelu.fwd", _bias_gelu_fwd_kernel, (triton.cdiv(M, bm), triton.cdiv(n, bn)), (x2, bias, y, M, n),
+        dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=nw, vector_io=("ld", "st")), x2.device)
     return y
 
 
@@ -112,20 +114,19 @@ def _bwd_triton(g2, x2, bias):
     dx = torch.empty_like(x2)
     if M == 0:
         return dx, torch.zeros_like(bias)
-    bm, bn, kw = _cfg(M, n, x2.device)
+    gpu = _launch.gpu_of(x2.device)
+    bm, bn, nw = _cfg(M, n, gpu)
     ncol = triton.cdiv(n, bn)
-    if x2.device.type == "cuda":
-        dev = x2.device
-        if dev not in _SM_COUNT:
-            _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-        nch = max(1, min(triton.cdiv(M, bm), triton.cdiv(4 * _SM_COUNT[dev], ncol)))
+    if gpu is not None:  # about 4 programs per SM, each looping over its rows
+        nch = max(1, min(triton.cdiv(M, bm), triton.cdiv(_BWD_BLOCKS_PER_SM * gpu.sm_count, ncol)))
     else:
         nch = 1
     rows = triton.cdiv(triton.cdiv(M, nch), bm) * bm
     nch = triton.cdiv(M, rows)
     part = torch.empty((nch, n), dtype=torch.float32, device=x2.device)
-    with _device_ctx(x2.device):
-        _bias_gelu_bwd_kernel[(ncol, nch)](g2, x2, bias, dx, part, M, n, rows, BLOCK_M=bm, BLOCK_N=bn, **kw)
+    _launch.launch(_launch.Plan(
+        "bias_gelu.bwd", _bias_gelu_bwd_kernel, (ncol, nch), (g2, x2, bias, dx, part, M, n, rows),
+        dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=nw, blocks_per_sm=_BWD_BLOCKS_PER_SM, vector_io=("ld", "st")), x2.device)
     return dx, part.sum(0).to(bias.dtype)
 
 

@@ -33,7 +33,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import backend as _backend
-from .._triton import HAS_TRITON, INTERPRETED, tl, triton
+from .. import launch as _launch
+from .._triton import HAS_TRITON, tl, triton
 
 OP = "subs_linear_cross_entropy"
 CHUNK_BYTES = 256 * 2 ** 20  # target size of one (C, V) logits chunk
@@ -93,12 +94,13 @@ def _rows_triton(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index
     loss = torch.empty(C, dtype=torch.float32, device=z.device)
     if C == 0:
         return loss
+    gpu = _launch.gpu_of(z.device)
     # The interpreter's cost is per block iteration, the GPU's per register: wider blocks under TRITON_INTERPRET.
-    block = min(16384 if INTERPRETED else 4096, triton.next_power_of_2(V))
-    kwargs = {"num_warps": 8} if z.is_cuda else {}
-    with _backend.device_guard(z.device):  # launch on z's device and its current stream
-        _subs_ce_rows_kernel[(C,)](z, z.stride(0), tgt, w, loss, V, mask_index, BLOCK_V=block,
-                                   WRITE_GRAD=write_grad, **kwargs)
+    block = min(4096 if gpu is not None else 16384, triton.next_power_of_2(V))
+    _launch.launch(_launch.Plan(
+        "subs_linear_cross_entropy.rows", _subs_ce_rows_kernel, (C,),
+        (z, z.stride(0), tgt, w, loss, V, mask_index), dict(BLOCK_V=block, WRITE_GRAD=write_grad),
+        num_warps=8, vector_io=("ld", "st")), z.device)
     return loss
 
 

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _ext, backend as _backend
+from .. import launch as _launch
 from .._dtypes import dtype_code
 from .._triton import HAS_TRITON, tl, triton
 
@@ -147,13 +148,12 @@ def _triton_launch(rows, cols, seed, offset, dtype, device, offset_tensor=None):
     n = rows * cols
     if n == 0:
         return out
-    grid = (triton.cdiv(n, _TRITON_BLOCK),)
     has_off = offset_tensor is not None
-    with _backend.device_guard(device):
-        # without a device-side offset, `out` stands in for the pointer the kernel never reads
-        _philox_uniform_kernel[grid](out, offset_tensor if has_off else out, n, cols, seed, offset & _M32,
-                                     offset >> 32, HAS_OFF_PTR=has_off, IS_F64=(dtype == torch.float64),
-                                     BLOCK=_TRITON_BLOCK)
+    # without a device-side offset, `out` stands in for the pointer the kernel never reads
+    _launch.launch(_launch.Plan(
+        "philox_uniform", _philox_uniform_kernel, (triton.cdiv(n, _TRITON_BLOCK),),
+        (out, offset_tensor if has_off else out, n, cols, seed, offset & _M32, offset >> 32),
+        dict(HAS_OFF_PTR=has_off, IS_F64=(dtype == torch.float64), BLOCK=_TRITON_BLOCK), vector_io=("st",)), device)
     return out
 
 

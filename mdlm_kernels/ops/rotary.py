@@ -40,8 +40,8 @@ from typing import Optional
 import torch
 
 from .. import backend as _backend
+from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
-from .adaln import _device_ctx
 if HAS_TRITON:
     from .adaln import _cast
 
@@ -122,9 +122,8 @@ if HAS_TRITON:
         tl.store(dst + 2 * H * D + HALF, _cast(tl.load(srcv + HALF, mask=m, other=0.0).to(tl.float32), dt), mask=m)
 
 
-def _cfg(H, half, device):
-    kw = {"num_warps": 4} if device.type == "cuda" else {}
-    return triton.next_power_of_2(H), triton.next_power_of_2(half), kw
+def _cfg(H, half):
+    return triton.next_power_of_2(H), triton.next_power_of_2(half), 4
 
 
 def _qk_buffers(qkv):
@@ -138,9 +137,10 @@ def _fwd_triton(qkv, cos, sin):
     q, k = _qk_buffers(qkv)
     if B * L * H == 0:
         return q, k
-    bh, bj, kw = _cfg(H, D // 2, qkv.device)
-    with _device_ctx(qkv.device):
-        _rotary_fwd_kernel[(B * L,)](qkv, cos, sin, q, k, L, H, D // 2, BLOCK_H=bh, BLOCK_HALF=bj, **kw)
+    bh, bj, nw = _cfg(H, D // 2)
+    _launch.launch(_launch.Plan(
+        "rotary_qkv.fwd", _rotary_fwd_kernel, (B * L,), (qkv, cos, sin, q, k, L, H, D // 2),
+        dict(BLOCK_H=bh, BLOCK_HALF=bj), num_warps=nw, vector_io=("ld", "st")), qkv.device)
     return q, k
 
 
@@ -155,10 +155,10 @@ def _bwd_triton(dq, dk, dv, cos, sin, dtype):
         return dqkv
     dq, dk, dv = (_last_dim_contiguous(g) for g in (dq, dk, dv))
     strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]
-    bh, bj, kw = _cfg(H, D // 2, dq.device)
-    with _device_ctx(dq.device):
-        _rotary_bwd_kernel[(B * L,)](dq, dk, dv, cos, sin, dqkv, L, H, D // 2, *strides,
-                                     BLOCK_H=bh, BLOCK_HALF=bj, **kw)
+    bh, bj, nw = _cfg(H, D // 2)
+    _launch.launch(_launch.Plan(
+        "rotary_qkv.bwd", _rotary_bwd_kernel, (B * L,), (dq, dk, dv, cos, sin, dqkv, L, H, D // 2, *strides),
+        dict(BLOCK_H=bh, BLOCK_HALF=bj), num_warps=nw, vector_io=("ld", "st")), dq.device)
     return dqkv
 
 
