@@ -122,8 +122,13 @@ _WIDTH = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "bf
           "s32": 4, "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
 
 
+_CP_ASYNC = re.compile(r"^\s*(?:@!?%p\w+\s+)?cp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*"
+                       r"(0x[0-9a-fA-F]+|\d+)", re.M)
+
+
 def global_access_widths(ptx: str) -> dict:
-    """{"ld": {bytes: count}, "st": {bytes: count}} over the global load / store instructions of a PTX text."""
+    """{"ld": {bytes: count}, "st": {bytes: count}} over the global load / store instructions of a PTX text;
+    asynchronous global -> shared copies (``cp.async``, software-pipelined loads) count as loads."""
     out = {"ld": {}, "st": {}}
     for kind, suffix in _LDST.findall(ptx):
         parts = suffix.strip(".").split(".")
@@ -131,6 +136,9 @@ def global_access_widths(ptx: str) -> dict:
         width = next((_WIDTH[p] for p in reversed(parts) if p in _WIDTH), 0)
         nbytes = vec * width
         out[kind][nbytes] = out[kind].get(nbytes, 0) + 1
+    for size in _CP_ASYNC.findall(ptx):
+        nbytes = int(size, 0)
+        out["ld"][nbytes] = out["ld"].get(nbytes, 0) + 1
     return out
 
 

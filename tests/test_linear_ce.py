@@ -299,3 +299,67 @@ def test_gpu_launches_on_the_current_stream():
     torch.cuda.synchronize()
     ref = _spec(h.float(), W.float(), b.float(), tgt, w, 50257)
     torch.testing.assert_close(out.row_losses, ref, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The row kernel with the GPU's tiling (16 rows x 128 columns, pipelined V loop), run by the interpreter
+# ---------------------------------------------------------------------------------------------
+from mdlm_kernels import launch as _launch                       # noqa: E402
+from mdlm_kernels.ops import linear_ce as _lce                    # noqa: E402
+
+# (C, V, mask_index, bias dtype or None, z dtype): tail only; full tiles + tail with MASK in a full tile / the tail /
+# the last column of a full tile; no tail; no MASK; ragged row blocks (C not a multiple of 16) throughout
+ROW_CASES = [
+    (1, 37, 36, torch.float32, torch.float32),
+    (37, 300, 5, torch.float32, torch.bfloat16),
+    (16, 256, 255, None, torch.float32),
+    (20, 300, 290, torch.bfloat16, torch.float32),
+    (33, 1000, -1, torch.float32, torch.bfloat16),
+]
+
+
+@pytest.mark.skipif(kb.unavailable_reason("triton", "cpu") is not None, reason="Triton on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("C,V,mask_index,bias_dtype,dtype", ROW_CASES)
+def test_row_kernel_with_the_gpu_tiling_matches_the_reference(C, V, mask_index, bias_dtype, dtype):
+    """`_rows_triton(..., gpu_plan=H100)` runs exactly the GPU's tile sizes and loops on the interpreter: per-row
+    losses, dL/dz written in place, the column sums (grad_b); rows of the buffer past C stay untouched."""
+    g = torch.Generator().manual_seed(C * V)
+    buf = (torch.randn(C + 3, (V + 63) // 64 * 64, generator=g) * 3).to(dtype)
+    z = buf[:C, :V]
+    tgt = torch.randint(0, V, (C,), generator=g)
+    if mask_index >= 0:
+        tgt[tgt == mask_index] = (mask_index + 1) % V
+    if C > 3:
+        tgt[3] = mask_index if mask_index >= 0 else V    # an invalid target: that row's loss and grads are NaN
+    w = torch.rand(C, generator=g) + 0.5
+    bias = None if bias_dtype is None else torch.randn(V, generator=g).to(bias_dtype)
+    z_ref = z.clone()
+    rest = buf[C:].clone()
+    loss, db = _lce._rows_triton(z, tgt, w, mask_index, bias, True, gpu_plan=_launch.H100)
+    loss_r, db_r = _lce._rows_reference(z_ref, tgt, w, mask_index, bias, True)
+    assert torch.equal(buf[C:], rest)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-5, equal_nan=True)
+    bf16 = dtype == torch.bfloat16   # the interpreter truncates the bf16 store of dL/dz where the GPU rounds: 1 ulp
+    torch.testing.assert_close(z.float(), z_ref.float(), rtol=2 ** -7 if bf16 else 1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(db, db_r, rtol=1e-5, atol=1e-5, equal_nan=True)
+    if C > 3:
+        assert torch.isnan(loss[3]) and torch.isnan(z[3].float()).all() and torch.isnan(db).all()
+    # the no-grad variant: same losses, z untouched
+    zz = (torch.randn(C, V, generator=g) * 3).to(dtype)
+    keep = zz.clone()
+    loss_ng, _ = _lce._rows_triton(zz, tgt, w, mask_index, bias, False, gpu_plan=_launch.H100)
+    loss_ng_r, _ = _lce._rows_reference(zz.clone(), tgt, w, mask_index, bias, False)
+    assert torch.equal(zz, keep)
+    torch.testing.assert_close(loss_ng, loss_ng_r, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_chunks_are_balanced_and_bounded():
+    for N in (1, 37, 1023, 32768, 32769, 100000):
+        for cap in (1, 16, 700, 10672):
+            c = _lce.balanced_chunks(N, cap)
+            n = -(-N // c)
+            # as few chunks as the cap allows, all of one size c (the last one shorter by less than a multiple of 64)
+            assert 1 <= c <= cap and n == -(-N // cap) and c - (-(-N // n)) < 64, (N, cap, c)
+    # the published shape: ~32k masked rows of V = 50258 in bf16 -> 4 chunks of 8192 rows (1 GiB cap)
+    assert _lce.chunk_rows_for(50258, torch.bfloat16) == 10672
+    assert _lce.balanced_chunks(32768, 10672) == 8192

@@ -17,11 +17,16 @@ Gradient (per row i, with p_i = softmax over v != MASK of z_i):
 The loss is a sum, so its gradients are computed during the forward pass, chunk by chunk, and the
 backward only scales them by the incoming scalar gradient.
 
-Memory traffic per chunk of C rows: the GEMM writes z (C, V) once in the compute dtype; the row kernel
-reads it twice (online log-sum-exp, then softmax) and overwrites it with G in place; two GEMMs read G.
-Extra memory: one (C, V) logits chunk (C sized to ~256 MiB; rows padded to 64 elements), the fp32 grad_W
-(V, d) and grad_b (V,), one fp32 (V, d) GEMM result per chunk while it is added into grad_W, and the
-weight cast to the compute dtype (under autocast, as F.linear does).
+Memory traffic per chunk of C rows (compute dtype, 2 bytes in bf16): one GEMM writes z = h W^T (C, V) once, into
+a buffer whose rows are padded to 64 elements (16-byte aligned rows); the row kernel reads z twice (online
+log-sum-exp, then softmax), adding the bias in fp32 as it reads (so the GEMM needs no bias epilogue and no
+broadcast copy of the bias into its output), and overwrites z with G = dL/dz in place; the grad_h and grad_W GEMMs
+read G; grad_W accumulates in fp32 inside its GEMM (beta = 1, fp32 output) where torch supports it; grad_b comes
+from the row kernel's column sums (one fp32 row of V per 16 rows) instead of another pass over G. Chunks are as
+large as CHUNK_BYTES allows (1 GiB: ~10k rows at V = 50258) and of equal size, so at B = 64 x L = 1024 (~32k
+masked rows) the loop runs 4 chunks of ~8k rows. Extra memory: the logits chunk, the fp32 grad_W (V, d) and
+grad_b (V,), the row kernel's column sums ((C/16, V) fp32), and the weight cast to the compute dtype (under
+autocast, as F.linear does).
 
 Backends: "triton" (the row kernel in Triton; GEMMs by cuBLAS) and "reference" (the same chunked
 algorithm in PyTorch, for CPUs). The plain-PyTorch spec is ``mdlm.diffusion.subs_nelbo_masked_rows``.
@@ -37,78 +42,142 @@ from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
 
 OP = "subs_linear_cross_entropy"
-CHUNK_BYTES = 256 * 2 ** 20  # target size of one (C, V) logits chunk
+CHUNK_BYTES = 2 ** 30  # the most bytes of one (C, V) logits chunk
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel: one program per row of the chunk
+# Triton kernel: one program per block of ROWS rows of the chunk
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
+    def _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS: tl.constexpr, FULL: tl.constexpr, V):
+        """Logits tile [ROWS, BLOCK_V] in fp32 (+ bias), -inf on the MASK column (and past V unless FULL).
+
+        The rows of a ragged last row block are clamped to a valid row by the caller, so rows need no mask;
+        FULL tiles load without any mask: 16-byte vectors. The MASK column is removed with a select, which keeps
+        the load uniform over each vector."""
+        if FULL:
+            x = tl.load(z_row + offs[None, :]).to(tl.float32)
+            if HAS_BIAS:
+                x += tl.load(b_ptr + offs).to(tl.float32)[None, :]
+        else:
+            inb = offs < V
+            x = tl.load(z_row + offs[None, :], mask=inb[None, :], other=float("-inf")).to(tl.float32)
+            if HAS_BIAS:
+                x += tl.load(b_ptr + offs, mask=inb, other=0.0).to(tl.float32)[None, :]
+        return tl.where(offs[None, :] == mask_index, float("-inf"), x)
+
+    @triton.jit
+    def _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index):
+        """dL/dz = w (softmax - onehot) on a logits tile; 0 on the MASK column (x = -inf there: exp gives 0) and
+        on the clamped duplicate rows of a ragged block (so they add nothing to the column sums)."""
+        g = tl.exp(x - lse[:, None]) - tl.where(offs[None, :] == tgt[:, None], 1.0, 0.0)
+        g = tl.where(offs[None, :] == mask_index, 0.0, g) * w_row[:, None]
+        return tl.where(rows_ok[:, None], g, 0.0)
+
+    @triton.jit
     def _subs_ce_rows_kernel(
-        z_ptr,          # (C, V) logits chunk, compute dtype, row stride `z_stride`; overwritten with dL/dz
+        z_ptr,          # (C, V) logits chunk (h W^T, without the bias), compute dtype, row stride z_stride;
+                        # overwritten with dL/dz if WRITE_GRAD
         z_stride,
+        b_ptr,          # (V,) bias, any float dtype (read only if HAS_BIAS)
         tgt_ptr,        # (C,) int64 target ids
         w_ptr,          # (C,) fp32 row weights
         loss_ptr,       # (C,) fp32 out: per-row weighted loss
-        V,
+        db_ptr,         # (n_programs, V) fp32 out: this program's column sums of dL/dz (written if WRITE_GRAD)
+        C, V,
         mask_index,     # column excluded from the softmax (-1: none)
-        BLOCK_V: tl.constexpr,
-        WRITE_GRAD: tl.constexpr,  # False in no-grad mode: pass 2 is skipped
+        ROWS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        NUM_STAGES: tl.constexpr,   # software pipelining depth of the loops over V (1: none)
     ):
-        row = tl.program_id(0).to(tl.int64)
-        z_row = z_ptr + row * z_stride
-        tgt = tl.load(tgt_ptr + row)
-        w = tl.load(w_ptr + row)
-        # pass 1: online log-sum-exp over v != MASK, in fp32
-        m = tl.full((), float("-inf"), tl.float32)
-        s = tl.zeros((), tl.float32)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            keep = (offs < V) & (offs != mask_index)
-            x = tl.load(z_row + offs, mask=keep, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        pid = tl.program_id(0)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        rows_ok = rows < C
+        rows = tl.minimum(rows, C - 1).to(tl.int64)          # a ragged last block re-reads row C-1 (never writes it)
+        z_row = z_ptr + rows[:, None] * z_stride              # [ROWS, 1] row starts
+        tgt = tl.load(tgt_ptr + rows)
+        w = tl.load(w_ptr + rows)
+        v_full = (V // BLOCK_V) * BLOCK_V
+        # pass 1: online log-sum-exp over v != MASK, in fp32 (full tiles unmasked, then the ragged tail)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS], tl.float32)
+        for start in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+            x = _ce_tile(z_row, b_ptr, start + tl.arange(0, BLOCK_V), mask_index, HAS_BIAS, True, V)
+            m_new = tl.maximum(m, tl.max(x, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+            m = m_new
+        if v_full < V:
+            x = _ce_tile(z_row, b_ptr, v_full + tl.arange(0, BLOCK_V), mask_index, HAS_BIAS, False, V)
+            m_new = tl.maximum(m, tl.max(x, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
             m = m_new
         lse = m + tl.log(s)
         ok = (tgt >= 0) & (tgt < V) & (tgt != mask_index)  # an invalid target gives NaN, never a stray read
-        z_t = tl.load(z_row + tgt, mask=ok, other=0.0).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(ok, w * (lse - z_t), float("nan")))
-        # pass 2: dL/dz = w (softmax - onehot), 0 on the MASK column; written in place
+        z_t = tl.load(z_ptr + rows * z_stride + tgt, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z_t += tl.load(b_ptr + tgt, mask=ok, other=0.0).to(tl.float32)
+        tl.store(loss_ptr + rows, tl.where(ok, w * (lse - z_t), float("nan")), mask=rows_ok)
+        # pass 2: dL/dz = w (softmax - onehot), 0 on the MASK column, written in place; column sums -> dL/db
         if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
+            w_row = tl.where(ok, w, float("nan"))              # an invalid target poisons its row (NaN)
+            db_row = db_ptr + pid.to(tl.int64) * V
+            for start in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
                 offs = start + tl.arange(0, BLOCK_V)
-                inb = offs < V
-                x = tl.load(z_row + offs, mask=inb, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) - tl.where(offs == tgt, 1.0, 0.0)
-                g = tl.where(offs == mask_index, 0.0, g) * w
-                g = tl.where(ok, g, float("nan"))
-                tl.store(z_row + offs, g.to(z_ptr.dtype.element_ty), mask=inb)
+                x = _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS, True, V)
+                g = _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index)
+                tl.store(z_row + offs[None, :], g.to(z_ptr.dtype.element_ty), mask=rows_ok[:, None])
+                tl.store(db_row + offs, tl.sum(g, 0))
+            if v_full < V:
+                offs = v_full + tl.arange(0, BLOCK_V)
+                x = _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS, False, V)
+                g = tl.where((offs < V)[None, :], _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index), 0.0)
+                tl.store(z_row + offs[None, :], g.to(z_ptr.dtype.element_ty), mask=rows_ok[:, None] & (offs < V)[None, :])
+                tl.store(db_row + offs, tl.sum(g, 0), mask=offs < V)
 
 
-def _rows_triton(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index: int,
-                 write_grad: bool = True) -> torch.Tensor:
-    """Per-row loss (C,) fp32; overwrites z (C, V) (row stride may exceed V) with dL/dz if write_grad."""
+def rows_plan_cfg(C: int, V: int, gpu) -> tuple:
+    """(ROWS rows per program, BLOCK_V, num_warps, NUM_STAGES) of the row kernel.
+
+    GPU: tiles of 16 rows x 128 columns over 4 warps (16 values per thread, loaded as two 16-byte vectors of 8
+    bf16), the V loop software-pipelined 3 deep (cp.async: two tiles in flight while one is reduced), so a chunk
+    of C rows is C/16 programs; at C = 8192 that is 512 programs, one wave at 4-5 resident blocks per SM
+    (compile_check). Each program reads its rows twice and writes dL/dz once (3 x 16 x V x 2 bytes), reads the
+    bias once per 16 rows, and writes its V column sums of dL/dz in fp32 (V x 4 bytes, 1/12 of its logits
+    traffic in bf16) for grad_b. The interpreter (gpu None) pays per tile: wider tiles, no pipelining."""
+    if gpu is not None:
+        return 16, 128, 4, 3
+    return 16, min(4096, triton.next_power_of_2(V)), 4, 1
+
+
+def _rows_triton(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index: int, bias: Optional[torch.Tensor],
+                 write_grad: bool = True, gpu_plan=None):
+    """Per-row loss (C,) fp32 and, if write_grad, the column sums of dL/dz (V,) fp32 (else an empty tensor).
+
+    z (C, V) holds h W^T without the bias (row stride may exceed V); it is overwritten with dL/dz if write_grad.
+    ``gpu_plan`` (a launch.GPU) makes the launcher use that GPU's tiling (tests run the GPU tiling on CPU)."""
     C, V = z.shape
     loss = torch.empty(C, dtype=torch.float32, device=z.device)
     if C == 0:
-        return loss
-    gpu = _launch.gpu_of(z.device)
-    # The interpreter's cost is per block iteration, the GPU's per register: wider blocks under TRITON_INTERPRET.
-    block = min(4096 if gpu is not None else 16384, triton.next_power_of_2(V))
+        return loss, torch.zeros(V if write_grad else 0, dtype=torch.float32, device=z.device)
+    rows, block, nw, stages = rows_plan_cfg(C, V, gpu_plan or _launch.gpu_of(z.device))
+    n_prog = triton.cdiv(C, rows)
+    db = torch.empty((n_prog, V) if write_grad else (0,), dtype=torch.float32, device=z.device)
     _launch.launch(_launch.Plan(
-        "subs_linear_cross_entropy.rows", _subs_ce_rows_kernel, (C,),
-        (z, z.stride(0), tgt, w, loss, V, mask_index), dict(BLOCK_V=block, WRITE_GRAD=write_grad),
-        num_warps=8, vector_io=("ld", "st")), z.device)
-    return loss
+        "subs_linear_cross_entropy.rows", _subs_ce_rows_kernel, (n_prog,),
+        (z, z.stride(0), bias if bias is not None else w, tgt, w, loss, db if write_grad else loss, C, V, mask_index),
+        dict(ROWS=rows, BLOCK_V=block, HAS_BIAS=bias is not None, WRITE_GRAD=write_grad, NUM_STAGES=stages),
+        num_warps=nw, vector_io=("ld", "st") if write_grad else ("ld",)), z.device)
+    return loss, (db.sum(0) if write_grad else db)
 
 
 def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index: int,
-                    write_grad: bool = True) -> torch.Tensor:
+                    bias: Optional[torch.Tensor], write_grad: bool = True, gpu_plan=None):
     """The row kernel in PyTorch (fp32 math on one chunk): same contract as ``_rows_triton``."""
     C, V = z.shape
     zf = z.float()
+    if bias is not None:
+        zf = zf + bias.float()
     if mask_index >= 0:
         zf[:, mask_index] = float("-inf")
     lse = torch.logsumexp(zf, dim=-1)
@@ -117,12 +186,12 @@ def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_in
     z_t = zf.gather(1, safe[:, None])[:, 0]
     loss = torch.where(ok, w * (lse - z_t), float("nan"))
     if not write_grad:
-        return loss
+        return loss, torch.zeros(0, dtype=torch.float32, device=z.device)
     g = torch.exp(zf - lse[:, None])  # exp(-inf) = 0 on the MASK column
     g[torch.arange(C, device=z.device), safe] -= ok.to(g.dtype)
     g = g * torch.where(ok, w, float("nan"))[:, None]
     z.copy_(g)
-    return loss
+    return loss, g.sum(0)
 
 
 _ROWS = {"triton": _rows_triton, "reference": _rows_reference}
@@ -132,15 +201,35 @@ _SUPPORTED = {"triton": None, "reference": None}
 # ---------------------------------------------------------------------------------------------
 # Host side: chunked GEMMs around the row kernel
 # ---------------------------------------------------------------------------------------------
+_ADDMM_F32_OK = True   # torch.addmm(acc, a, b, out_dtype=float32, out=acc): bf16/fp16 GEMM accumulating into fp32
 _MM_OUT_DTYPE_OK = True  # torch.mm(..., out_dtype=float32) for bf16/fp16 CUDA inputs (newer torch)
 
 
+def _warn_once(msg):
+    import warnings
+    warnings.warn(f"{OP}: {msg}")
+
+
 def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b with fp32 accumulation and no low-precision rounding of the partial sum."""
-    global _MM_OUT_DTYPE_OK
+    """acc (fp32) += a @ b with fp32 accumulation and no low-precision rounding of the partial sum.
+
+    Preferred: one cuBLAS GEMM with beta = 1 that reads and writes the fp32 accumulator in its epilogue
+    (``addmm(..., out_dtype=float32)``, bf16/fp16 operands). Fallbacks, each announced once: an fp32 GEMM
+    result added into acc (one extra (V, d) fp32 write + read per chunk), then an fp32 GEMM on upcast operands."""
+    global _ADDMM_F32_OK, _MM_OUT_DTYPE_OK
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
+    if a.is_cuda and _ADDMM_F32_OK:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as e:
+            _ADDMM_F32_OK = False
+            _warn_once(f"addmm(out_dtype=float32) into the fp32 accumulator unavailable ({e}); grad_W accumulates "
+                       "through an fp32 GEMM result per chunk (correct, one extra pass over (V, d) per chunk)")
     if a.is_cuda and _MM_OUT_DTYPE_OK:
         try:
             acc.add_(torch.mm(a, b, out_dtype=torch.float32))  # bf16/fp16 GEMM, fp32 output (cuBLAS)
@@ -149,20 +238,31 @@ def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             raise
         except (TypeError, RuntimeError, NotImplementedError) as e:
             _MM_OUT_DTYPE_OK = False
-            import warnings
-            warnings.warn(f"{OP}: torch.mm(out_dtype=float32) unavailable ({e}); accumulating grad_W with an "
-                          "fp32 GEMM on upcast operands (correct, slower)")
+            _warn_once(f"torch.mm(out_dtype=float32) unavailable ({e}); accumulating grad_W with an fp32 GEMM on "
+                       "upcast operands (correct, slower)")
     acc.addmm_(a.float(), b.float())
 
 
 def chunk_rows_for(V: int, dtype: torch.dtype) -> int:
-    return max(1, CHUNK_BYTES // (V * torch.empty((), dtype=dtype).element_size()))
+    """The most rows of one (C, V) logits chunk: CHUNK_BYTES of logits (rows padded to 64 elements)."""
+    v_pad = (V + 63) // 64 * 64
+    return max(1, CHUNK_BYTES // (v_pad * torch.empty((), dtype=dtype).element_size()))
+
+
+def balanced_chunks(N: int, chunk_rows: int) -> int:
+    """Rows per chunk: N split into ceil(N / chunk_rows) chunks of equal size (the last one at most as long),
+    rounded up to a multiple of 64 rows when that stays within chunk_rows (GEMM tiles of 64/128 rows)."""
+    n = -(-N // chunk_rows)
+    c = -(-N // n)
+    c64 = -(-c // 64) * 64
+    return c64 if c64 <= chunk_rows else c
 
 
 def _forward_and_grads(h, W, b, tgt, w, mask_index: int, rows_impl: str, grad_h: bool, grad_w: bool,
                        chunk_rows: int):
     """Per-row losses (N,) fp32; grad_h (N, d) in h's dtype if ``grad_h``; grad_W (V, d) and grad_b (V,) fp32
-    if ``grad_w`` (grad_b empty when b is None). h, W, b are in the compute dtype."""
+    if ``grad_w`` (grad_b empty when b is None). h and W are in the compute dtype; b in any float dtype (it is
+    added in fp32 inside the row kernel)."""
     N, d = h.shape
     V = W.shape[0]
     rows = _ROWS[rows_impl]
@@ -174,26 +274,26 @@ def _forward_and_grads(h, W, b, tgt, w, mask_index: int, rows_impl: str, grad_h:
           else h.new_empty(0, dtype=torch.float32))
     if N == 0:
         return losses, gh, gW, gb
-    # One logits buffer for all chunks, rows padded to a multiple of 64 elements: V = 50258 rows would be
-    # only 4-byte aligned, which keeps cuBLAS off its fastest kernels and Triton off wide loads.
+    # One logits buffer for all chunks, rows padded to a multiple of 64 elements: a row stride of V = 50258
+    # elements is only 4-byte aligned, which keeps cuBLAS off its fastest kernels and the row kernel off 16-byte
+    # accesses (Triton specialises the stride on divisibility by 16).
     v_pad = (V + 63) // 64 * 64
-    buf = torch.empty(min(N, chunk_rows), v_pad, dtype=h.dtype, device=dev)
+    chunk = balanced_chunks(N, chunk_rows)
+    buf = torch.empty(min(N, chunk), v_pad, dtype=h.dtype, device=dev)
     Wt = W.t()
-    for s in range(0, N, chunk_rows):
-        e = min(N, s + chunk_rows)
+    write = grad_h or grad_w
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
         hc = h[s:e]
         z = buf[: e - s, :V]                                           # (C, V), row stride v_pad
-        if b is not None:
-            torch.addmm(b, hc, Wt, out=z)
-        else:
-            torch.mm(hc, Wt, out=z)
-        losses[s:e] = rows(z, tgt[s:e], w[s:e], mask_index, grad_h or grad_w)  # z now holds dL/dz
+        torch.mm(hc, Wt, out=z)                                        # no bias: the row kernel adds it in fp32
+        losses[s:e], db = rows(z, tgt[s:e], w[s:e], mask_index, b, write)   # z now holds dL/dz
         if grad_h:
             torch.mm(z, W, out=gh[s:e])                                # (2)
         if grad_w:
             _mm_into_fp32(gW, z.t(), hc)                               # (3)
             if b is not None:
-                gb += z.sum(0, dtype=torch.float32)                    # (4)
+                gb += db                                               # (4), from the row kernel's column sums
     return losses, gh, gW, gb
 
 
@@ -207,10 +307,10 @@ def _linear_ce_op(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t
                                                           torch.Tensor, torch.Tensor]:
     name = _backend.resolve(OP, backend, h.device, _SUPPORTED)
     # the GEMMs run in h's dtype (the compute dtype); W/b keep their own dtype as parameters, so an fp32
-    # master weight receives its fp32-accumulated gradient without a round trip through bf16
+    # master weight receives its fp32-accumulated gradient without a round trip through bf16; the bias is added
+    # in fp32 by the row kernel in its own dtype (one rounding fewer than a bf16 GEMM epilogue)
     Wc = W if W.dtype == h.dtype else W.to(h.dtype)
-    bc = b if (b is None or b.dtype == h.dtype) else b.to(h.dtype)
-    losses, gh, gW, gb = _forward_and_grads(h, Wc, bc, tgt, w, mask_index, name, grad_h, grad_w, chunk_rows)
+    losses, gh, gW, gb = _forward_and_grads(h, Wc, b, tgt, w, mask_index, name, grad_h, grad_w, chunk_rows)
     return losses.sum(), losses, gh, gW, gb
 
 
