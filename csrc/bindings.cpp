@@ -10,6 +10,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mdlm/masking.h"
@@ -376,6 +377,29 @@ int cuda_device_count() {
 #endif
 }
 
+// (driver version, runtime version) as CUDA encodes them (1000 * major + 10 * minor); (0, 0) without CUDA.
+std::pair<int, int> cuda_versions() {
+#if MDLM_WITH_CUDA
+  int driver = 0, runtime = 0;
+  mdlm::cuda_versions(&driver, &runtime);
+  return {driver, runtime};
+#else
+  return {0, 0};
+#endif
+}
+
+// "" when the extension's kernels can be loaded on `device`, else the CUDA runtime's reason.
+std::string cuda_image_error(int device) {
+#if MDLM_WITH_CUDA
+  int code = mdlm::cuda_image_check(device);
+  if (code == 0) return "";
+  return std::string(mdlm::cuda_error_string(code)) + " (code " + std::to_string(code) + ")";
+#else
+  (void)device;
+  return "the extension was built without CUDA";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -432,6 +456,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", []() { return MDLM_WITH_CUDA != 0; }, "True when the CUDA sources were compiled in.");
   m.def("cuda_archs", []() { return std::string(MDLM_CUDA_ARCHS); }, "CUDA archs compiled for ('' if none).");
   m.def("cuda_device_count", &cuda_device_count, "cudaGetDeviceCount, or 0 (never raises) without driver/GPU.");
+  m.def("cuda_versions", &cuda_versions, "(cudaDriverGetVersion, cudaRuntimeGetVersion); 0 = none. Never raises.");
+  m.def("cuda_image_error", &cuda_image_error, py::arg("device"),
+        "'' if the runtime can load the extension's kernels on this device, else why not. Never raises.");
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(mdlm::kFloat32), py::arg("bfloat16") = int(mdlm::kBFloat16),
                                    py::arg("float16") = int(mdlm::kFloat16), py::arg("float64") = int(mdlm::kFloat64),
                                    py::arg("int64") = int(mdlm::kInt64), py::arg("int32") = int(mdlm::kInt32));

@@ -8,7 +8,10 @@ Backends (in auto order):
 
 Forcing: the per-call ``backend=`` argument wins, else the environment variable MDLM_BACKEND
 ("auto" or empty = automatic). A forced backend that cannot run raises BackendUnavailableError
-with the reason; automatic mode silently falls back along the order above.
+with the reason; automatic mode falls back along the order above, and says so once per device (a
+RuntimeWarning) when an extension built with CUDA cannot run on a CUDA device: a GPU whose architecture has
+no image in the build (e.g. a V100 or T4 with the default "80;90"), or a driver older than the toolkit
+(``cuda_image_reason``, decided once per device).
 
 How an op uses it::
 
@@ -72,6 +75,8 @@ def unavailable_reason(backend: str, device: Union[torch.device, str]) -> Option
         if device.type == "cuda" and not _ext.cuda_compiled():
             return ("the extension was built without CUDA (nvcc not found at build time or "
                     "MDLM_SKIP_CUDA=1); rebuild with nvcc available")
+        if device.type == "cuda":
+            return cuda_image_reason(device)
         return None
     if backend == "triton":
         if not _triton.HAS_TRITON:
@@ -92,6 +97,81 @@ def unavailable_reason(backend: str, device: Union[torch.device, str]) -> Option
             return None
         return f"triton does not run on {device.type} tensors"
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def _parse_archs(spec: str) -> list[tuple[int, int, str]]:
+    """ "80;90a" -> [(8, 0, ""), (9, 0, "a")]: the compute capabilities the extension has SASS images for."""
+    out = []
+    for a in spec.replace(",", ";").split(";"):
+        a = a.strip()
+        if a:
+            digits = "".join(c for c in a if c.isdigit())
+            out.append((int(digits[:-1]), int(digits[-1]), a[len(digits):]))
+    return out
+
+
+def arch_mismatch(capability: tuple, archs: str) -> Optional[str]:
+    """Why a build for ``archs`` (``_C.cuda_archs()``, e.g. "80;90"; the last one also embeds PTX, setup.py)
+    cannot run on a GPU of compute capability ``capability`` (major, minor); None if it can.
+
+    A SASS image for sm_XY runs on capability X.Z with Z >= Y (same major); an arch-specific sm_XYa image only on
+    X.Y. The PTX of the last arch is JIT-compiled by the driver for any capability >= its own (not for an 'a'
+    arch)."""
+    parsed = _parse_archs(archs)
+    if not parsed:
+        return "the extension was built without CUDA archs"
+    major, minor = int(capability[0]), int(capability[1])
+    for maj, mnr, suffix in parsed:
+        if suffix == "a" and (major, minor) == (maj, mnr):
+            return None
+        if suffix != "a" and major == maj and minor >= mnr:
+            return None
+    maj, mnr, suffix = parsed[-1]
+    if suffix != "a" and (major, minor) >= (maj, mnr):
+        return None
+    built = ", ".join(f"sm_{m}{n}{s}" for m, n, s in parsed)
+    return (f"the extension was built for {built} (+ PTX compute_{maj}{mnr}{suffix}), which cannot run on this GPU "
+            f"(compute capability {major}.{minor}); rebuild with MDLM_CUDA_ARCHS including {major}{minor}")
+
+
+_IMAGE_REASON: dict = {}
+_WARNED: set = set()
+
+
+def _device_capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_image_reason(device: Union[torch.device, str]) -> Optional[str]:
+    """Why the compiled CUDA kernels cannot run on this CUDA device (None if they can), decided once per device:
+    the device's compute capability against the archs the extension was built for, then the CUDA runtime's own
+    answer (it loads a probe kernel built with the same flags: catches a driver too old for the toolkit or for
+    the PTX)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _IMAGE_REASON:
+        m = _ext.load()
+        cap = _device_capability(index)
+        reason = arch_mismatch(cap, m.cuda_archs())
+        if reason is None:
+            driver, runtime = m.cuda_versions()
+            err = m.cuda_image_error(index)
+            if err:
+                reason = (f"the CUDA runtime cannot load the extension's kernels on cuda:{index} ({err}; driver "
+                          f"{driver // 1000}.{driver % 1000 // 10}, runtime {runtime // 1000}.{runtime % 1000 // 10})")
+        _IMAGE_REASON[index] = reason
+    return _IMAGE_REASON[index]
+
+
+def _announce_fallback(op_name: str, backend: str, device: torch.device, reason: str) -> None:
+    """Automatic selection skipped the compiled CUDA kernels on a CUDA device: say so once per device."""
+    key = (backend, device.index)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    import warnings
+    warnings.warn(f"mdlm_kernels: the compiled CUDA kernels are not used on {device} ({reason}); ops fall back to "
+                  f"Triton or PyTorch (first seen in {op_name}; said once per device)", RuntimeWarning, stacklevel=3)
 
 
 def device_guard(device: Union[torch.device, str]):
@@ -147,10 +227,13 @@ def resolve(op_name: str, requested: Optional[str], device: Union[torch.device, 
     for b in BACKENDS:
         if b not in supported:
             continue
-        reason = unavailable_reason(b, device) or _predicate_reason(supported[b], device)
+        generic = unavailable_reason(b, device)
+        reason = generic or _predicate_reason(supported[b], device)
         if reason is None:
             last_used[op_name] = b
             return b
+        if b == "cpp" and device.type == "cuda" and generic is not None and _ext.cuda_compiled():
+            _announce_fallback(op_name, b, device, generic)   # built with CUDA, but not runnable here
         reasons.append(f"{b}: {reason}")
     raise BackendUnavailableError(f"no backend can run {op_name} on {device}: " + "; ".join(reasons))
 

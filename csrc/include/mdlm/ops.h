@@ -47,6 +47,11 @@ int sample_step_cuda(const void* logits, int dtype, const float* t, const float*
 // Runtime helpers (csrc/cuda/runtime.cu): never throw.
 int cuda_device_count(int* count);           // returns the cudaError_t of cudaGetDeviceCount
 const char* cuda_error_string(int code);     // cudaGetErrorString
+int cuda_versions(int* driver, int* runtime);  // cudaDriverGetVersion (0: no driver), cudaRuntimeGetVersion
+// cudaFuncGetAttributes of a probe kernel built with the extension's -gencode flags, on `device`: 0 when the
+// runtime can load the extension's kernels there, else the cudaError_t (no image for the device's arch, PTX
+// newer than the driver, ...). The current device is restored.
+int cuda_image_check(int device);
 #endif
 
 }  // namespace mdlm
