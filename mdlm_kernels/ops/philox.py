@@ -156,7 +156,8 @@ def _triton_launch(rows, cols, seed, offset, dtype, device, offset_tensor=None):
     _launch.launch(_launch.Plan(
         "philox_uniform", _philox_uniform_kernel, (triton.cdiv(n, _TRITON_BLOCK),),
         (out, offset_tensor if has_off else out, n, cols, seed, offset & _M32, offset >> 32),
-        dict(HAS_OFF_PTR=has_off, IS_F64=(dtype == torch.float64), BLOCK=_TRITON_BLOCK), vector_io=("st",)), device)
+        dict(HAS_OFF_PTR=has_off, IS_F64=(dtype == torch.float64), BLOCK=_TRITON_BLOCK), num_warps=4,
+        vector_io=("st",)), device)
     return out
 
 
