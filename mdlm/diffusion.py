@@ -21,6 +21,7 @@ from .config import to_config
 import contextlib
 
 from .nn import AR, DIT, _autocast, check_token_ids
+from .step_budget import host_side
 from .schedules import get_noise
 
 __all__ = ["MDLM", "Loss", "sample_t", "q_xt", "subs_parameterization", "d3pm_parameterization",
@@ -156,17 +157,30 @@ def subs_nelbo_masked_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     return F.cross_entropy(logits, tgt, reduction="none") * row_weights
 
 
+def _safe_target(mask_index: int) -> int:
+    """A target id that is never MASK, for the padded rows of a statically sized gather (weight 0 there)."""
+    return 1 if mask_index == 0 else 0
+
+
 def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x0: torch.Tensor,
                           xt: torch.Tensor, row_weight: torch.Tensor, mask_index: int,
-                          attention_mask: torch.Tensor | None = None, impl: str = "fused") -> Loss:
+                          attention_mask: torch.Tensor | None = None, impl: str = "fused",
+                          row_bound: int | None = None) -> Loss:
     """Continuous-time SUBS NELBO from the final hidden states (B, L, d) and the LM head (V, d) / (V,).
 
     Only masked positions (xt == mask_index) contribute (``xt is x0``: every position does, with x0 as the
     targets; the AR baseline uses this): w_b * CE over v != MASK at x0, with
     w_b = row_weight[b] (B,) times attention_mask (B, L). ``impl`` "masked" runs F.linear + cross-entropy
     on those rows, "fused" runs ``mdlm_kernels.subs_linear_cross_entropy``; both equal the published
-    (B, L, V) path. The gather of masked rows is sized on the host (one synchronisation). ``nlls`` (B, L)
-    carries no gradient (logging only). The LM head runs under bf16 autocast on CUDA, as published.
+    (B, L, V) path. ``nlls`` (B, L) carries no gradient (logging only). The LM head runs under bf16 autocast on
+    CUDA, as published.
+
+    Gathering the masked rows: with ``row_bound=None`` the gather is sized on the host (``nonzero``: one
+    synchronisation). With ``row_bound`` = n (an upper bound on the masked count, e.g.
+    ``mdlm_kernels.masked_rows_bound``) it is sized statically: ``nonzero_static`` takes the first n masked
+    positions and pads with weight-0 rows (no host read; the loss and gradients are unchanged). If more than n
+    positions are masked, the loss and every gradient are NaN (the trainer's non-finite guard skips such a
+    step) -- never a loss over a truncated set of rows.
     """
     if impl not in ("masked", "fused"):
         raise ValueError(f"unknown implementation {impl!r} for a loss from hidden states; 'masked' or 'fused'")
@@ -176,13 +190,27 @@ def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     if attention_mask is None:
         attention_mask = torch.ones_like(x0, dtype=torch.float32)
     w_all = (row_weight[:, None] * attention_mask).reshape(-1).float()
+    BL = B * L
+    overflow = None
     if xt is x0:  # every position is a row (the AR baseline): no gather, no sync
-        idx, h, tgt, w = None, hidden.reshape(B * L, d), x0.reshape(-1), w_all
+        idx, h, tgt, w = None, hidden.reshape(BL, d), x0.reshape(-1), w_all
     else:
-        idx = (xt == mask_index).reshape(-1).nonzero().squeeze(1)      # the one host sync
-        h = hidden.reshape(B * L, d).index_select(0, idx)
-        tgt = x0.reshape(-1).index_select(0, idx)
-        w = w_all.index_select(0, idx)
+        masked = (xt == mask_index).reshape(-1)
+        if row_bound is None:
+            idx = masked.nonzero().squeeze(1)                              # the one host sync
+            gather = idx
+        else:
+            n = min(int(row_bound), BL)
+            idx = torch.nonzero_static(masked, size=n, fill_value=BL).reshape(n)   # padded with BL
+            valid = idx < BL
+            gather = torch.where(valid, idx, 0)
+            overflow = masked.sum() > n                                    # device-side check, no read
+        h = hidden.reshape(BL, d).index_select(0, gather)
+        tgt = x0.reshape(-1).index_select(0, gather)
+        w = w_all.index_select(0, gather)
+        if row_bound is not None:
+            tgt = torch.where(valid, tgt, _safe_target(mask_index))
+            w = w * valid
     with _autocast(h):
         if impl == "masked":
             rows = subs_nelbo_masked_rows(h, weight, bias, tgt, w, mask_index)
@@ -190,10 +218,13 @@ def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         else:
             import mdlm_kernels as mk
             total, rows_log = mk.subs_linear_cross_entropy(h, weight, bias, tgt, w, mask_index, validate=False)
+    if overflow is not None:   # more masked positions than the static gather holds: NaN loss and gradients
+        total = total * torch.where(overflow, float("nan"), 1.0)
     if idx is None:
         nlls = rows_log.view(B, L)
-    else:
-        nlls = torch.zeros(B * L, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log).view(B, L)
+    else:   # slot BL absorbs the padded rows (their row losses are 0)
+        nlls = torch.zeros(BL + 1, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log)[:BL]
+        nlls = nlls.view(B, L)
     return Loss(loss=total / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
 
 
@@ -345,6 +376,15 @@ class MDLM(nn.Module):
         return (self.parameterization == "subs" and self.T == 0 and not self.importance_sampling
                 and not self.change_of_variables and hasattr(self.backbone, "hidden_states"))
 
+    @staticmethod
+    def _kernel_seed(generator: torch.Generator | None) -> int:
+        """A masking-kernel seed from ``generator`` (default: torch's global CPU generator; reading a CUDA
+        generator's draw is a host synchronisation)."""
+        if generator is None or generator.device.type == "cpu":
+            with host_side():
+                return int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+        return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device).item())
+
     def draw_fused(self, x0: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None):
         """t, sigma, NELBO weight and x_t from the fused masking kernel (Philox, no host sync).
 
@@ -355,8 +395,7 @@ class MDLM(nn.Module):
         """
         import mdlm_kernels as mk
         if seed is None:
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
-                                     device=generator.device if generator is not None else "cpu").item())
+            seed = self._kernel_seed(generator)
         nz = self.config.noise
         out = mk.forward_mask(
             x0, seed, 0, mask_index=self.mask_index, schedule=self.noise.name,
@@ -364,8 +403,19 @@ class MDLM(nn.Module):
             sampling_eps=self.sampling_eps, antithetic=self.antithetic_sampling)
         return out.t, out.sigma, out.weight, out.xt
 
+    def masked_rows_bound(self, B: int, L: int, seed: int | None, tail: float = 1e-9) -> int:
+        """Host-side bound on the positions ``draw_fused(x0 (B, L), seed=seed)`` masks, exceeded with probability
+        <= ``tail`` (``mdlm_kernels.masked_rows_bound``: B Philox row draws on the host, no device read; ``seed``
+        None: a bound for every seed, a constant under torch.compile)."""
+        import mdlm_kernels as mk
+        nz = self.config.noise
+        return mk.masked_rows_bound(B, L, seed, 0, schedule=self.noise.name, noise_eps=float(nz.get("eps", 1e-3)),
+                                    sigma_min=nz.get("sigma_min"), sigma_max=nz.get("sigma_max"),
+                                    sampling_eps=self.sampling_eps, antithetic=self.antithetic_sampling, tail=tail)
+
     def subs_loss_given(self, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor, weight: torch.Tensor,
-                        attention_mask: torch.Tensor | None = None, impl: str = "reference") -> Loss:
+                        attention_mask: torch.Tensor | None = None, impl: str = "reference",
+                        row_bound: int | None = None) -> Loss:
         """Continuous-time SUBS NELBO for given draws: x0, xt (B, L); sigma, weight (B,) (weight =
         dsigma/expm1(sigma)). ``impl``:
 
@@ -373,7 +423,8 @@ class MDLM(nn.Module):
         - "masked": LM head + cross-entropy on masked rows only, MASK column dropped (plain PyTorch);
         - "fused": the same rows through ``mdlm_kernels.subs_linear_cross_entropy`` (no (N, V) logits).
 
-        All three give the same loss and gradients (see ``subs_loss_from_hidden``).
+        All three give the same loss and gradients (see ``subs_loss_from_hidden``). ``row_bound`` ("masked",
+        "fused"): size the masked-row gather statically (no host read; see ``subs_loss_from_hidden``).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(x0, dtype=torch.float32)
@@ -389,7 +440,7 @@ class MDLM(nn.Module):
             hidden, _ = self.backbone.hidden_states(xt, self._process_sigma(sigma[:, None]))
         lin = self.backbone.output_layer.linear
         return subs_loss_from_hidden(hidden, lin.weight, lin.bias, x0, xt, weight, self.mask_index,
-                                     attention_mask, impl)
+                                     attention_mask, impl, row_bound=row_bound)
 
     def _ar_loss(self, x0: torch.Tensor, attention_mask: torch.Tensor, impl: str) -> Loss:
         """Next-token NLL: inputs x0[:, :-1], targets x0[:, 1:], MASK excluded from the softmax (published)."""
@@ -421,10 +472,11 @@ class MDLM(nn.Module):
         kernel (Philox) and computes the loss with the fused linear-cross-entropy. See ``subs_loss_given``.
         ``seed`` fixes the fused masking kernel's seed (else it is drawn from ``generator``).
 
-        ``torch.compile(fullgraph=True)`` traces the fused step when ``seed`` is passed, the input checks are
-        off (``validate_inputs = False`` on the model and its backbone) and
-        ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` (the masked-row count is data
-        dependent).
+        The fused path reads nothing back from the device: the masked rows are gathered into a statically sized
+        buffer whose size the host bounds from the kernel's t (``masked_rows_bound``; exceeded with probability
+        <= 1e-9, in which case the loss is NaN, see ``subs_loss_from_hidden``).
+        ``torch.compile(fullgraph=True)`` traces the fused step when ``seed`` is passed and the input checks are
+        off (``validate_inputs = False`` on the model and its backbone); no dynamic shapes are involved.
         """
         if self.validate_inputs:
             check_token_ids(x0, self.vocab_size, "x0")
@@ -443,7 +495,14 @@ class MDLM(nn.Module):
                 raise ValueError(f"impl={impl!r} needs continuous-time SUBS without importance sampling or "
                                  "change of variables, and a DIT backbone")
             if impl == "fused":
-                _, sigma, weight, xt = self.draw_fused(x0, generator, seed)
+                if seed is None:
+                    seed = self._kernel_seed(generator)
+                _, sigma, weight, xt = self.draw_fused(x0, seed=seed)
+                # the masked count is bounded from t, which the host draws too: no host read in the step (traced
+                # by torch.compile: the bound for every seed, a constant of the shapes)
+                bound = self.masked_rows_bound(x0.shape[0], x0.shape[1],
+                                               None if torch.compiler.is_compiling() else seed)
+                return self.subs_loss_given(x0, xt, sigma, weight, attention_mask, impl, row_bound=bound)
             else:
                 t = self.sample_t(x0.shape[0], x0.device, generator)
                 sigma, dsigma = self.noise(t)

@@ -326,7 +326,9 @@ class DIT(nn.Module):
         p = float(self.blocks[0].dropout)
         train = self.training and p > 0
         if train and dropout_seed is None:
-            dropout_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+            from mdlm_kernels.step_budget import host_side
+            with host_side():   # torch's CPU generator: no device read
+                dropout_seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
         cos, sin = mk.rotary_tables(self.rotary_emb.inv_freq, L, device=x.device)
         mods = [blk.adaLN_modulation(c) for blk in self.blocks]            # (B, 6d) each
         final_mod = self.output_layer.adaLN_modulation(c)                  # (B, 2d)

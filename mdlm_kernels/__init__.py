@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import _ext, _triton, backend
 from .backend import BACKENDS
 from .errors import BackendUnavailableError, KernelError
-from .ops.masking import MaskOutput, forward_mask
+from .ops.masking import MaskOutput, forward_mask, masked_rows_bound
 from .ops.philox import philox4x32, philox_uniform
 from .ops.linear_ce import LinearCEOutput, subs_linear_cross_entropy
 from .ops.sampling import SampleOutput, sample_step
@@ -25,6 +25,7 @@ __all__ = [
     "available",
     "backend",
     "forward_mask",
+    "masked_rows_bound",
     "philox4x32",
     "philox_uniform",
     "LinearCEOutput",

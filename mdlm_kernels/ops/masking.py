@@ -26,6 +26,7 @@ import torch
 
 from .. import _ext, backend as _backend
 from .._dtypes import dtype_code
+from ..step_budget import host_side
 from .philox import _M32, _check_u64, _from_i64, _philox_reference, _reference as _philox_uniform_ref
 from .philox import _to_i64, _uniform_from_words
 
@@ -171,6 +172,81 @@ def _(x0, t, seed, offset, mask_index, schedule, eps, sigma_min, sigma_max, samp
     rows = lambda dtype: x0.new_empty((B,), dtype=dtype)  # noqa: E731
     return (x0.new_empty((B, L)), rows(torch.float32), rows(torch.float32), rows(torch.float32),
             rows(torch.float32), rows(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side bound on the number of masked positions (no device read)
+# ---------------------------------------------------------------------------------------------
+def _bernstein_bound(mu: float, var: float, total: int, tail: float, multiple: int) -> int:
+    """ceil(mu + delta), delta from Bernstein's inequality for a sum of independent Bernoullis with mean mu and
+    variance var: P(S >= mu + delta) <= exp(-delta^2 / (2 (var + delta / 3))) = tail; rounded up to ``multiple``
+    and capped at ``total``."""
+    ell = math.log(1.0 / tail)
+    delta = ell / 3.0 + math.sqrt(ell * ell / 9.0 + 2.0 * ell * var)
+    bound = math.ceil(mu + delta)
+    bound = -(-bound // multiple) * multiple if multiple > 1 else bound
+    return int(min(total, bound))
+
+
+def _schedule_args(schedule, sigma_min, sigma_max):
+    if schedule not in SCHEDULE_CODES:
+        raise ValueError(f"masked_rows_bound: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    dmin, dmax = _DEFAULT_SIGMAS.get(schedule, (0.0, 0.0))
+    return (dmin if sigma_min is None else float(sigma_min)), (dmax if sigma_max is None else float(sigma_max))
+
+
+@torch._dynamo.assume_constant_result   # a function of its (constant) arguments only: traced as its value
+def _any_t_bound(B: int, L: int, schedule: str, eps: float, smin: float, smax: float, sampling_eps: float,
+                 antithetic: bool, tail: float, multiple: int) -> int:
+    """The bound for every seed: each row's move chance at its worst t (antithetic: row i's t lies in the
+    stratum ((1 - se) i / B + se, (1 - se) (i + 1) / B + se); otherwise in (se, 1])."""
+    i = torch.arange(B, dtype=torch.float64)
+    lo, hi = (i / B, (i + 1) / B) if antithetic else (torch.zeros(B, dtype=torch.float64), torch.ones(B, dtype=torch.float64))
+    t_lo = ((1.0 - sampling_eps) * lo + sampling_eps).to(torch.float32)
+    t_hi = ((1.0 - sampling_eps) * hi + sampling_eps).to(torch.float32)
+    p_lo = _reference_rows(t_lo, schedule, eps, smin, smax)[2]
+    p_hi = _reference_rows(t_hi, schedule, eps, smin, smax)[2]
+    p_max = (torch.maximum(p_lo, p_hi) + 1e-6).clamp(0.0, 1.0)          # + float32 rounding of the kernel's p
+    spans_half = (torch.minimum(p_lo, p_hi) <= 0.5) & (0.5 <= torch.maximum(p_lo, p_hi))
+    v_max = torch.where(spans_half, 0.25, torch.maximum(p_lo * (1 - p_lo), p_hi * (1 - p_hi)) + 1e-6)
+    return _bernstein_bound(float(L * p_max.sum()), float(L * v_max.sum()), B * L, tail, multiple)
+
+
+def masked_rows_bound(B: int, L: int, seed: Optional[int], offset: int = 0, *, schedule: str = "loglinear",
+                      noise_eps: float = 1e-3, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                      sampling_eps: float = 1e-3, antithetic: bool = True, tail: float = 1e-9,
+                      multiple: int = 64) -> int:
+    """An upper bound, computed on the host without reading the device, on the number of positions that
+    :func:`forward_mask` (same B, L, seed, offset and schedule, t drawn by the kernel) masks, exceeded with
+    probability at most ``tail``.
+
+    The kernel's times t_b come from B Philox row draws, which the host repeats here (forward_mask on a (B, 1)
+    CPU batch: the CPU twin, bit-identical to the CUDA kernel's t and move chance); given t, position (b, l) is masked independently with probability
+    p_b = move_chance(t_b), so the count S is a sum of independent Bernoullis with mean mu = L sum_b p_b and
+    variance v = L sum_b p_b (1 - p_b). Bernstein's inequality, P(S >= mu + delta) <= exp(-delta^2 / (2 (v +
+    delta / 3))), gives delta = l / 3 + sqrt(l^2 / 9 + 2 l v) with l = ln(1 / tail). The bound is ceil(mu + delta)
+    rounded up to ``multiple`` (GEMM tiles) and capped at B * L. At the published shape (B = 64, L = 1024,
+    loglinear, antithetic t) mu ~ 32.8k, sqrt(v) ~ 105 and the bound is ~2% above the mean.
+
+    ``seed=None``: a bound valid for every seed (each row's t at the worst end of its antithetic stratum; ~3.6%
+    above the mean at the published shape; without antithetic sampling it is B * L). It depends on the shapes
+    and the schedule only, so ``torch.compile`` treats it as a constant."""
+    if not 0.0 < tail < 1.0:
+        raise ValueError(f"masked_rows_bound: tail must be in (0, 1), got {tail}")
+    smin, smax = _schedule_args(schedule, sigma_min, sigma_max)
+    if B * L == 0:
+        return 0
+    if seed is None:
+        return _any_t_bound(int(B), int(L), schedule, float(noise_eps), smin, smax, float(sampling_eps),
+                            bool(antithetic), float(tail), int(multiple))
+    with host_side():   # CPU tensors of the host's own: no device data is read
+        # the kernel's own move chances: forward_mask on a (B, 1) CPU batch draws the same t (t depends on the row
+        # draws, not on L) with the CPU twin (or its reference): B Philox blocks on the host, microseconds
+        rows = forward_mask(torch.zeros((B, 1), dtype=torch.int64), seed, offset, mask_index=1, schedule=schedule,
+                            noise_eps=noise_eps, sigma_min=sigma_min, sigma_max=sigma_max,
+                            sampling_eps=sampling_eps, antithetic=antithetic)
+        p = rows.move_chance.to(torch.float64).clamp(0.0, 1.0)
+        return _bernstein_bound(float(L * p.sum()), float(L * (p * (1.0 - p)).sum()), B * L, tail, multiple)
 
 
 # ---------------------------------------------------------------------------------------------
