@@ -131,7 +131,8 @@ def test_gpu_tiles_under_the_interpreter(dtype, monkeypatch):
         for plan in (None, one_sm):
             monkeypatch.setattr(gelu_mod, "_CPU_PLANS_AS", plan)
             gd = g.clone()
-            res.append([mk.bias_gelu(x, b, backend="triton"), *torch.ops.mdlm.bias_gelu_backward(g, x, b, "triton"),
+            res.append([mk.bias_gelu(x, b, backend="triton"),
+                        *torch.ops.mdlm.bias_gelu_backward(g, x, b, "triton"),
                         *bias_gelu_backward_recompute(gd, x, b, backend="triton"), gd])
         M, n = x.numel() // shape[-1], shape[-1]
         bm, bn, _ = gelu_mod._cfg(M, n, one_sm)

@@ -99,7 +99,8 @@ def _compute_dtype(y, w1, b1, w2, b2):
     dev = y.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
-    bad = [(name, t.dtype) for name, t in (("w1", w1), ("w2", w2), ("b2", b2)) if t is not None and t.dtype != y.dtype]
+    bad = [(name, t.dtype) for name, t in (("w1", w1), ("w2", w2), ("b2", b2))
+           if t is not None and t.dtype != y.dtype]
     if bad:
         raise TypeError(f"{OP}: without autocast y, w1, w2 and b2 must share one dtype (as F.linear); y is "
                         f"{y.dtype}, " + ", ".join(f"{n} is {dt}" for n, dt in bad))
