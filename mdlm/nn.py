@@ -313,14 +313,16 @@ class DIT(nn.Module):
     def _blocks_fused(self, x: torch.Tensor, c: torch.Tensor, dropout_seed: int | None) -> torch.Tensor:
         """The blocks and the final norm with the fused kernels of mdlm_kernels (same math as the blocks):
 
-        LN+modulate of block 0; per block: qkv GEMM -> rotary written in the attention layout -> SDPA ->
-        out GEMM -> [gated residual + dropout + norm2 + modulate] -> MLP GEMM -> bias+GELU -> GEMM ->
-        [gated residual + dropout + the NEXT block's norm1 + modulate (the final layer's norm after the last
-        block)]. The residual stream stays fp32 as in the published code. Dropout site (block i, branch j)
-        uses Philox offset 2 i + j of one seed per forward.
+        LN+modulate of block 0; per block: qkv GEMM -> rotary written in the attention layout (q, k, v in fresh
+        buffers: qkv is freed right away) -> SDPA -> out GEMM -> [gated residual + dropout + norm2 + modulate]
+        -> MLP (GEMM -> bias+GELU -> GEMM, keeping only its input and the first GEMM's output for the backward,
+        which recomputes the GELU output) -> [gated residual + dropout + the NEXT block's norm1 + modulate (the
+        final layer's norm after the last block)]. The residual stream stays fp32 as in the published code.
+        Dropout site (block i, branch j) uses Philox offset 2 i + j of one seed per forward.
         """
         import mdlm_kernels as mk
         from mdlm_kernels.ops.attention import attention
+        from mdlm_kernels.ops.mlp import gelu_mlp
         B, L, d = x.shape
         H = self.blocks[0].n_heads
         p = float(self.blocks[0].dropout)
@@ -339,7 +341,7 @@ class DIT(nn.Module):
             a = attention(q, k, v).transpose(1, 2).reshape(B, L, d)
             r, y = mk.gated_residual_modulate(x, blk.attn_out(a), mods[i], 2, blk.norm2.weight, 3, 4, p=p,
                                               seed=dropout_seed, offset=2 * i, training=train)
-            m = blk.mlp[2](mk.bias_gelu(F.linear(y, blk.mlp[0].weight), blk.mlp[0].bias))
+            m = gelu_mlp(y, blk.mlp[0].weight, blk.mlp[0].bias, blk.mlp[2].weight, blk.mlp[2].bias)
             last = i == n - 1
             w_next = self.output_layer.norm_final.weight if last else self.blocks[i + 1].norm1.weight
             x, y = mk.gated_residual_modulate(r, m, mods[i], 5, w_next, 0, 1, p=p, seed=dropout_seed,

@@ -85,8 +85,8 @@ def step_plans(flow: str = "bf16", gpu: launch.GPU = launch.H100, shape: Optiona
         _body(adaln._adaln_bwd_op)(_m((B, L, d), act), x, w, mod, mean, rstd, 0, 1, adaln.EPS)
         # rotary into the SDPA layout; backward from SDPA's dq, dk, dv ((B, H, L, D), q's layout)
         qkv = _m((B, L, 3, H, D), act)
-        q, k = _body(rotary._rotary_op)(qkv, _m((L, D // 2), f32), _m((L, D // 2), f32))
-        _body(rotary._rotary_bwd_op)(torch.empty_like(q), torch.empty_like(k), qkv[:, :, 2].transpose(1, 2),
+        q, k, v = _body(rotary._rotary_op)(qkv, _m((L, D // 2), f32), _m((L, D // 2), f32))
+        _body(rotary._rotary_bwd_op)(torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                                      _m((L, D // 2), f32), _m((L, D // 2), f32), act)
         # gated residual + dropout + the next norm (training), inside a block and across to the final layer
         h = _m((B, L, d), act)
@@ -97,10 +97,11 @@ def step_plans(flow: str = "bf16", gpu: launch.GPU = launch.H100, shape: Optiona
                 _body(adaln._gated_bwd_op)(dr, torch.empty_like(y), r, h, mod, 2, w, mod_next, sh, sc, mean, rstd,
                                            0.1, 1, 0, True, adaln.EPS)
         _body(adaln._gated_op)(x, h, mod, 2, w, None, 3, 4, 0.0, 0, 0, False, act, adaln.EPS)   # eval
-        # MLP: bias + GELU between the two GEMMs
+        # MLP (mdlm_kernels.ops.mlp): bias + GELU between the two GEMMs; its backward recomputes the activation
         a, bias = _m((B, L, 4 * d), act), _m((4 * d,), f32)
         _body(gelu._bias_gelu_op)(a, bias)
-        _body(gelu._bias_gelu_bwd_op)(torch.empty_like(a), a, bias)
+        _body(gelu._bias_gelu_bwd_recompute_op)(torch.empty_like(a), a, bias)
+        _body(gelu._bias_gelu_bwd_op)(torch.empty_like(a), a, bias)         # bias_gelu on its own
         # the fused SUBS loss on the masked rows (LM head weight/bias fp32, cast to the compute dtype inside)
         _body(linear_ce._linear_ce_op)(_m((n_masked, d), act), _m((V, d), f32), _m((V,), f32),
                                        _m((n_masked,), torch.int64), _m((n_masked,), f32), V - 1, True, True,

@@ -1,5 +1,6 @@
-"""mdlm.nn.DIT with the fused block kernels (adaLN LN+modulate, rotary, gated residual + next norm, bias+GELU,
-SDPA) against the same model with the reference math: logits and every parameter gradient.
+"""mdlm.nn.DIT with the fused block kernels (adaLN LN+modulate, rotary, gated residual + next norm, the MLP with
+bias+GELU recomputed in its backward, SDPA) against the same model with the reference math: logits and every
+parameter gradient; and the activation memory the fused path keeps for the backward.
 
 Tolerances (CPU, fp32; Triton under the interpreter, or the kernels' PyTorch backends): max abs error
 <= 1e-5 x the largest magnitude of that tensor + 1e-6. GPU (cuda-marked, bf16 autocast): against the
@@ -19,9 +20,9 @@ KERNEL_BACKENDS = [pytest.param("auto", marks=pytest.mark.skipif(
     "reference"]
 
 
-def _model(dropout=0.0, d=96, heads=3, seed=0):
+def _model(dropout=0.0, d=96, heads=3, seed=0, n_blocks=2):
     cfg = mdlm.preset("tiny", **{"model.dropout": dropout, "model.hidden_size": d, "model.n_heads": heads,
-                                  "model.cond_dim": 16})
+                                  "model.cond_dim": 16, "model.n_blocks": n_blocks})
     torch.manual_seed(seed)
     m = DIT(cfg, V)
     with torch.no_grad():
@@ -91,6 +92,45 @@ def test_default_is_reference_on_cpu_and_state_dict_unchanged():
     assert list(m.state_dict()) == list(_model(seed=1).state_dict())
     m2 = DIT(mdlm.preset("tiny"), V, use_kernels=True)
     assert m2.kernels_enabled(torch.zeros(1))
+
+
+def _saved_activation_bytes(m, x, sigma):
+    """Bytes of the distinct storages autograd keeps for the backward of the fused forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m.hidden_states(x, sigma, dropout_seed=3)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_block_saved_activations_per_token(backend, monkeypatch):
+    """Saved activation bytes per token of one fused block (fp32 on CPU: 4 bytes per value), measured as the
+    difference between a 2-block and a 1-block model in training mode with dropout. The fused block keeps
+    14 d + H + 4 values per token (+ 6 d / L: its adaLN row): y1 (d), q, k, v (3 d), the attention output (d) and
+    its logsumexp (H), r and the attention branch output (2 d), y2 (d), the first MLP GEMM's output (4 d), the
+    block output and the MLP output (2 d), mean and rstd of its two norms (4). Before (v a view of qkv, the GELU
+    output kept) it kept 20 d + H + 4: qkv (3 d) instead of v, and the activation (4 d) on top."""
+    monkeypatch.setenv("MDLM_BACKEND", backend)
+    B, L, d, H = 2, 37, 96, 3
+    x, sigma = torch.randint(0, V, (B, L)), torch.rand(B)
+    per = []
+    for n in (1, 2):
+        m = _model(dropout=0.1, d=d, heads=H, n_blocks=n).train()
+        m.use_kernels = True
+        per.append(_saved_activation_bytes(m, x, sigma))
+    per_token = (per[1] - per[0]) / (B * L)
+    bound = 4 * (14 * d + H + 4 + 6 * d / L)
+    old = 4 * (20 * d + H + 4 + 6 * d / L)
+    assert per_token <= bound < old, (per_token, bound, old)
+    assert per_token >= 4 * 14 * d, per_token   # the measurement sees the block's activations
 
 
 @pytest.mark.cuda

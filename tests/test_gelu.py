@@ -1,13 +1,18 @@
 """Bias + GELU(tanh) (mdlm_kernels.bias_gelu) against the spec ``F.gelu(x + bias, approximate="tanh")`` (the
 published MLP's nn.GELU(approximate="tanh") after its first Linear), on CPU: the Triton kernels under
-TRITON_INTERPRET=1 and the PyTorch reference backend.
+TRITON_INTERPRET=1 (with the interpreter's tiles and with a GPU's) and the PyTorch reference backend. The
+backward that recomputes the output (``bias_gelu_backward_recompute``, used by the fused MLP) must give the
+forward's output bit for bit and the plain backward's dx and dbias bit for bit, on each backend.
 
 Tolerances:
 - fp32: y, dx, dbias: max abs error <= 2e-6 x (the largest entry) + 1e-6 (the kernel uses the cancellation-free
   form z * sigmoid(2u) of 0.5 z (1 + tanh u)).
 - bf16: the error against the fp32 spec on upcast inputs must be at most 2x the error of the spec run in bf16
   (the published dtype flow: bf16 x + bf16 bias, GELU on bf16), plus 1e-3 x the quantity's scale.
-- GPU (cuda-marked, bf16, (4, 1024, 768) and the MLP width 3072): Triton vs the reference, same criterion.
+- Interpreter with the GPU's tiles vs the interpreter's tiles: y and dx bit-equal; fp32 dbias within
+  1e-5 x (the largest entry) + 1e-6 (the row blocks are summed in another order).
+- GPU (cuda-marked, bf16, (4, 1024, 768) and the MLP width 3072): Triton vs the reference, same criterion; the
+  recompute backward's output bit-equal to the forward's (FMA contraction must not differ between the kernels).
 """
 import pytest
 import torch
@@ -15,11 +20,14 @@ import torch.nn.functional as F
 
 import mdlm_kernels as mk
 from mdlm_kernels import backend as kb
+from mdlm_kernels import launch
+from mdlm_kernels.ops import gelu as gelu_mod
+from mdlm_kernels.ops.gelu import bias_gelu_backward_recompute
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(
     kb.unavailable_reason("triton", "cpu") is not None, reason=str(kb.unavailable_reason("triton", "cpu")))),
     "reference"]
-SHAPES = [(1, 37, 768), (2, 5, 100), (1, 1, 64)]
+SHAPES = [(1, 37, 768), (2, 5, 100), (1, 1, 64), (1, 1, 1023), (3, 7, 37)]
 needs_cpu_triton = pytest.mark.skipif(kb.unavailable_reason("triton", "cpu") is not None,
                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
@@ -90,6 +98,54 @@ def test_extreme_values():
             torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_recompute_backward_gives_the_forward_output_and_the_backward_bits(backend, dtype, shape):
+    x, b = inputs(shape, dtype, seed=4)
+    b = b.float()                                   # the MLP's fp32 bias with bf16 activations
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    y = mk.bias_gelu(x, b, backend=backend)
+    dx, db = torch.ops.mdlm.bias_gelu_backward(g, x, b, backend)
+    gd = g.clone()
+    db2, y2 = bias_gelu_backward_recompute(gd, x, b, backend=backend)
+    assert kb.last_used["bias_gelu_backward"] == backend
+    assert y2.dtype == dtype and db2.dtype == torch.float32
+    assert torch.equal(y2, y)                       # the same bits as the forward
+    assert torch.equal(gd, dx) and torch.equal(db2, db)   # g overwritten with dx
+
+
+@needs_cpu_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tiles_under_the_interpreter(dtype, monkeypatch):
+    """The GPU launch's tiles (512 columns, 8 rows) and grid (programs looping over row blocks: a 1-SM GPU
+    gives 4 programs, so each loops) under the interpreter: y and dx bit-equal to the interpreter tiles', dbias
+    equal up to fp32 summation order, with and without the recompute."""
+    one_sm = launch.GPU("test GPU with 1 SM", (9, 0), 1)
+    loops = 0
+    for shape in SHAPES + [(2, 50, 1023)]:
+        x, b = inputs(shape, dtype, seed=6)
+        b = b.float()                               # dbias in fp32: only its summation order may differ
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        res = []
+        for plan in (None, one_sm):
+            monkeypatch.setattr(gelu_mod, "_CPU_PLANS_AS", plan)
+            gd = g.clone()
+            res.append([mk.bias_gelu(x, b, backend="triton"),
+                        *torch.ops.mdlm.bias_gelu_backward(g, x, b, "triton"),
+                        *bias_gelu_backward_recompute(gd, x, b, backend="triton"), gd])
+        M, n = x.numel() // shape[-1], shape[-1]
+        bm, bn, _ = gelu_mod._cfg(M, n, one_sm)
+        per_col = min(-(-M // bm), -(-gelu_mod._BWD_BLOCKS_PER_SM // -(-n // bn)))   # programs per column block
+        loops += -(-M // per_col) > bm                               # a program loops over several row blocks
+        (y, dx, db, db2, y2, gd), (y_, dx_, db_, db2_, y2_, gd_) = res
+        for name, a, r in (("y", y_, y), ("dx", dx_, dx), ("y2", y2_, y2), ("dx2", gd_, gd)):
+            assert torch.equal(a, r), (name, shape)
+        for a in (db_, db2_):
+            assert (a.float() - db.float()).abs().max() <= 1e-5 * db.float().abs().max() + 1e-6, shape
+    assert loops >= 2
+
+
 def test_gradcheck_reference_float64():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -110,6 +166,10 @@ def test_bad_inputs_raise_clear_errors():
         mk.bias_gelu(x.double(), b.double(), backend="triton")
     nc = x.transpose(0, 1).contiguous().transpose(0, 1)
     assert torch.equal(mk.bias_gelu(nc, b, backend="reference"), mk.bias_gelu(x, b, backend="reference"))
+    with pytest.raises(ValueError, match="overwritten with dx"):
+        bias_gelu_backward_recompute(x.bfloat16(), x, b)
+    with pytest.raises(ValueError, match="contiguous"):
+        bias_gelu_backward_recompute(nc, x, b)
 
 
 def test_torch_compile_fullgraph():
@@ -142,3 +202,17 @@ def test_gpu_triton_matches_reference_bf16(shape):
         err = (a.double() - ex.double()).abs().max().item()
         ref_err = (lo.double() - ex.double()).abs().max().item()
         assert err <= 2 * ref_err + 1e-3 * ex.double().abs().max().item(), (name, err, ref_err)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_recompute_backward_gives_the_forward_bits(dtype):
+    """On the GPU the two kernels are compiled separately (FMA contraction, approximate division): the recomputed
+    activation must still equal the forward's bit for bit, and dx / dbias the plain backward's."""
+    x, b = [t.cuda() for t in inputs((4, 1024, 3072), dtype, seed=8)]
+    b = b.float()
+    g = torch.randn(x.shape, device="cuda").to(dtype)
+    y = mk.bias_gelu(x, b, backend="triton")
+    dx, db = torch.ops.mdlm.bias_gelu_backward(g, x, b, "triton")
+    db2, y2 = bias_gelu_backward_recompute(g, x, b, backend="triton")
+    assert torch.equal(y2, y) and torch.equal(g, dx) and torch.equal(db2, db)

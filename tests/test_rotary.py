@@ -1,7 +1,8 @@
 """Rotary on the packed qkv projection (mdlm_kernels.rotary_qkv) against the mdlm.nn spec
 (``Rotary`` + ``apply_rotary_pos_emb`` + the (B, H, L, D) layout of ``mdlm.nn._attention``), on CPU: the Triton
-kernels under TRITON_INTERPRET=1 and the PyTorch reference backend. Layout: q and k are (B, H, L, D) views of
-(B, L, H, D) buffers, v a view of qkv's slot 2; SDPA's output then transposes back to (B, L, H*D) without a copy.
+kernels under TRITON_INTERPRET=1 (with the interpreter's tiles and with the tiles a GPU launch uses) and the
+PyTorch reference backend. Layout: q, k and v are (B, H, L, D) views of fresh (B, L, H, D) buffers (nothing aliases
+qkv, so SDPA saving them does not keep qkv alive); SDPA's output then transposes back to (B, L, H*D) without a copy.
 
 Tolerances:
 - fp32: q, k, v and dqkv: max abs error <= 1e-6 x (the largest entry) + 1e-7 (the math is the spec's, op for op).
@@ -15,11 +16,13 @@ import torch
 import mdlm_kernels as mk
 from mdlm.nn import Rotary, apply_rotary_pos_emb
 from mdlm_kernels import backend as kb
+from mdlm_kernels import launch
+from mdlm_kernels.ops import rotary as rotary_mod
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(
     kb.unavailable_reason("triton", "cpu") is not None, reason=str(kb.unavailable_reason("triton", "cpu")))),
     "reference"]
-SHAPES = [(1, 37, 12, 64), (2, 5, 2, 50), (1, 1, 12, 64)]  # (B, L, H, D): H*D = 768 and 100
+SHAPES = [(1, 37, 12, 64), (2, 5, 2, 50), (1, 1, 12, 64), (1, 1023, 3, 6)]  # (B, L, H, D): H*D = 768, 100, 18
 needs_cpu_triton = pytest.mark.skipif(kb.unavailable_reason("triton", "cpu") is not None,
                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
@@ -101,12 +104,15 @@ def test_gradcheck_reference_float64():
 
 
 @needs_cpu_triton
-def test_only_some_outputs_used():
+@pytest.mark.parametrize("used", [0, 1, 2])
+def test_only_some_outputs_used(used):
+    """A gradient for one of q, k, v only: the other slots of dqkv are zero (v's slot is dv itself)."""
     qkv, rot, cos, sin = setup(1, 4, 2, 8, torch.float32)
-    ga = grads(lambda x: mk.rotary_qkv(x, cos, sin, backend="triton")[1:2], qkv)[-1]
-    gb = grads(lambda x: spec(x, cos, sin, torch.float32)[1:2], qkv)[-1]
+    ga = grads(lambda x: mk.rotary_qkv(x, cos, sin, backend="triton")[used:used + 1], qkv)[-1]
+    gb = grads(lambda x: spec(x, cos, sin, torch.float32)[used:used + 1], qkv)[-1]
     torch.testing.assert_close(ga, gb)
-    assert torch.all(ga[:, :, 0] == 0) and torch.all(ga[:, :, 2] == 0)
+    for slot in range(3):
+        assert torch.all(ga[:, :, slot] == 0) == (slot != used), slot
 
 
 @needs_cpu_triton
@@ -157,22 +163,66 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layout_q_k_token_major_v_a_view_and_attention_output_reshapes_for_free(backend):
+def test_layout_q_k_v_token_major_fresh_buffers_and_attention_output_reshapes_for_free(backend):
     B, L, H, D = 2, 5, 3, 8
     qkv, rot, cos, sin = setup(B, L, H, D, torch.float32)
     q, k, v = mk.rotary_qkv(qkv, cos, sin, backend=backend)
-    for x in (q, k):
+    ptrs = set()
+    for x in (q, k, v):
         assert x.shape == (B, H, L, D) and x.stride() == (L * H * D, D, H * D, 1)
-        assert x.transpose(1, 2).is_contiguous()
-    assert v.shape == (B, H, L, D) and v.stride() == (L * 3 * H * D, D, 3 * H * D, 1)
-    assert v.data_ptr() == qkv[:, :, 2].data_ptr()  # no copy of v
+        assert x.transpose(1, 2).is_contiguous() and x.untyped_storage().nbytes() == B * L * H * D * 4
+        ptrs.add(x.untyped_storage().data_ptr())
+    assert len(ptrs) == 3 and qkv.untyped_storage().data_ptr() not in ptrs   # nothing aliases qkv
+    assert torch.equal(v, qkv[:, :, 2].transpose(1, 2))                     # v is slot 2, copied exactly
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert out.transpose(1, 2).is_contiguous()      # SDPA (CPU) keeps the query's layout
     a = out.transpose(1, 2).reshape(B, L, H * D)
     assert a.data_ptr() == out.data_ptr() and a._base is not None  # a view, not a copy
-    # a non-contiguous qkv is copied first; v is then a view of the copy
     nc = qkv.transpose(0, 1).contiguous().transpose(0, 1)
     assert torch.equal(mk.rotary_qkv(nc, cos, sin, backend=backend)[2], v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_on_rotary_outputs_saves_nothing_of_qkv(backend):
+    """What autograd keeps for the backward of rotary + SDPA: q, k, v (3 units) and small tables / statistics,
+    no storage of qkv (a v viewing qkv's slot 2 kept all of qkv: 5 units)."""
+    B, L, H, D = 2, 6, 2, 8
+    qkv, rot, cos, sin = setup(B, L, H, D, torch.float32)
+    qkv.requires_grad_()
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q, k, v = mk.rotary_qkv(qkv, cos, sin, backend=backend)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert qkv.untyped_storage().data_ptr() not in saved
+    unit = B * L * H * D * 4
+    big = sorted(n for n in saved.values() if n >= unit)
+    assert big == [unit] * 4, big          # q, k, v and the attention output (SDPA's CPU kernel saves it)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+@needs_cpu_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tiles_under_the_interpreter_give_the_same_bits(dtype, monkeypatch):
+    """The GPU's tiles (BLOCK_R token rows per program, a partial last program) run under the interpreter give
+    exactly the interpreter tiles' q, k, v and dqkv (which the tests above check against the spec)."""
+    partial_multi = 0
+    for B, L, H, D in SHAPES:
+        qkv, rot, cos, sin = setup(B, L, H, D, dtype, seed=2)
+        monkeypatch.setattr(rotary_mod, "_CPU_PLANS_AS", None)
+        ref = grads(lambda x: mk.rotary_qkv(x, cos, sin, backend="triton"), qkv)
+        monkeypatch.setattr(rotary_mod, "_CPU_PLANS_AS", launch.H100)
+        rows = rotary_mod._cfg(H, D // 2, launch.H100)[0]
+        partial_multi += B * L > rows and (B * L) % rows != 0   # several programs, the last one partial
+        out = grads(lambda x: mk.rotary_qkv(x, cos, sin, backend="triton"), qkv)
+        for name, a, b in zip(("q", "k", "v", "dqkv"), out, ref):
+            assert torch.equal(a, b), (name, (B, L, H, D))
+    assert partial_multi >= 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -194,18 +244,17 @@ def test_backward_reads_strided_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_op_alone_rotates_q_k_and_is_differentiable(backend):
-    """torch.ops.mdlm.rotary_qk (no v: an op output may not alias its input) has its own autograd; its fake
-    implementation gives the real strides (opcheck)."""
+def test_the_op_is_differentiable_and_its_fake_has_the_real_strides(backend):
+    """torch.ops.mdlm.rotary_qkv has its own autograd (dq, dk, dv -> dqkv in one op); its fake implementation
+    gives the real strides (opcheck)."""
     B, L, H, D = 1, 4, 2, 8
     qkv, rot, cos, sin = setup(B, L, H, D, torch.float32)
     c, s = mk.rotary_tables(rot.inv_freq, L)
-    ga = grads(lambda x: torch.ops.mdlm.rotary_qk(x, c, s, backend), qkv)
-    gb = grads(lambda x: spec(x, cos, sin, torch.float32)[:2], qkv)
+    ga = grads(lambda x: torch.ops.mdlm.rotary_qkv(x, c, s, backend), qkv)
+    gb = grads(lambda x: spec(x, cos, sin, torch.float32), qkv)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    assert torch.all(ga[-1][:, :, 2] == 0)
-    torch.library.opcheck(torch.ops.mdlm.rotary_qk.default, (qkv.requires_grad_(), c, s, backend))
+    torch.library.opcheck(torch.ops.mdlm.rotary_qkv.default, (qkv.requires_grad_(), c, s, backend))
 
 
 @pytest.mark.cuda

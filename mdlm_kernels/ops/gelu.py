@@ -11,6 +11,13 @@ Kernel form (no cancellation for negative z): 1 + tanh(u) = 2 sigma(2u), so
   (2) dy/dz = s + 2 z s (1 - s) du/dz,   du/dz = sqrt(2/pi) (1 + 3 * 0.044715 z^2)
   (3) dx    = g * dy/dz;   dbias = sum over rows of dx  (fp32 partial sums per row chunk, then summed)
 
+Recomputing y in the backward (``mdlm::bias_gelu_backward_recompute``, used by :mod:`mdlm_kernels.ops.mlp`, whose
+second GEMM needs y for its weight gradient): the backward kernel already has z and s in registers for (2), so it
+also stores (1) -- the same instructions as the forward kernel on the same loaded values, hence the same bits
+after rounding to x's dtype -- at the cost of one store of y per element (no extra pass over x, no y kept from
+the forward). That op writes dx over g in place (each element is read before it is written, by the program that
+writes it): the MLP backward then holds x, dx and y, three (M, n) tensors, where the unfused one holds four.
+
 Backends: "triton" (fp32/bf16/fp16) and "reference" (plain PyTorch ``F.gelu``; also float64). Non-contiguous x
 is copied.
 """
@@ -63,10 +70,11 @@ if HAS_TRITON:
         g_ptr,       # (M, n) dL/dy
         x_ptr,       # (M, n) forward input
         b_ptr,       # (n,) bias
-        dx_ptr,      # (M, n) out, x's dtype
+        dx_ptr,      # (M, n) out, x's dtype; may be g_ptr itself (elementwise: read before written, same program)
+        y_ptr,       # (M, n) out (WRITE_Y only): the forward output recomputed, x's dtype
         part_ptr,    # (n_chunks, n) fp32 out: partial dbias of this program's rows
         M, n, rows_per_chunk,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        WRITE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         chunk = tl.program_id(1).to(tl.int64)
@@ -80,11 +88,23 @@ if HAS_TRITON:
             z = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32) + bias
             g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
             s = _gelu_s(z)
+            if WRITE_Y:  # (1) exactly as the forward kernel computes it: the same bits in x's dtype
+                tl.store(y_ptr + offs, _cast(z * s, y_ptr.dtype.element_ty), mask=m2)
             du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
             dz = g * (s + 2.0 * z * s * (1.0 - s) * du)                          # (2), (3)
             tl.store(dx_ptr + offs, _cast(dz, dx_ptr.dtype.element_ty), mask=m2)
             acc += tl.sum(dz, 0)
         tl.store(part_ptr + chunk * n + cols, acc, mask=cm)
+
+
+# Tests set this to a launch.GPU to run the interpreter (CPU tensors) with the tiles and grid a GPU launch would
+# use (a small sm_count makes each backward program loop over several row blocks, as on the GPU).
+_CPU_PLANS_AS: Optional[_launch.GPU] = None
+
+
+def _plan_gpu(device):
+    gpu = _launch.gpu_of(device)
+    return _CPU_PLANS_AS if gpu is None and torch.device(device).type == "cpu" else gpu
 
 
 def _cfg(M, n, gpu):
@@ -102,19 +122,23 @@ def _fwd_triton(x2, bias):
     y = torch.empty_like(x2)
     if M == 0:
         return y
-    bm, bn, nw = _cfg(M, n, _launch.gpu_of(x2.device))
+    bm, bn, nw = _cfg(M, n, _plan_gpu(x2.device))
     _launch.launch(_launch.Plan(
         "bias_gelu.fwd", _bias_gelu_fwd_kernel, (triton.cdiv(M, bm), triton.cdiv(n, bn)), (x2, bias, y, M, n),
         dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=nw, vector_io=("ld", "st")), x2.device)
     return y
 
 
-def _bwd_triton(g2, x2, bias):
+def _bwd_triton(g2, x2, bias, recompute=False):
+    """(dx, dbias) or, with ``recompute``, (dbias, y) with dx written over g2 (which must then be contiguous and
+    of x's dtype)."""
     M, n = x2.shape
-    dx = torch.empty_like(x2)
+    dx = g2 if recompute else torch.empty_like(x2)
+    y = torch.empty_like(x2) if recompute else None
     if M == 0:
-        return dx, torch.zeros_like(bias)
-    gpu = _launch.gpu_of(x2.device)
+        db = torch.zeros_like(bias)
+        return (db, y) if recompute else (dx, db)
+    gpu = _plan_gpu(x2.device)
     bm, bn, nw = _cfg(M, n, gpu)
     ncol = triton.cdiv(n, bn)
     if gpu is not None:  # about 4 programs per SM, each looping over its rows
@@ -125,9 +149,12 @@ def _bwd_triton(g2, x2, bias):
     nch = triton.cdiv(M, rows)
     part = torch.empty((nch, n), dtype=torch.float32, device=x2.device)
     _launch.launch(_launch.Plan(
-        "bias_gelu.bwd", _bias_gelu_bwd_kernel, (ncol, nch), (g2, x2, bias, dx, part, M, n, rows),
-        dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=nw, blocks_per_sm=_BWD_BLOCKS_PER_SM, vector_io=("ld", "st")), x2.device)
-    return dx, part.sum(0).to(bias.dtype)
+        "bias_gelu.bwd" + ("_recompute" if recompute else ""), _bias_gelu_bwd_kernel, (ncol, nch),
+        (g2, x2, bias, dx, dx if y is None else y, part, M, n, rows),
+        dict(WRITE_Y=recompute, BLOCK_M=bm, BLOCK_N=bn), num_warps=nw, blocks_per_sm=_BWD_BLOCKS_PER_SM,
+        vector_io=("ld", "st")), x2.device)
+    db = part.sum(0).to(bias.dtype)
+    return (db, y) if recompute else (dx, db)
 
 
 def _cdt(x):
@@ -139,12 +166,16 @@ def _fwd_reference(x2, bias):
     return F.gelu(x2.to(cdt) + bias.to(cdt), approximate="tanh").to(x2.dtype)
 
 
-def _bwd_reference(g2, x2, bias):
+def _bwd_reference(g2, x2, bias, recompute=False):
     cdt = _cdt(x2)
     z = x2.to(cdt) + bias.to(cdt)
     t = torch.tanh(_K0 * (z + _K1 * z ** 3))
     dz = g2.to(cdt) * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _K0 * (1 + 3 * _K1 * z * z))
-    return dz.to(x2.dtype), dz.sum(0).to(bias.dtype)
+    db = dz.sum(0).to(bias.dtype)
+    if not recompute:
+        return dz.to(x2.dtype), db
+    g2.copy_(dz)
+    return db, _fwd_reference(x2, bias)   # the forward's own function: the same values
 
 
 def _triton_supported(*ts):
@@ -178,6 +209,23 @@ def _(g, x, bias, backend=None):
     return torch.empty_like(x), torch.empty_like(bias)
 
 
+@torch.library.custom_op("mdlm::bias_gelu_backward_recompute", mutates_args=("g",))
+def _bias_gelu_bwd_recompute_op(g: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrites g (contiguous, x's dtype and shape) with dx and returns (dbias, y = gelu_tanh(x + bias)), y
+    bit-equal to the forward op's output on the same backend."""
+    name = _backend.resolve(OP + "_backward", backend, x.device,
+                            {"triton": _triton_supported(g, x, bias), "reference": None})
+    n = x.shape[-1]
+    db, y = (_bwd_triton if name == "triton" else _bwd_reference)(g.view(-1, n), x.view(-1, n), bias, True)
+    return db, y.view(x.shape)
+
+
+@_bias_gelu_bwd_recompute_op.register_fake
+def _(g, x, bias, backend=None):
+    return torch.empty_like(bias), torch.empty_like(x)
+
+
 def _setup(ctx, inputs, output):
     x, bias, backend = inputs
     ctx.save_for_backward(x, bias)
@@ -193,12 +241,7 @@ def _backward(ctx, g):
 _bias_gelu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
-    """gelu_tanh(x + bias): x (..., n), bias (n,) -> (..., n) in x's dtype (fp32 math).
-
-    Equal to ``F.gelu(x.float() + bias.float(), approximate="tanh").to(x.dtype)``. Differentiable w.r.t. x and
-    bias (dbias reduced in fp32, returned in bias's dtype). Non-contiguous x is copied.
-    """
+def _check(x, bias):
     if not torch.is_tensor(x) or not torch.is_tensor(bias):
         raise TypeError(f"{OP}: x and bias must be tensors")
     for name, t in (("x", x), ("bias", bias)):
@@ -210,6 +253,35 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Optional[str] = N
                          f"bias {tuple(bias.shape)}")
     if x.device != bias.device:
         raise ValueError(f"{OP}: x is on {x.device} but bias is on {bias.device}")
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """gelu_tanh(x + bias): x (..., n), bias (n,) -> (..., n) in x's dtype (fp32 math).
+
+    Equal to ``F.gelu(x.float() + bias.float(), approximate="tanh").to(x.dtype)``. Differentiable w.r.t. x and
+    bias (dbias reduced in fp32, returned in bias's dtype). Non-contiguous x is copied.
+    """
+    _check(x, bias)
     if backend is not None:
         _backend.normalize(backend)
     return torch.ops.mdlm.bias_gelu(x.contiguous(), bias.contiguous(), backend)
+
+
+def bias_gelu_backward_recompute(g: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, *,
+                                 backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of ``bias_gelu`` that also recomputes its output, in one pass over x and g.
+
+    g (..., n) dL/dy, contiguous, x's dtype, overwritten with dL/dx; x (..., n) and bias (n,) the forward's
+    inputs. Returns (dbias (n,) in bias's dtype, reduced in fp32; y (..., n) = gelu_tanh(x + bias) in x's
+    dtype, bit-equal to ``bias_gelu(x, bias)`` on the same backend). Not differentiable.
+    """
+    _check(x, bias)
+    if not torch.is_tensor(g) or g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+        raise ValueError(f"{OP}: g must be a tensor of x's shape, dtype and device (it is overwritten with dx); "
+                         f"got {getattr(g, 'shape', None)} {getattr(g, 'dtype', None)} vs x {tuple(x.shape)} "
+                         f"{x.dtype}")
+    if not g.is_contiguous() or not x.is_contiguous():
+        raise ValueError(f"{OP}: g and x must be contiguous (g is overwritten in place)")
+    if backend is not None:
+        _backend.normalize(backend)
+    return torch.ops.mdlm.bias_gelu_backward_recompute(g, x, bias.contiguous(), backend)

@@ -3,27 +3,29 @@
 
     q, k, v = rotary_qkv(qkv (B, L, 3, H, D), cos, sin)      each (B, H, L, D), last dim contiguous
 
-q and k are written into fresh (B, L, H, D) buffers (each token's H*D values stored contiguously) and returned as
-their ``.transpose(1, 2)`` views, strides (L*H*D, D, H*D, 1); v is not touched at all: it is the strided view
-``qkv[:, :, 2].transpose(1, 2)`` of the (contiguous) input, strides (3*L*H*D, D, 3*H*D, 1). SDPA takes these
-(every backend needs only the last dim contiguous: flash/cuDNN/memory-efficient run on the (B, L, H, D) layout
-natively, CPU and math accept any strides) and returns its output in the query's layout for CPU, flash, cuDNN and
-memory-efficient, so ``attention(q, k, v).transpose(1, 2).reshape(B, L, H*D)`` is a view, not a copy.
-v aliases qkv: modifying one in place changes the other (and autograd refuses in-place ops on v).
+q, k and v are written into three fresh (B, L, H, D) buffers (each token's H*D values stored contiguously) and
+returned as their ``.transpose(1, 2)`` views, strides (L*H*D, D, H*D, 1). SDPA takes these (every backend needs
+only the last dim contiguous: flash/cuDNN/memory-efficient run on the (B, L, H, D) layout natively, CPU and math
+accept any strides) and returns its output in the query's layout for CPU, flash, cuDNN and memory-efficient, so
+``attention(q, k, v).transpose(1, 2).reshape(B, L, H*D)`` is a view, not a copy.
+
+Memory: v is copied out of qkv in the same pass (one more read and write of a third of qkv) so that nothing
+returned aliases qkv: SDPA saves q, k and v for its backward, and a v that viewed qkv's slot 2 would keep all of
+qkv alive next to the fresh q and k (5 (B, L, H*D) units saved where 3 suffice). qkv dies after this op.
 
 q and k are rotated with the published non-interleaved halves (``mdlm.nn.apply_rotary_pos_emb``): with
 x = (x1, x2) the two halves of the head dim and c/s the tables first rounded to qkv's dtype,
     out1 = x1 * c - x2 * s,   out2 = x2 * c + x1 * s       (fp32 math, stored in qkv's dtype)
-which is ``x * cos + rotate_half(x) * sin`` with ``cos = cat(c, c)``. The backward is the inverse rotation (the
-transpose of the rotation matrix):
+which is ``x * cos + rotate_half(x) * sin`` with ``cos = cat(c, c)``; v is copied unchanged. The backward is the
+inverse rotation (the transpose of the rotation matrix):
     dx1 = g1 * c + g2 * s,    dx2 = g2 * c - g1 * s
 written back into dqkv (B, L, 3, H, D) slots 0/1, with dv copied into slot 2, in one pass (the gradients are read
 through their strides, whatever layout SDPA's backward gives them, as long as the last dim is contiguous).
 
-Autograd: a custom op may not return a view of its input, so the op ``mdlm::rotary_qk`` returns q and k only
-(differentiable on its own: its backward gives zero in slot 2) and ``rotary_qkv`` wraps it in an autograd
-Function that also returns the v view; that Function's backward hands dq, dk and dv to
-``mdlm::rotary_qkv_backward``, so dqkv is written once (no zero-filled select backward plus a sum).
+Kernel tiles: a program handles BLOCK_R token rows x BLOCK_H heads x one head-half (BLOCK_HALF columns) per load,
+1024 elements over 4 warps on a GPU, i.e. 8 contiguous elements per thread: 16-byte loads and stores in bf16/fp16
+(two per thread in fp32). All six half-tiles are loaded before the first store (the compiler may not move a load
+across a store to a pointer it cannot prove distinct).
 
 Tables: ``cos``/``sin`` are the (L, D/2) fp32 base tables cos/sin(l * inv_freq_j). From an ``mdlm.nn.Rotary``
 module: ``rotary_tables(rotary.inv_freq, L)`` (the same ``outer(arange(L), inv_freq)`` the module computes),
@@ -31,7 +33,7 @@ or pass the module's cached ``(1, L, 3, 1, D)`` tensors directly (``rotary_qkv``
 half, ``cos[0, :, 0, 0, :D/2]``, which holds the same numbers). Tables with more than L rows are cut to L.
 
 Backends: "triton" (fp32/bf16/fp16) and "reference" (plain PyTorch, also float64). Non-contiguous qkv is
-copied to a contiguous tensor (v is then a view of that copy).
+copied to a contiguous tensor first.
 """
 from __future__ import annotations
 
@@ -58,30 +60,40 @@ if HAS_TRITON:
         sin_ptr,     # (L, HALF) fp32 base table, contiguous
         q_ptr,       # (B, L, H, D) out, contiguous, qkv's dtype
         k_ptr,       # (B, L, H, D) out
-        L, H, HALF,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        v_ptr,       # (B, L, H, D) out
+        n_rows, L, H, HALF,          # n_rows = B * L token rows
+        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)          # token row b * L + l
-        l = row % L
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)   # b * L + l
+        l = rows % L
         D = 2 * HALF
         hs = tl.arange(0, BLOCK_H).to(tl.int64)
         js = tl.arange(0, BLOCK_HALF)
+        rm = rows < n_rows
         jm = js < HALF
-        m = (hs < H)[:, None] & jm[None, :]
+        m = rm[:, None, None] & (hs < H)[None, :, None] & jm[None, None, :]         # (R, H, HALF)
         dt = qkv_ptr.dtype.element_ty
-        c = _cast(tl.load(cos_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
-        s = _cast(tl.load(sin_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
-        src = qkv_ptr + row * 3 * H * D + hs[:, None] * D + js[None, :]   # q slot, first half
-        dst = row * H * D + hs[:, None] * D + js[None, :]                  # this token's H*D values
-        # q (slot 0) and k (slot 1): rotate; v (slot 2) is not read (the caller views it in place)
-        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+        toffs = l[:, None] * HALF + js[None, :]                                      # (R, HALF)
+        tm = rm[:, None] & jm[None, :]
+        c = _cast(tl.load(cos_ptr + toffs, mask=tm, other=0.0), dt).to(tl.float32)[:, None, :]
+        s = _cast(tl.load(sin_ptr + toffs, mask=tm, other=0.0), dt).to(tl.float32)[:, None, :]
+        src = qkv_ptr + rows[:, None, None] * 3 * H * D + hs[None, :, None] * D + js[None, None, :]  # q, 1st half
+        dst = rows[:, None, None] * H * D + hs[None, :, None] * D + js[None, None, :]   # this token's H*D values
+        # every load first: slots 0 (q), 1 (k), 2 (v), each as its two halves
+        q1 = tl.load(src, mask=m, other=0.0)
+        q2 = tl.load(src + HALF, mask=m, other=0.0)
+        k1 = tl.load(src + H * D, mask=m, other=0.0)
+        k2 = tl.load(src + H * D + HALF, mask=m, other=0.0)
+        v1 = tl.load(src + 2 * H * D, mask=m, other=0.0)
+        v2 = tl.load(src + 2 * H * D + HALF, mask=m, other=0.0)
+        x1, x2 = q1.to(tl.float32), q2.to(tl.float32)
         tl.store(q_ptr + dst, _cast(x1 * c - x2 * s, dt), mask=m)
         tl.store(q_ptr + dst + HALF, _cast(x2 * c + x1 * s, dt), mask=m)
-        x1 = tl.load(src + H * D, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + H * D + HALF, mask=m, other=0.0).to(tl.float32)
+        x1, x2 = k1.to(tl.float32), k2.to(tl.float32)
         tl.store(k_ptr + dst, _cast(x1 * c - x2 * s, dt), mask=m)
         tl.store(k_ptr + dst + HALF, _cast(x2 * c + x1 * s, dt), mask=m)
+        tl.store(v_ptr + dst, v1, mask=m)                 # v: copied unchanged (same dtype: no rounding)
+        tl.store(v_ptr + dst + HALF, v2, mask=m)
 
     @triton.jit
     def _rotary_bwd_kernel(
@@ -91,57 +103,79 @@ if HAS_TRITON:
         cos_ptr,     # (L, HALF) fp32
         sin_ptr,     # (L, HALF) fp32
         dqkv_ptr,    # (B, L, 3, H, D) out, qkv's dtype
-        L, H, HALF,
+        n_rows, L, H, HALF,
         sqb, sqh, sql, skb, skh, skl, svb, svh, svl,   # element strides of dq, dk, dv over (B, H, L)
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // L
-        l = row - b * L
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+        b = rows // L
+        l = rows - b * L
         D = 2 * HALF
         hs = tl.arange(0, BLOCK_H).to(tl.int64)
         js = tl.arange(0, BLOCK_HALF)
+        rm = rows < n_rows
         jm = js < HALF
-        m = (hs < H)[:, None] & jm[None, :]
+        m = rm[:, None, None] & (hs < H)[None, :, None] & jm[None, None, :]
         dt = dqkv_ptr.dtype.element_ty
-        c = _cast(tl.load(cos_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
-        s = _cast(tl.load(sin_ptr + l * HALF + js, mask=jm, other=0.0), dt).to(tl.float32)[None, :]
-        dst = dqkv_ptr + row * 3 * H * D + hs[:, None] * D + js[None, :]
-        srcq = dq_ptr + b * sqb + l * sql + hs[:, None] * sqh + js[None, :]
-        srck = dk_ptr + b * skb + l * skl + hs[:, None] * skh + js[None, :]
-        srcv = dv_ptr + b * svb + l * svl + hs[:, None] * svh + js[None, :]
-        g1 = tl.load(srcq, mask=m, other=0.0).to(tl.float32)
-        g2 = tl.load(srcq + HALF, mask=m, other=0.0).to(tl.float32)
+        toffs = l[:, None] * HALF + js[None, :]
+        tm = rm[:, None] & jm[None, :]
+        c = _cast(tl.load(cos_ptr + toffs, mask=tm, other=0.0), dt).to(tl.float32)[:, None, :]
+        s = _cast(tl.load(sin_ptr + toffs, mask=tm, other=0.0), dt).to(tl.float32)[:, None, :]
+        dst = dqkv_ptr + rows[:, None, None] * 3 * H * D + hs[None, :, None] * D + js[None, None, :]
+        b3, l3, h3, j3 = b[:, None, None], l[:, None, None], hs[None, :, None], js[None, None, :]
+        srcq = dq_ptr + b3 * sqb + l3 * sql + h3 * sqh + j3
+        srck = dk_ptr + b3 * skb + l3 * skl + h3 * skh + j3
+        srcv = dv_ptr + b3 * svb + l3 * svl + h3 * svh + j3
+        q1 = tl.load(srcq, mask=m, other=0.0)
+        q2 = tl.load(srcq + HALF, mask=m, other=0.0)
+        k1 = tl.load(srck, mask=m, other=0.0)
+        k2 = tl.load(srck + HALF, mask=m, other=0.0)
+        v1 = tl.load(srcv, mask=m, other=0.0)
+        v2 = tl.load(srcv + HALF, mask=m, other=0.0)
+        g1, g2 = q1.to(tl.float32), q2.to(tl.float32)
         tl.store(dst, _cast(g1 * c + g2 * s, dt), mask=m)
         tl.store(dst + HALF, _cast(g2 * c - g1 * s, dt), mask=m)
-        g1 = tl.load(srck, mask=m, other=0.0).to(tl.float32)
-        g2 = tl.load(srck + HALF, mask=m, other=0.0).to(tl.float32)
+        g1, g2 = k1.to(tl.float32), k2.to(tl.float32)
         tl.store(dst + H * D, _cast(g1 * c + g2 * s, dt), mask=m)
         tl.store(dst + H * D + HALF, _cast(g2 * c - g1 * s, dt), mask=m)
-        tl.store(dst + 2 * H * D, _cast(tl.load(srcv, mask=m, other=0.0).to(tl.float32), dt), mask=m)
-        tl.store(dst + 2 * H * D + HALF, _cast(tl.load(srcv + HALF, mask=m, other=0.0).to(tl.float32), dt), mask=m)
+        tl.store(dst + 2 * H * D, _cast(v1.to(tl.float32), dt), mask=m)
+        tl.store(dst + 2 * H * D + HALF, _cast(v2.to(tl.float32), dt), mask=m)
 
 
-def _cfg(H, half):
-    return triton.next_power_of_2(H), triton.next_power_of_2(half), 4
+# Tests set this to a launch.GPU to run the interpreter (CPU tensors) with the tiles a GPU launch would use.
+_CPU_PLANS_AS: Optional[_launch.GPU] = None
+_GPU_TILE = 1024       # elements per half-tile on a GPU: 4 warps x 32 threads x 8 contiguous elements (16 B bf16)
+_INTERP_TILE = 16384   # the interpreter pays per op, not per register: bigger tiles
 
 
-def _qk_buffers(qkv):
-    """Two fresh (B, L, H, D) buffers, returned as their (B, H, L, D) transposed views."""
+def _plan_gpu(device):
+    gpu = _launch.gpu_of(device)
+    return _CPU_PLANS_AS if gpu is None and torch.device(device).type == "cpu" else gpu
+
+
+def _cfg(H, half, gpu):
+    """(BLOCK_R token rows, BLOCK_H, BLOCK_HALF, num_warps) of one program."""
+    bh, bj = triton.next_power_of_2(H), triton.next_power_of_2(half)
+    tile = _GPU_TILE if gpu is not None else _INTERP_TILE
+    return max(1, tile // (bh * bj)), bh, bj, 4
+
+
+def _qkv_buffers(qkv):
+    """Three fresh (B, L, H, D) buffers (q, k, v), returned as their (B, H, L, D) transposed views."""
     B, L, _, H, D = qkv.shape
-    return tuple(torch.empty((B, L, H, D), dtype=qkv.dtype, device=qkv.device).transpose(1, 2) for _ in range(2))
+    return tuple(torch.empty((B, L, H, D), dtype=qkv.dtype, device=qkv.device).transpose(1, 2) for _ in range(3))
 
 
 def _fwd_triton(qkv, cos, sin):
     B, L, _, H, D = qkv.shape
-    q, k = _qk_buffers(qkv)
+    q, k, v = _qkv_buffers(qkv)
     if B * L * H == 0:
-        return q, k
-    bh, bj, nw = _cfg(H, D // 2)
+        return q, k, v
+    br, bh, bj, nw = _cfg(H, D // 2, _plan_gpu(qkv.device))
     _launch.launch(_launch.Plan(
-        "rotary_qkv.fwd", _rotary_fwd_kernel, (B * L,), (qkv, cos, sin, q, k, L, H, D // 2),
-        dict(BLOCK_H=bh, BLOCK_HALF=bj), num_warps=nw, vector_io=("ld", "st")), qkv.device)
-    return q, k
+        "rotary_qkv.fwd", _rotary_fwd_kernel, (triton.cdiv(B * L, br),), (qkv, cos, sin, q, k, v, B * L, L, H, D // 2),
+        dict(BLOCK_R=br, BLOCK_H=bh, BLOCK_HALF=bj), num_warps=nw, vector_io=("ld", "st")), qkv.device)
+    return q, k, v
 
 
 def _last_dim_contiguous(g):
@@ -155,10 +189,11 @@ def _bwd_triton(dq, dk, dv, cos, sin, dtype):
         return dqkv
     dq, dk, dv = (_last_dim_contiguous(g) for g in (dq, dk, dv))
     strides = [st for g in (dq, dk, dv) for st in g.stride()[:3]]
-    bh, bj, nw = _cfg(H, D // 2)
+    br, bh, bj, nw = _cfg(H, D // 2, _plan_gpu(dq.device))
     _launch.launch(_launch.Plan(
-        "rotary_qkv.bwd", _rotary_bwd_kernel, (B * L,), (dq, dk, dv, cos, sin, dqkv, L, H, D // 2, *strides),
-        dict(BLOCK_H=bh, BLOCK_HALF=bj), num_warps=nw, vector_io=("ld", "st")), dq.device)
+        "rotary_qkv.bwd", _rotary_bwd_kernel, (triton.cdiv(B * L, br),),
+        (dq, dk, dv, cos, sin, dqkv, B * L, L, H, D // 2, *strides),
+        dict(BLOCK_R=br, BLOCK_H=bh, BLOCK_HALF=bj), num_warps=nw, vector_io=("ld", "st")), dq.device)
     return dqkv
 
 
@@ -175,14 +210,15 @@ def _rotate_half(x):
 
 
 def _fwd_reference(qkv, cos, sin):
-    """mdlm.nn.apply_rotary_pos_emb on q and k, in the layout of the Triton path: fresh (B, L, H, D) buffers
-    returned as (B, H, L, D) views."""
+    """mdlm.nn.apply_rotary_pos_emb on q and k (v copied), in the layout of the Triton path: fresh (B, L, H, D)
+    buffers returned as (B, H, L, D) views."""
     cdt = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     c, s = _full_tables(cos, sin, qkv.dtype, cdt)
-    q, k, _ = qkv.unbind(2)                                    # (B, L, H, D)
-    out = _qk_buffers(qkv)
+    q, k, v = qkv.unbind(2)                                    # (B, L, H, D)
+    out = _qkv_buffers(qkv)
     for o, x in zip(out, (q, k)):
         o.transpose(1, 2).copy_((x.to(cdt) * c + _rotate_half(x.to(cdt)) * s).to(qkv.dtype))
+    out[2].transpose(1, 2).copy_(v)
     return out
 
 
@@ -199,17 +235,17 @@ def _triton_supported(*ts):
     return _backend.dtype_predicate(_DTYPES, *ts)
 
 
-@torch.library.custom_op("mdlm::rotary_qk", mutates_args=())
+@torch.library.custom_op("mdlm::rotary_qkv", mutates_args=())
 def _rotary_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: Optional[str] = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated q, k: (B, H, L, D) views of fresh (B, L, H, D) buffers. qkv must be contiguous."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotated q, k and copied v: (B, H, L, D) views of fresh (B, L, H, D) buffers. qkv must be contiguous."""
     name = _backend.resolve(OP, backend, qkv.device, {"triton": _triton_supported(qkv), "reference": None})
     return (_fwd_triton if name == "triton" else _fwd_reference)(qkv, cos, sin)
 
 
 @_rotary_op.register_fake
 def _(qkv, cos, sin, backend=None):
-    return _qk_buffers(qkv)  # strides (L*H*D, D, H*D, 1), as the real outputs
+    return _qkv_buffers(qkv)  # strides (L*H*D, D, H*D, 1), as the real outputs
 
 
 @torch.library.custom_op("mdlm::rotary_qkv_backward", mutates_args=())
@@ -227,47 +263,23 @@ def _(dq, dk, dv, cos, sin, dtype, backend=None):
     return dq.new_empty((B, L, 3, H, D), dtype=dtype)
 
 
-def _dqkv(grads, cos, sin, dtype, shape, backend):
-    """dqkv (B, L, 3, H, D) from (dq, dk, dv), each (B, H, L, D) or None (no gradient: zeros)."""
-    B, L, _, H, D = shape
-    g = [torch.zeros((B, H, L, D), dtype=dtype, device=cos.device) if x is None else x for x in grads]
-    return torch.ops.mdlm.rotary_qkv_backward(*g, cos, sin, dtype, backend)
-
-
 def _setup(ctx, inputs, output):
     qkv, cos, sin, backend = inputs
-    ctx.save_for_backward(cos, sin)
+    ctx.save_for_backward(cos, sin)      # only the tables: the op is linear in qkv
     ctx.dtype = qkv.dtype
     ctx.shape = qkv.shape
     ctx.backend = backend
 
 
-def _backward(ctx, dq, dk):  # the op used on its own: v is not its output, slot 2 of dqkv is zero
+def _backward(ctx, dq, dk, dv):
+    """dqkv (B, L, 3, H, D) from (dq, dk, dv), each (B, H, L, D) or None (no gradient: zeros), in one pass."""
     cos, sin = ctx.saved_tensors
-    return _dqkv((dq, dk, None), cos, sin, ctx.dtype, ctx.shape, ctx.backend), None, None, None
+    B, L, _, H, D = ctx.shape
+    g = [torch.zeros((B, H, L, D), dtype=ctx.dtype, device=cos.device) if x is None else x for x in (dq, dk, dv)]
+    return torch.ops.mdlm.rotary_qkv_backward(*g, cos, sin, ctx.dtype, ctx.backend), None, None, None
 
 
 _rotary_op.register_autograd(_backward, setup_context=_setup)
-
-
-class _RotaryQKV(torch.autograd.Function):
-    """q, k from the op and v as a view of qkv, with one backward writing dq, dk and dv into dqkv in one pass.
-
-    (Returning v from the op is not allowed, an op output may not alias an input; building the v view outside
-    would leave autograd to sum a zero-filled select backward for dv with the op's dqkv: two extra full passes.)
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin, backend):
-        q, k = torch.ops.mdlm.rotary_qk(qkv, cos, sin, backend)
-        ctx.save_for_backward(cos, sin)
-        ctx.dtype, ctx.shape, ctx.backend = qkv.dtype, qkv.shape, backend
-        return q, k, qkv[:, :, 2].transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        cos, sin = ctx.saved_tensors
-        return _dqkv((dq, dk, dv), cos, sin, ctx.dtype, ctx.shape, ctx.backend), None, None, None
 
 
 def rotary_tables(inv_freq: torch.Tensor, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,10 +316,10 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backe
     """q, k, v (each (B, H, L, D), last dim contiguous) from the packed projection qkv (B, L, 3, H, D).
 
     q and k rotated exactly as ``mdlm.nn.apply_rotary_pos_emb`` (non-interleaved halves, fp32 math, tables
-    rounded to qkv's dtype), each the ``.transpose(1, 2)`` view of a fresh (B, L, H, D) buffer; v is the view
-    ``qkv[:, :, 2].transpose(1, 2)`` of (the contiguous) qkv, no copy: it shares qkv's memory. cos/sin: (L, D/2) fp32 base tables (``rotary_tables``) or the
-    ``(1, L, 3, 1, D)`` tensors returned by ``mdlm.nn.Rotary``. D must be even. Differentiable w.r.t. qkv
-    (the tables get no gradient).
+    rounded to qkv's dtype), v equal to ``qkv[:, :, 2].transpose(1, 2)``; each is the ``.transpose(1, 2)`` view of
+    a fresh (B, L, H, D) buffer: nothing returned shares qkv's memory, so qkv can be freed once this returns.
+    cos/sin: (L, D/2) fp32 base tables (``rotary_tables``) or the ``(1, L, 3, 1, D)`` tensors returned by
+    ``mdlm.nn.Rotary``. D must be even. Differentiable w.r.t. qkv (the tables get no gradient).
     """
     if not torch.is_tensor(qkv):
         raise TypeError(f"{OP}: qkv must be a tensor, got {type(qkv).__name__}")
@@ -323,4 +335,4 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backe
     sin = _table("sin", sin, L, D // 2, qkv.device)
     if backend is not None:
         _backend.normalize(backend)
-    return _RotaryQKV.apply(qkv.contiguous(), cos, sin, backend)
+    return torch.ops.mdlm.rotary_qkv(qkv.contiguous(), cos, sin, backend)
