@@ -11,18 +11,17 @@ fused kernels compute (log-sum-exp in fp32). On CPU both are fp32 anyway.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import to_config
 import contextlib
 
-from .nn import AR, DIT, _autocast, check_token_ids
-from .step_budget import host_side
+from .config import to_config
+from .losses import Loss, SUBSLoss, subs_loss_from_hidden, subs_nelbo_masked_rows
+from .nn import AR, DIT, check_token_ids
 from .schedules import get_noise
+from .step_budget import host_side
 
 __all__ = ["MDLM", "Loss", "sample_t", "q_xt", "subs_parameterization", "d3pm_parameterization",
            "sedd_parameterization", "score_entropy", "subs_nelbo_masked_rows", "d3pm_loss", "NEG_INFINITY", "PARAMETERIZATIONS",
@@ -37,12 +36,6 @@ def _fp32_outside_blocks(x: torch.Tensor):
     """The published ``Diffusion.forward`` wraps the backbone in ``torch.cuda.amp.autocast(dtype=float32)``:
     an outer bf16 autocast does not reach the embedding and sigma_map (the blocks re-enable bf16 inside)."""
     return torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
-
-
-class Loss(NamedTuple):
-    loss: torch.Tensor        # scalar: sum of per-token NELBO over non-pad tokens / their count
-    nlls: torch.Tensor        # (B, L) per-token NELBO, zero at pad positions
-    token_mask: torch.Tensor  # (B, L) 1 for counted tokens
 
 
 def sample_t(n: int, device, sampling_eps: float = 1e-3, antithetic: bool = True,
@@ -140,113 +133,6 @@ def d3pm_loss(model_output: torch.Tensor, xt: torch.Tensor, x0: torch.Tensor, t:
     term_2 = torch.where(first, 0.0, term_2_coef * (term_2_log_nr - term_2_log_dr))
     l_vb_masked = term_1_coef * (term_1_log_nr - term_1_log_dr) + term_2
     return T * l_vb_masked * (xt == mask_index)
-
-
-def subs_nelbo_masked_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           targets: torch.Tensor, row_weights: torch.Tensor, mask_index: int) -> torch.Tensor:
-    """Per masked row, w_i * (logsumexp_{v != MASK} z_i - z_i[x0_i]) with z = hidden W^T + b, in fp32.
-
-    hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) int64 (never MASK), row_weights (N,)
-    -> (N,) fp32.
-    Identical to the published SUBS loss restricted to masked positions (unmasked ones contribute exactly
-    zero): this is the contract of the fused linear-cross-entropy kernel.
-    """
-    logits = F.linear(hidden, weight, bias).float()
-    logits = torch.cat([logits[:, :mask_index], logits[:, mask_index + 1:]], dim=-1)  # drop the MASK column
-    tgt = targets - (targets > mask_index).long()  # column index once MASK is dropped
-    return F.cross_entropy(logits, tgt, reduction="none") * row_weights
-
-
-def _safe_target(mask_index: int) -> int:
-    """A target id that is never MASK, for the padded rows of a statically sized gather (weight 0 there)."""
-    return 1 if mask_index == 0 else 0
-
-
-def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x0: torch.Tensor,
-                          xt: torch.Tensor, row_weight: torch.Tensor, mask_index: int,
-                          attention_mask: torch.Tensor | None = None, impl: str = "fused",
-                          row_bound: int | None = None) -> Loss:
-    """Continuous-time SUBS NELBO from the final hidden states (B, L, d) and the LM head (V, d) / (V,).
-
-    Only masked positions (xt == mask_index) contribute (``xt is x0``: every position does, with x0 as the
-    targets; the AR baseline uses this): w_b * CE over v != MASK at x0, with
-    w_b = row_weight[b] (B,) times attention_mask (B, L). ``impl`` "masked" runs F.linear + cross-entropy
-    on those rows, "fused" runs ``mdlm_kernels.subs_linear_cross_entropy``; both equal the published
-    (B, L, V) path. ``nlls`` (B, L) carries no gradient (logging only). The LM head runs under bf16 autocast on
-    CUDA, as published.
-
-    Gathering the masked rows: with ``row_bound=None`` the gather is sized on the host (``nonzero``: one
-    synchronisation). With ``row_bound`` = n (an upper bound on the masked count, e.g.
-    ``mdlm_kernels.masked_rows_bound``) it is sized statically: ``nonzero_static`` takes the first n masked
-    positions and pads with weight-0 rows (no host read; the loss and gradients are unchanged). If more than n
-    positions are masked, the loss and every gradient are NaN (the trainer's non-finite guard skips such a
-    step) -- never a loss over a truncated set of rows.
-    """
-    if impl not in ("masked", "fused"):
-        raise ValueError(f"unknown implementation {impl!r} for a loss from hidden states; 'masked' or 'fused'")
-    B, L, d = hidden.shape
-    if x0.shape != (B, L) or xt.shape != (B, L):
-        raise ValueError(f"x0 {tuple(x0.shape)} and xt {tuple(xt.shape)} must be (B, L) = {(B, L)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(x0, dtype=torch.float32)
-    w_all = (row_weight[:, None] * attention_mask).reshape(-1).float()
-    BL = B * L
-    overflow = None
-    if xt is x0:  # every position is a row (the AR baseline): no gather, no sync
-        idx, h, tgt, w = None, hidden.reshape(BL, d), x0.reshape(-1), w_all
-    else:
-        masked = (xt == mask_index).reshape(-1)
-        if row_bound is None:
-            idx = masked.nonzero().squeeze(1)                              # the one host sync
-            gather = idx
-        else:
-            n = min(int(row_bound), BL)
-            idx = torch.nonzero_static(masked, size=n, fill_value=BL).reshape(n)   # padded with BL
-            valid = idx < BL
-            gather = torch.where(valid, idx, 0)
-            overflow = masked.sum() > n                                    # device-side check, no read
-        h = hidden.reshape(BL, d).index_select(0, gather)
-        tgt = x0.reshape(-1).index_select(0, gather)
-        w = w_all.index_select(0, gather)
-        if row_bound is not None:
-            tgt = torch.where(valid, tgt, _safe_target(mask_index))
-            w = w * valid
-    with _autocast(h):
-        if impl == "masked":
-            rows = subs_nelbo_masked_rows(h, weight, bias, tgt, w, mask_index)
-            total, rows_log = rows.sum(), rows.detach()
-        else:
-            import mdlm_kernels as mk
-            total, rows_log = mk.subs_linear_cross_entropy(h, weight, bias, tgt, w, mask_index, validate=False)
-    if overflow is not None:   # more masked positions than the static gather holds: NaN loss and gradients
-        total = total * torch.where(overflow, float("nan"), 1.0)
-    if idx is None:
-        nlls = rows_log.view(B, L)
-    else:   # slot BL absorbs the padded rows (their row losses are 0)
-        nlls = torch.zeros(BL + 1, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log)[:BL]
-        nlls = nlls.view(B, L)
-    return Loss(loss=total / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
-
-
-class SUBSLoss(nn.Module):
-    """Drop-in SUBS loss for existing MDLM code: from the backbone's final hidden states (the LM head's
-    input), the LM head's weight/bias, x0, xt and t, the published continuous-time NELBO.
-
-    forward(hidden (B, L, d), weight (V, d), bias (V,) | None, x0 (B, L), xt (B, L), t (B,),
-            attention_mask (B, L) | None) -> Loss.   The row weight is dsigma/expm1(sigma) at t (1/t
-    for loglinear). ``impl``: "fused" (default) or "masked" (plain PyTorch on the masked rows).
-    """
-
-    def __init__(self, mask_index: int, noise="loglinear", impl: str = "fused"):
-        super().__init__()
-        self.mask_index = int(mask_index)
-        self.noise = get_noise(noise) if isinstance(noise, str) else noise
-        self.impl = impl
-
-    def forward(self, hidden, weight, bias, x0, xt, t, attention_mask=None) -> Loss:
-        sigma, dsigma = self.noise(t)
-        return subs_loss_from_hidden(hidden, weight, bias, x0, xt, dsigma / torch.expm1(sigma), self.mask_index,
-                                     attention_mask, self.impl)
 
 
 class MDLM(nn.Module):

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import to_config
+from .losses import SUBSLoss  # noqa: F401  (re-exported: the drop-in loss next to the modules)
+from .losses import autocast_bf16 as _autocast
 
 __all__ = ["LayerNorm", "Rotary", "TimestepEmbedder", "EmbeddingLayer", "DDiTBlock", "DDitFinalLayer",
            "DIT", "DDiTBlockCausal", "AR", "SUBSLoss", "modulate", "rotate_half", "apply_rotary_pos_emb",
@@ -48,11 +50,6 @@ def check_token_ids(x: torch.Tensor, vocab_size: int, name: str = "indices", ndi
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} contains token id {bad}, outside [0, {vocab_size}) "
                          f"(min {lo}, max {hi}); vocab_size is {vocab_size}")
-
-
-def _autocast(x: torch.Tensor, enabled: bool = True):
-    """bf16 autocast on CUDA tensors only (the published code uses torch.cuda.amp.autocast)."""
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=enabled and x.is_cuda)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -435,11 +432,3 @@ class AR(nn.Module):
         logits = logits.float()
         logits[:, :, self.mask_index] = self.neg_infinity
         return logits.log_softmax(-1)
-
-
-def __getattr__(name):
-    # SUBSLoss lives with the losses (mdlm.diffusion imports this module); re-exported here as a drop-in.
-    if name == "SUBSLoss":
-        from .diffusion import SUBSLoss
-        return SUBSLoss
-    raise AttributeError(f"module 'mdlm.nn' has no attribute {name!r}")
