@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,41 +27,7 @@ except ImportError:  # run from a source checkout without installing
 import mdlm_kernels as mk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import environment  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, iters=20, warmup=3):
-    """Seconds per call. On CUDA: back-to-back calls between two events (launches overlap the host work,
-    so a kernel that takes longer than its Python wrapper is measured, not the wrapper); on CPU: median."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3 / iters
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def copy_bandwidth(device, nbytes=2 ** 30):
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    t = timed(lambda: b.copy_(a), device)
-    return 2 * nbytes / t
+from common import copy_bandwidth, environment, timed  # noqa: E402
 
 
 def kernel_rows(B, L, d, H, dtype, device, iters):

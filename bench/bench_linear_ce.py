@@ -35,14 +35,9 @@ except ImportError:  # run from a source checkout without installing
 from mdlm.diffusion import subs_nelbo_masked_rows, subs_parameterization  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import environment, matmul_ceiling  # noqa: E402
+from common import environment, matmul_ceiling, sync as _sync  # noqa: E402
 
 PROVIDERS = ("reference", "masked", "masked_compiled", "fused")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_inputs(B, L, d, V, dtype, device, mask_rate, seed=0):

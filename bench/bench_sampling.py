@@ -33,8 +33,7 @@ from mdlm.diffusion import subs_parameterization  # noqa: E402
 from mdlm.sampling import sample_categorical  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_blocks import copy_bandwidth, timed  # noqa: E402
-from throughput import environment  # noqa: E402
+from common import copy_bandwidth, environment, timed  # noqa: E402
 
 
 def step_rows(B, L, V, device, iters):

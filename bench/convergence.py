@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import json
 import math
 import sys
@@ -46,34 +45,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import mdlm
-except ImportError:  # run from a source checkout without installing
-    sys.path.insert(0, str(ROOT))
-    import mdlm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, environment, sync as _sync  # noqa: E402
+
+import mdlm  # noqa: E402
+from mdlm.train import EMA  # noqa: E402
 
 PROVIDERS = ("fused", "reference")
 _IMPL = {"fused": "fused", "reference": "reference"}
 VOCAB = 50258  # GPT-2 + MASK
 CORPUS = "tinyshakespeare/input.txt"
-
-
-def _throughput_module():
-    """bench/throughput.py (its ``environment()`` and ``EMA``), loaded by path: bench/ is not a package."""
-    spec = importlib.util.spec_from_file_location("mdlm_bench_throughput", Path(__file__).resolve().parent / "throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_tp = _throughput_module()
-environment, EMA = _tp.environment, _tp.EMA  # EMA is mdlm.train.EMA
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_seed(seed: int, step: int) -> int:

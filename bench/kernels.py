@@ -17,7 +17,7 @@ Kernels: adaln_modulate, gated_residual_modulate (dropout p=0.1, as in training)
 sample_step (forward only); subs_linear_cross_entropy on N = B*L/2 masked rows (forward, and forward + backward
 w.r.t. hidden, weight and bias). Forward rows run under torch.no_grad().
 
-Figures: milliseconds per call (bench_blocks.timed: CUDA events around back-to-back calls on a GPU, the median
+Figures: milliseconds per call (common.timed: CUDA events around back-to-back calls on a GPU, the median
 on CPU). Memory-bound kernels: GB/s counting each input read once and each output written once (forward +
 backward adds the output gradients and the saved inputs read once and the input gradients written once),
 against the copy bandwidth measured in the same run. The loss: TFLOP/s of its GEMMs (1 forward, 3 with the
@@ -51,8 +51,7 @@ from mdlm.sampling import sample_categorical  # noqa: E402
 from mdlm.schedules import LogLinearNoise, loss_weight, move_chance  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_blocks import copy_bandwidth, timed  # noqa: E402
-from throughput import environment, matmul_ceiling  # noqa: E402
+from common import copy_bandwidth, environment, matmul_ceiling, timed  # noqa: E402
 
 KERNELS = ("adaln_modulate", "gated_residual_modulate", "rotary_qkv", "bias_gelu", "forward_mask",
            "subs_linear_cross_entropy", "sample_step")

@@ -41,14 +41,11 @@ bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -56,38 +53,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import mdlm
-except ImportError:  # run from a source checkout without installing
-    sys.path.insert(0, str(ROOT))
-    import mdlm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, environment, matmul_ceiling, sync as _sync  # noqa: E402
+
+import mdlm  # noqa: E402
 from mdlm.train import EMA  # the trainer's EMA: published decay warm-up, one foreach lerp
 
 PROVIDERS = ("fused", "reference", "masked", "compiled", "masked_compiled")
 _IMPL = {"fused": "fused", "reference": "reference", "masked": "masked", "compiled": "reference",
          "masked_compiled": "masked"}
 VOCAB = 50258  # GPT-2 + MASK
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_ceiling(device, dtype, n: int, reps: int = 5) -> float:
-    """Measured dense matmul rate (FLOP/s) for n x n x n in ``dtype``: the MFU denominator."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def model_flops_per_token(cfg, vocab: int, length: int) -> float:
@@ -320,34 +295,6 @@ def print_sampling(s: dict):
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         calls = "-" if r["model_calls"] is None else str(r["model_calls"])
         print(f"{r['provider']:<24} {r['seconds']:>9.3f} {r['tokens_per_s']:>11,.1f} {speed:>7} {calls:>12}")
-
-
-def environment(device) -> dict:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or None
-    except Exception:
-        rev = None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_revision": rev,
-           "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-           "device": device.type, "host": platform.node(), "cpu_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:
-            pass
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
 
 
 def parse_args(argv=None):
