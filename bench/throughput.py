@@ -198,21 +198,41 @@ def make_step(provider: str, model: mdlm.MDLM, device, bf16: bool):
 
     if provider.endswith("compiled"):
         loss_fn = torch.compile(loss_fn)
-    fused = device.type == "cuda"
+    # fused AdamW on both devices (torch has a CPU one too): the foreach one reads every step counter on the host
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                            **({"fused": True} if fused else {"foreach": True}))
+                            fused=True)
     ema = EMA(model.parameters())
 
-    def step(x0):
+    def step(x0, budget=None):
+        """One training step; ``budget`` (a StepBudget) gets its phases marked."""
+        mark = budget.phase if budget is not None else (lambda name: None)
+        mark("forward")
         loss = loss_fn(x0)
         opt.zero_grad(set_to_none=True)
+        mark("backward")
         loss.backward()
+        mark("optimizer")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         ema.update()
         return loss
 
     return step
+
+
+def step_budget(step, x0, provider: str) -> dict | None:
+    """Host reads (GPU synchronisations), dispatched ops (~kernel launches) per phase and saved-activation bytes
+    per token of one untimed step, counted at the dispatcher (mdlm_kernels.step_budget; None for the compiled
+    providers, whose compiled graphs the counting mode would re-trace)."""
+    if provider.endswith("compiled"):
+        return None
+    from mdlm_kernels.step_budget import StepBudget
+    with StepBudget() as b:
+        step(x0, b)
+    s = b.summary()
+    return {"host_reads": s["host_reads"], "host_reads_by_phase": s["host_reads_by_phase"],
+            "host_reads_by_op": s["host_reads_by_op"], "launches": s["launches"],
+            "launches_by_phase": s["launches_by_phase"], "saved_bytes_per_token": s["saved_bytes"] / x0.numel()}
 
 
 def run_provider(provider, cfg, args, device, meter: PowerMeter | None = None):
@@ -241,6 +261,7 @@ def run_provider(provider, cfg, args, device, meter: PowerMeter | None = None):
             losses.append(step(batches[i % 4]))
             _sync(device)
             times.append(time.perf_counter() - t0)
+    budget = step_budget(step, batches[0], provider)
     final_loss = losses[-1].detach().float().item()
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -253,7 +274,7 @@ def run_provider(provider, cfg, args, device, meter: PowerMeter | None = None):
     return {"provider": provider, "median_s": med, "q1_s": q[0], "q3_s": q[2], "warmup_s": warmup_s,
             "tokens_per_s": args.batch * args.length / med, "peak_mem_gib": peak,
             "peak_mem_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS",
-            "final_loss": final_loss, "steps_timed": len(times),
+            "final_loss": final_loss, "steps_timed": len(times), "step_budget": budget,
             **power.result(med, args.batch * args.length, len(times))}
 
 
@@ -263,7 +284,7 @@ def run_sampling(args, device) -> dict:
     if bench_dir not in sys.path:
         sys.path.insert(0, bench_dir)
     import bench_sampling
-    from bench_blocks import copy_bandwidth
+    from common import copy_bandwidth
 
     cuda = device.type == "cuda"
     bw = copy_bandwidth(device, 2 ** 30 if cuda else 2 ** 26)
@@ -295,6 +316,21 @@ def print_sampling(s: dict):
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         calls = "-" if r["model_calls"] is None else str(r["model_calls"])
         print(f"{r['provider']:<24} {r['seconds']:>9.3f} {r['tokens_per_s']:>11,.1f} {speed:>7} {calls:>12}")
+
+
+def print_budget(rows):
+    rows = [r for r in rows if r.get("step_budget")]
+    if not rows:
+        return
+    print("# step budget (one untimed step, counted at the dispatcher): host reads = GPU synchronisations, "
+          "ops ~ kernel launches, saved = activation bytes kept for backward per token")
+    print(f"{'provider':<16} {'host reads fwd/bwd/opt':>23} {'ops fwd/bwd/opt':>20} {'saved KiB/token':>16}")
+    for r in rows:
+        b = r["step_budget"]
+        hr, la = b["host_reads_by_phase"], b["launches_by_phase"]
+        reads = "/".join(str(hr.get(p, 0)) for p in ("forward", "backward", "optimizer"))
+        ops = "/".join(str(la.get(p, 0)) for p in ("forward", "backward", "optimizer"))
+        print(f"{r['provider']:<16} {reads:>23} {ops:>20} {b['saved_bytes_per_token'] / 1024:>16.2f}")
 
 
 def parse_args(argv=None):
@@ -379,6 +415,7 @@ def main(argv=None):
         print(f"{r['provider']:<16} {r['median_s'] * 1e3:>17.1f} {r['q1_s'] * 1e3:>6.1f}-{r['q3_s'] * 1e3:<6.1f} "
               f"{r['tokens_per_s']:>11,.0f} {speed:>7} {r['mfu'] * 100:>5.1f}% {r['peak_mem_gib']:>9.2f} "
               f"{r['final_loss']:>7.3f} {watts:>8} {mj:>9}")
+    print_budget(ok)
     if backends:
         print("# kernel backends used: " + ", ".join(f"{k}={v}" for k, v in sorted(backends.items())))
     if meter.available:
