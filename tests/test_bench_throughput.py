@@ -24,6 +24,14 @@ def test_throughput_smoke(tmp_path):
     a, b, _ = (r["final_loss"] for r in res["results"])
     assert a == pytest.approx(b, rel=1e-3)
     assert res["environment"]["torch"] and res["model_flops_per_token"] > 0
+    # the step budget: the fused provider reads nothing back (no GPU synchronisation) in the whole step, the
+    # masked one sizes its gather on the host once in the forward
+    budget = {r["provider"]: r["step_budget"] for r in res["results"]}
+    assert budget["fused"]["host_reads"] == 0, budget["fused"]["host_reads_by_op"]
+    assert budget["masked"]["host_reads_by_phase"] == {"forward": 1}
+    for b in budget.values():
+        assert all(b["launches_by_phase"][p] > 0 for p in ("forward", "backward", "optimizer"))
+        assert b["saved_bytes_per_token"] > 0
 
 
 def test_throughput_rejects_unknown_provider():
