@@ -169,7 +169,7 @@ def _rotary(c):
     gq, gk, gv = (c.rnd(B, H, L, D) for _ in range(3))
     bwd = {k: _grad_fn(f, [qkv], [gq, gk, gv]) for k, f in fwd.items()}
     tables = L * D * 4                                                      # cos and sin halves, fp32
-    fb = 2 * n * es + tables + 2 * n * es                                   # q, k of qkv -> q, k (v: a view)
+    fb = 3 * n * es + tables + 3 * n * es                                   # qkv -> q, k, v (fresh buffers)
     bb = 3 * n * es + tables + 3 * n * es                                   # dq, dk, dv -> dqkv
     return Case("rotary_qkv", "rotary_qkv", fwd, fb, bwd, fb + bb)
 
