@@ -132,3 +132,33 @@ def test_recording_captures_the_plans_without_launching():
         assert kb.unavailable_reason("triton", "meta") is None
         assert launch.gpu_of("meta") == launch.A100
     assert launch.gpu_of("meta") is None
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_the_runtime_compiles_what_the_check_compiled():
+    """The instrument against the real thing: launch each recorded plan (small shapes) with CUDA tensors of the
+    same shapes, strides and dtypes, and compare the register count the runtime's compiled kernel reports with
+    the AOT compile + ptxas of the same plan for this GPU's arch."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("kernels defined in interpreter mode")
+    dev = torch.device("cuda")
+    cap = torch.cuda.get_device_capability(dev)
+    arch = 10 * cap[0] + cap[1]
+    if arch not in cc.ARCHS:
+        pytest.skip(f"the check compiles for {cc.ARCHS}, this GPU is sm_{arch}")
+    plans = cc.step_plans("bf16", launch.gpu_of(dev), shape=dict(B=2, L=128, d=768, H=12, V=50258))
+    seen = set()
+    for plan in plans:
+        key = cc.plan_key(plan, arch)
+        if key in seen:
+            continue
+        seen.add(key)
+        real = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=dev).zero_() if torch.is_tensor(a)
+                else a for a in plan.args]
+        compiled = plan.kernel[plan.grid](*real, **plan.constexprs, **plan.options())
+        torch.cuda.synchronize(dev)
+        compiled._init_handles()
+        res = cc.compile_plan(plan, arch)
+        assert res["error"] is None, res["error"]
+        assert compiled.n_regs == res["registers"], (plan.name, compiled.n_regs, res["registers"])
+        assert compiled.n_spills == 0 and res["spill_stores"] == 0, plan.name
