@@ -153,8 +153,9 @@ def test_on_a_gpu_the_runtime_compiles_what_the_check_compiled():
         if key in seen:
             continue
         seen.add(key)
-        real = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=dev).zero_() if torch.is_tensor(a)
-                else a for a in plan.args]
+        # same shape, strides, dtype and storage offset (so the same 16-byte alignment specialisation)
+        real = [torch.zeros(a.untyped_storage().nbytes() // a.element_size(), dtype=a.dtype, device=dev)
+                .as_strided(a.shape, a.stride(), a.storage_offset()) if torch.is_tensor(a) else a for a in plan.args]
         compiled = plan.kernel[plan.grid](*real, **plan.constexprs, **plan.options())
         torch.cuda.synchronize(dev)
         compiled._init_handles()
