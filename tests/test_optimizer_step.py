@@ -340,3 +340,69 @@ def test_train_step_reads_the_host_once_after_the_optimizer_and_ema_are_enqueued
         assert op in issued, (op, issued)
     assert not any(n.startswith("aten._fused_adamw_") or "lerp" in n for n in opt_events[read_at + 1:])
     assert not any("_foreach_mul_" in n for n in opt_events), "the clip is folded into AdamW's grad_scale"
+
+
+# ------------------------------------------------------------------------------------- on a GPU (owed here)
+@pytest.mark.cuda
+def test_device_step_on_cuda_never_synchronises_and_matches_the_cpu_step():
+    """On CUDA the whole step (norm, decision, fused AdamW with grad_scale / found_inf, step counters, EMA) is
+    enqueued with torch's sync debug mode set to raise; a skipped step leaves the CUDA state bit for bit; the
+    result agrees with the CPU fused kernels within PARAM_ATOL (the same formula: pow and FMA contraction
+    differ between the two builds, a few ulp of the update per step)."""
+    dev = torch.device("cuda")
+    pc = _params()
+    pg = [torch.nn.Parameter(p.detach().to(dev)) for p in _params()]
+    oc, og = DeviceAdamW(pc, lr=LR), DeviceAdamW(pg, lr=LR)
+    ec, eg = EMA(pc, 0.9999), EMA(pg, 0.9999)
+    for s, loss in enumerate([1.0, 1.0, float("nan"), 1.0, 1.0]):
+        grads = _grads(s, 10.0)
+        _device_step(pc, oc, ec, grads, 1.0, loss=loss)
+        for p, g in zip(pg, grads):
+            p.grad = g.to(dev)
+        loss_t = torch.full((), loss, dtype=torch.float64, device=dev)
+        before = [t.detach().clone() for t in pg + eg.shadow]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            norm = global_grad_norm(pg)
+            found_inf = optimizer_step_on_device(og, eg, norm, torch.stack([loss_t, norm]), 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        skipped = found_inf.item() == 1.0
+        assert skipped == (loss != loss)
+        if skipped:
+            assert all(torch.equal(a, b) for a, b in zip(pg + eg.shadow, before))
+        else:
+            eg.num_updates += 1
+    assert all(og.state[p]["step"].item() == 4 for p in pg)
+    for a, b in zip(pc + ec.shadow, pg + eg.shadow):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=2.0 ** -21, atol=PARAM_ATOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("nan", [False, True])
+def test_trainer_optimizer_phase_on_cuda_never_synchronises_before_its_read(tmp_path, nan):
+    t = _tiny_trainer(tmp_path / str(nan))
+    assert t.device.type == "cuda"
+    t.train_step()
+    real = t._optimizer_step
+
+    def guarded(loss_sum):       # everything after the last backward up to the read must not synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(loss_sum)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    t._optimizer_step = guarded
+    if nan:
+        real_loss = t.model.loss
+
+        def nan_loss(*a, **k):
+            out = real_loss(*a, **k)
+            return out._replace(loss=out.loss * float("nan"))
+
+        t.model.loss = nan_loss
+    rec = t.train_step()
+    assert ("skipped" in rec) == nan and t.state.optimizer_steps == 1 + (not nan)
