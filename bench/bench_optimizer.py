@@ -127,10 +127,12 @@ def count_step(step, device) -> dict:
     if device.type == "cuda":
         try:
             from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 step()
-            out["cuda_kernels_and_copies"] = sum(1 for e in prof.events()
-                                                 if e.device_type == torch.autograd.DeviceType.CUDA)
+            n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            out["cuda_kernels_and_copies"] = n or None
+            if not n:
+                out["profiler_error"] = "the profiler saw no device events (CUPTI unavailable?)"
         except Exception as e:  # no CUPTI: say so
             out["cuda_kernels_and_copies"] = None
             out["profiler_error"] = f"{type(e).__name__}: {e}"[:300]
