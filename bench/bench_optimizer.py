@@ -21,7 +21,10 @@ shadow, p and writes shadow); GB/s = those bytes / time, and the time floor = th
 measured in the same run. ``passes`` is the number of 4-byte-per-parameter passes each variant's kernels make
 (a prediction from the kernels' source, not a measurement). Launches: dispatched ops per step counted by
 ``mdlm.step_budget.StepBudget`` (a foreach op counts once), and on CUDA the device kernels and copies seen
-by torch.profiler. Writes JSON under bench/results/.
+by torch.profiler. ``max_abs_diff_vs_reference``: parameters and EMA after the run vs ``published_fused``, a
+sanity check; most of it is the published clip's fp32 norm (~1e-4 relative summation error on the 6-38M-element
+embedding / LM-head gradients) against the trainers' fp64 norm, not the trainer's folded clip (<= 1 ulp of the
+gradient, tests/test_optimizer_step.py). Writes JSON under bench/results/.
 """
 from __future__ import annotations
 
