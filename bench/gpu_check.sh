@@ -63,6 +63,9 @@ bench 200 "$OUT/bench_linear_ce.txt" python bench/bench_linear_ce.py --out "$OUT
 step "block kernels vs copy bandwidth; DiT small fwd+bwd: kernels / reference / torch.compile (B=64, L=1024, bf16)"
 bench 200 "$OUT/bench_blocks.txt" python bench/bench_blocks.py --iters 10 --out "$OUT"
 
+step "optimizer step alone: published clip + AdamW foreach/fused + EMA loop vs the trainer's device step (DiT small, 169.6M fp32 parameters)"
+bench 90 "$OUT/bench_optimizer.txt" python bench/bench_optimizer.py --iters 20 --out "$OUT"
+
 step "kernels: fused / reference / torch.compile of the spec, fwd and fwd+bwd, vs copy and matmul ceilings (B=8, L=1024, bf16)"
 bench 200 "$OUT/kernels.txt" python bench/kernels.py --out "$OUT"
 

@@ -22,8 +22,15 @@ the run with an error naming the step, without writing a checkpoint.
 Distributed: under ``torchrun`` the strategy is DDP (``trainer.strategy=ddp``) or FSDP2 ``fully_shard``
 (``trainer.strategy=fsdp``), NCCL on GPUs and gloo on CPUs. Rank 0 writes logs and checkpoints.
 
-Host syncs: one per optimizer step (the non-finite check reads the loss and gradient norm; the loss
-logged comes from the same read). The fused loss adds one per micro-batch (sizing the masked-row gather).
+Optimizer step on the device (``optimizer_step_on_device``): after the last backward, the global gradient
+norm (fp64), the clip factor, the non-finite guard, AdamW (``DeviceAdamW``: torch's fused kernel, the clip
+folded into its ``grad_scale``, the skip into its ``found_inf``) and the EMA update are all enqueued without
+the host knowing whether the step is skipped; the host then reads (loss, grad norm, stop) ONCE, after
+everything of the step has been enqueued, for logging, the non-finite counters, the stop agreement across
+ranks, the applied-step count and the LR of the next step.
+
+Host syncs: one per optimizer step (that read). The fused loss adds one per micro-batch (sizing the
+masked-row gather).
 """
 from __future__ import annotations
 
@@ -45,7 +52,8 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, list_training_checkpoints, load_training_checkpoint, save_training_checkpoint
 from .config import Config, apply_overrides, preset
 
-__all__ = ["Trainer", "EMA", "NonFiniteError", "lr_factor", "micro_seed", "main"]
+__all__ = ["Trainer", "EMA", "DeviceAdamW", "NonFiniteError", "global_grad_norm", "clip_scale",
+           "optimizer_step_on_device", "lr_factor", "micro_seed", "main"]
 
 _MASK62 = (1 << 62) - 1
 
@@ -89,7 +97,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class EMA:
     """Published EMA of the parameters: decay min(decay, (1+n)/(10+n)) after the n-th update, as one
     fused ``torch._foreach_lerp_`` over all tensors (shadow += (1-decay) (param - shadow)). Under FSDP2
-    the shadow is sharded like the parameters (DTensor) and updated shard-locally."""
+    the shadow is sharded like the parameters (DTensor) and updated shard-locally.
+
+    ``update()`` applies an update the host knows about. ``update(found_inf=f)`` (a 0-dim float32 tensor on
+    the parameters' device, 1.0 when the optimizer step was skipped, else 0.0) issues the update without the
+    host knowing: the lerp weight is (1 - f) (1 - decay), computed on the device, so a skipped step lerps by 0
+    (shadow + 0 * (param - shadow): every value unchanged; only a shadow entry of -0.0 may become +0.0). The
+    caller adds 1 to ``num_updates`` once it has read that the step was applied (n counts applied updates).
+
+    Memory traffic: one pass reading shadow and param and writing shadow (3 x 4 bytes per parameter). The
+    tensor-weight form is ``_foreach_lerp_.List`` with the same 0-dim weight for every tensor: on CUDA that
+    is torch's per-tensor slow path (one ``lerp_`` kernel per parameter tensor, same bytes) since no foreach
+    lerp overload takes a device scalar; the alternative with fast-path foreach ops (sub, mul by the tensor,
+    add) would move 8 x 4 bytes per parameter instead of 3 x 4."""
 
     def __init__(self, params, decay: float = 0.9999):
         self.params = [p for p in params if p.requires_grad]
@@ -97,11 +117,24 @@ class EMA:
         self.num_updates = 0
         self.shadow = [p.detach().clone() for p in self.params]
 
+    def next_weight(self) -> float:
+        """1 - decay of the next applied update (the published warm-up (1+n)/(10+n), n = num_updates + 1)."""
+        n = self.num_updates + 1
+        return 1.0 - min(self.decay, (1 + n) / (10 + n))
+
     @torch.no_grad()
-    def update(self) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p) for p in self.params], 1.0 - d)
+    def update(self, found_inf: torch.Tensor | None = None) -> None:
+        shadow, live = [_local(s) for s in self.shadow], [_local(p) for p in self.params]
+        if found_inf is None:
+            w = self.next_weight()
+            self.num_updates += 1
+            torch._foreach_lerp_(shadow, live, w)
+            return
+        # (1-d) - (1-d) * f in one op: f in {0, 1} gives exactly fp32(1-d) or +0 (the value the scalar
+        # overload would use, fp32(1-d), when applied)
+        w = self.next_weight()
+        weight = torch.rsub(found_inf, w, alpha=w)
+        torch._foreach_lerp_(shadow, live, [weight] * len(shadow))
 
     @contextlib.contextmanager
     def averaged(self):
@@ -122,6 +155,150 @@ class EMA:
                 p.detach().copy_(v)
         else:
             torch._foreach_copy_([p.detach() for p in self.params], list(values))
+
+
+class DeviceAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` (decoupled weight decay, no amsgrad) on torch's fused kernel, with the gradient
+    clip and the non-finite guard handed in as device tensors, so that no host read has to precede it.
+
+    ``step(grad_scale=s, found_inf=f)``, both 0-dim float32 tensors on the parameters' device:
+
+    1. ``torch._fused_adamw_`` (one launch per device and dtype on CUDA, multi-tensor-apply) reads p, g, m, v
+       and writes p, m, v; with ``grad_scale`` it uses g / s as the gradient (one IEEE fp32 division,
+       correctly rounded on CPU and CUDA) and also writes g / s back into ``.grad`` (GradScaler's contract:
+       one more write of g). With ``found_inf == 1.0`` it returns before touching anything (CPU: checked
+       once before the loop; CUDA: checked by every block on the device).
+    2. The step counters advance by 1 - f (one foreach add of a device scalar), so a skipped step leaves
+       them as they were, as torch's GradScaler path does (it adds 1, then subtracts f).
+
+    Without the tensors it is plain fused AdamW. The optimizer state is torch.optim.AdamW's (``step``,
+    ``exp_avg``, ``exp_avg_sq`` per parameter; ``step`` a float32 tensor on the parameter's device), so
+    checkpoints written with ``foreach`` or ``fused`` AdamW load into it and the other way round:
+    ``load_state_dict`` puts the flags and the ``step`` tensors into this form. Under FSDP2 the kernel runs on
+    the local shards of parameters, gradients and state (DTensors), as the EMA does."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
+                raise ValueError("DeviceAdamW: optimizer state with amsgrad / maximize / differentiable set cannot "
+                                 "be resumed (the trainer's AdamW uses none of them)")
+            # the saved flags (e.g. foreach=True from a CPU run of the earlier trainer) are not how this
+            # optimizer steps: state them as they are
+            group.update(fused=True, foreach=False, capturable=False)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st:
+                    stp = st["step"]
+                    stp = stp if torch.is_tensor(stp) else torch.tensor(float(stp))
+                    st["step"] = stp.to(dtype=torch.float32, device=_local(p).device)
+
+    def _state(self, p: torch.Tensor) -> dict:
+        st = self.state[p]
+        if len(st) == 0:        # torch.optim.AdamW's lazy initialisation (fused: step on the device)
+            st["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None):
+        if closure is not None:
+            raise ValueError("DeviceAdamW.step takes no closure")
+        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if t is not None and (t.dtype != torch.float32 or t.dim() != 0):
+                raise ValueError(f"DeviceAdamW.step: {name} must be a 0-dim float32 tensor, got {t.dtype} {tuple(t.shape)}")
+        advance = 1.0 if found_inf is None else torch.rsub(found_inf, 1.0)   # 1 - f
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"]:
+                raise ValueError("DeviceAdamW supports neither amsgrad nor maximize")
+            beta1, beta2 = group["betas"]
+            by_kind: dict = {}   # (device, dtype) -> (params, grads, exp_avgs, exp_avg_sqs, steps), local tensors
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("DeviceAdamW does not support sparse gradients")
+                st = self._state(p)
+                lp = _local(p)
+                lists = by_kind.setdefault((lp.device, lp.dtype), ([], [], [], [], []))
+                for lst, t in zip(lists, (lp, _local(p.grad), _local(st["exp_avg"]), _local(st["exp_avg_sq"]),
+                                          st["step"])):
+                    lst.append(t)
+            for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
+                if found_inf is None:
+                    torch._foreach_add_(steps, 1.0)
+                else:   # the .Tensor overload by name: torch._foreach_add_(list, tensor) would bind the 0-dim
+                        # tensor as a Scalar, i.e. read it on the host
+                    torch.ops.aten._foreach_add_.Tensor(steps, advance)
+                torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"],
+                                    beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                                    eps=float(group["eps"]), amsgrad=False, maximize=False,
+                                    grad_scale=grad_scale, found_inf=found_inf)
+        return None
+
+
+@torch.no_grad()
+def global_grad_norm(params, all_reduce=None) -> torch.Tensor:
+    """The global gradient 2-norm of ``params`` (those with a ``.grad``) as a 0-dim fp64 tensor on their device.
+
+    Per-tensor norms accumulate in fp64: an fp32 norm of a 38M-element LM-head gradient carries ~1e-4
+    relative summation error that depends on how the tensor is split, so FSDP shards, DDP replicas and
+    one process would clip by different factors. Under FSDP2 each rank holds disjoint gradient shards:
+    ``all_reduce`` (e.g. ``torch.distributed.all_reduce``) sums their squared norms over ranks (one number).
+    One read pass over the gradients (4 bytes per parameter); no host read."""
+    local = [_local(p.grad) for p in params if p.grad is not None]
+    if not local:
+        dev = next((_local(p).device for p in params), torch.device("cpu"))
+        return torch.zeros((), dtype=torch.float64, device=dev)
+    sq = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float64)).square().sum()
+    if all_reduce is not None:
+        all_reduce(sq)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def clip_scale(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The divisor that clips the gradient 2-norm to ``max_norm``: max(1, (norm + 1e-6) / max_norm), computed in
+    fp64 and rounded to fp32 (0-dim, on the norm's device), for ``DeviceAdamW.step(grad_scale=...)``.
+    ``max_norm <= 0`` turns clipping off (divisor 1). A non-finite norm gives a non-finite divisor, which no
+    kernel uses: that step is skipped.
+
+    Rounding vs the published multiply g * c with c = fp32(min(1, max_norm / (norm + 1e-6))): the kernel
+    computes fp32(g / s) with s = fp32(1 / c_exact). Each is g c_exact times (1 + e1)(1 + e2) with |e| <= 2^-24
+    (one rounding of the factor, one of the product or quotient), so the two clipped gradients differ by at
+    most ~2^-22 relative (a few ulp, mostly 0 or 1) when the clip is active, and are bitwise equal when it is
+    not (s = c = 1). tests/test_train.py measures it."""
+    if max_norm <= 0:
+        return torch.ones((), dtype=torch.float32, device=grad_norm.device)
+    return grad_norm.add(1e-6).div_(float(max_norm)).clamp_(min=1.0).float()
+
+
+@torch.no_grad()
+def optimizer_step_on_device(optimizer: DeviceAdamW, ema: EMA | None, grad_norm: torch.Tensor,
+                             checked: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Clip + AdamW + EMA of one optimizer step, enqueued without a host read.
+
+    ``grad_norm``: the global gradient norm (0-dim fp64, from ``global_grad_norm``); ``checked``: the values
+    whose non-finiteness skips the step (the loss and the gradient norm, as every rank will read them);
+    ``max_norm``: the clip threshold. Returns ``found_inf`` (0-dim float32: 1.0 = skipped).
+
+    Decided on the device: found_inf = any(not isfinite(checked)); s = clip_scale(grad_norm). Then
+    ``optimizer.step(grad_scale=s, found_inf=found_inf)`` (fused AdamW on g / s, nothing touched when
+    skipped, step counters advance by 1 - found_inf) and ``ema.update(found_inf=found_inf)`` (lerp weight 0
+    when skipped). Passes over the parameters: AdamW reads p, g, m, v and writes p, g, m, v; the EMA reads
+    shadow, p and writes shadow: 11 x 4 bytes per parameter, plus the norm's read of g (by the caller)."""
+    # non-finite anywhere <=> NaN in sum(checked * 0) (inf * 0 = NaN, NaN * 0 = NaN, finite * 0 = +-0), and
+    # nan_to_num maps that NaN to exactly 1.0 (what the kernels compare with): three small kernels
+    # (torch.isfinite(checked).all().float() would be seven: isfinite is abs, ne, eq, mul)
+    found_inf = checked.mul(0.0).sum(dtype=torch.float32).nan_to_num_(nan=1.0)
+    optimizer.step(grad_scale=clip_scale(grad_norm, max_norm), found_inf=found_inf)
+    if ema is not None:
+        ema.update(found_inf=found_inf)
+    return found_inf
 
 
 class _LossModule(nn.Module):
@@ -272,9 +449,9 @@ class Trainer:
         self.loss_module = self._wrap(_LossModule(self.model))
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(params, lr=float(o.lr), betas=(float(o.beta1), float(o.beta2)),
-                                           eps=float(o.eps), weight_decay=float(o.weight_decay), **kw)
+        # fused AdamW on every device (CPU too): the kernel the GPU runs is the one the CPU tests run
+        self.optimizer = DeviceAdamW(params, lr=float(o.lr), betas=(float(o.beta1), float(o.beta2)),
+                                     eps=float(o.eps), weight_decay=float(o.weight_decay))
         lr_factor(cfg, 0)  # validates the schedule type
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg, s))
         self.ema = EMA(params, float(cfg.training.ema)) if float(cfg.training.ema) > 0 else None
@@ -521,31 +698,23 @@ class Trainer:
                     loss, _ = self.forward(x0, mask, seed)
                 (loss / self.accum).backward()
             loss_sum += loss.detach().float() / self.accum
-        grad_norm = self._clip_grad_norm(float(self.cfg.trainer.grad_clip))
-        stop = 1.0 if self._stop_signal is not None else 0.0
-        flags = torch.stack([loss_sum.double(), grad_norm.double(), torch.tensor(stop, dtype=torch.float64,
-                                                                                  device=loss_sum.device)])
-        if self.world_size > 1:
-            import torch.distributed as dist
-            dist.all_reduce(flags)            # NaN anywhere -> NaN everywhere: all ranks decide alike
-            flags /= self.world_size          # loss: mean over processes (= over the global batch); the
-                                              # gradient norm is the same on every rank (synced gradients)
-        loss_v, gnorm_v, stop_v = flags.tolist()   # the step's one host sync
+        flags = self._optimizer_step(loss_sum)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_v, gnorm_v, stop_v = flags.tolist()   # the step's one host read: everything above is enqueued
         # a signal seen by any rank stops every rank after this same step (no rank left in a collective)
         self._stop_agreed = stop_v > 0
+        # the decision the device took from the same values (optimizer_step_on_device)
         finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
         lr = self.optimizer.param_groups[0]["lr"]
         if finite:
-            self.optimizer.step()
-            self.scheduler.step()
+            self.scheduler.step()             # the LR of the next step follows the applied updates
             if self.ema is not None:
-                self.ema.update()
+                self.ema.num_updates += 1
             self.state.optimizer_steps += 1
             self.state.nonfinite_run = 0
         else:
             self.state.nonfinite_total += 1
             self.state.nonfinite_run += 1
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += int(self.cfg.loader.global_batch_size) * int(self.train_data.length)
         rec = {"step": self.state.step, "loss": loss_v, "grad_norm": gnorm_v, "lr": lr, "tokens": self.state.tokens}
@@ -562,24 +731,29 @@ class Trainer:
         return rec
 
     @torch.no_grad()
-    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the global gradient 2-norm to ``max_norm``; returns the norm before clipping (fp64 tensor).
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Clip, AdamW and EMA of this step, enqueued without a host read (``optimizer_step_on_device``).
+        Returns the flags the host reads once: (loss, gradient norm, stop) as an fp64 tensor, all-reduced over
+        processes (NaN anywhere -> NaN everywhere, so every rank skips alike; loss and norm averaged).
 
-        Per-tensor norms accumulate in fp64: an fp32 norm of a 38M-element LM-head gradient carries ~1e-4
-        relative summation error that depends on how the tensor is split, so FSDP shards, DDP replicas and
-        one process would clip by different factors. Under FSDP2 each rank holds disjoint gradient shards:
-        their squared norms are summed over ranks (one all-reduce of one number)."""
-        local = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
-        if not local:
-            return torch.zeros((), dtype=torch.float64, device=self.device)
-        sq = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float64)).square().sum()
+        The clip uses the process's own norm (``global_grad_norm``: fp64, summed over FSDP shards), the same
+        on every rank; the skip uses the all-reduced flags, so all ranks skip or apply together."""
+        sq_reduce = None
         if self.strategy == "fsdp":
             import torch.distributed as dist
-            dist.all_reduce(sq)
-        norm = sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
-        torch._foreach_mul_(local, coef)
-        return norm
+            sq_reduce = dist.all_reduce
+        norm = global_grad_norm(list(self.model.parameters()), all_reduce=sq_reduce)
+        # torch.full, not torch.tensor: a host-to-device copy of a pageable constant would synchronise
+        stop = torch.full((), 1.0 if self._stop_signal is not None else 0.0, dtype=torch.float64,
+                          device=norm.device)
+        flags = torch.stack([loss_sum.double(), norm, stop])
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(flags)            # NaN anywhere -> NaN everywhere: all ranks decide alike
+            flags /= self.world_size          # loss: mean over processes (= over the global batch); the
+                                              # gradient norm is the same on every rank (synced gradients)
+        optimizer_step_on_device(self.optimizer, self.ema, norm, flags[:2], float(self.cfg.trainer.grad_clip))
+        return flags
 
     @torch.no_grad()
     def validate(self) -> dict:

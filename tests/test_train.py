@@ -235,6 +235,75 @@ def test_nonfinite_gradient_detected(tmp_path):
     assert rec["skipped"] == "non-finite gradient" and t.state.optimizer_steps == 0
 
 
+def _opt_snapshot(t):
+    """Everything a skipped step must leave as it was: weights, AdamW state (moments and step counters), EMA
+    shadow and count, the LR schedule."""
+    st = [(v["exp_avg"].clone(), v["exp_avg_sq"].clone(), v["step"].clone()) for v in t.optimizer.state.values()]
+    return {"params": [p.detach().clone() for p in t.model.parameters()], "state": st,
+            "shadow": [s.clone() for s in t.ema.shadow], "ema_n": t.ema.num_updates,
+            "lr": t.optimizer.param_groups[0]["lr"], "sched": t.scheduler.last_epoch}
+
+
+def _bitwise(a, b):
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def test_a_skipped_step_leaves_weights_optimizer_state_step_counts_ema_and_lr_untouched(tmp_path):
+    t = _trainer(_cfg(tmp_path / "s", **{"trainer.max_steps": 4, "trainer.save_every": 0}))
+    ref = _trainer(_cfg(tmp_path / "r", **{"trainer.max_steps": 4, "trainer.save_every": 0}))
+    for _ in range(2):
+        t.train_step()
+        ref.train_step()
+    before = _opt_snapshot(t)
+    real_loss = t.model.loss
+
+    def nan_loss(*a, **k):
+        out = real_loss(*a, **k)
+        return out._replace(loss=out.loss * float("nan"))
+
+    t.model.loss = nan_loss
+    rec = t.train_step()
+    t.model.loss = real_loss
+    after = _opt_snapshot(t)
+    assert rec["skipped"] == "non-finite loss" and t.state.optimizer_steps == 2
+    assert all(_bitwise(a, b) for a, b in zip(after["params"], before["params"]))
+    for now, was in zip(after["state"], before["state"]):
+        assert all(_bitwise(a, b) for a, b in zip(now, was))
+    assert all(v[2].item() == 2 for v in after["state"])                 # step counters: 2 applied updates
+    assert all(torch.equal(a, b) for a, b in zip(after["shadow"], before["shadow"]))
+    assert (after["ema_n"], after["lr"], after["sched"]) == (before["ema_n"], before["lr"], before["sched"])
+    # the next good step is the reference's third step: same bias corrections, EMA decay and LR (the data
+    # position moved on by one step, so the reference skips those micro-batches too)
+    ref.sampler.next(), ref.sampler.next()
+    t.train_step()
+    ref.train_step()
+    for a, b in zip(list(t.model.parameters()) + t.ema.shadow, list(ref.model.parameters()) + ref.ema.shadow):
+        assert _bitwise(a.detach(), b.detach())
+
+
+def test_checkpoint_with_the_earlier_foreach_optimizer_state_resumes(tmp_path):
+    """The earlier trainer ran torch.optim.AdamW(foreach=True) on CPU: its checkpoints hold that optimizer's
+    state dict (flags foreach=True, fused=None). They resume: same moments and step counters, fused stepping."""
+    run = tmp_path / "run"
+    _trainer(_cfg(run, **{"trainer.max_steps": 2})).fit()
+    obj, _ = load_training_checkpoint(run / "checkpoints")
+    for g in obj["optimizer"]["param_groups"]:
+        g.update(foreach=True, fused=None)
+    for v in obj["optimizer"]["state"].values():
+        v["step"] = torch.tensor(float(v["step"]))       # a host tensor, as foreach AdamW keeps it
+    save_training_checkpoint(run / "checkpoints", obj, 3)
+    t = _trainer(_cfg(run, **{"trainer.max_steps": 4}))
+    assert t.state.step == 2
+    g0 = t.optimizer.param_groups[0]
+    assert g0["fused"] is True and g0["foreach"] is False
+    saved = list(obj["optimizer"]["state"].values())
+    for v, w in zip(t.optimizer.state.values(), saved):
+        assert torch.equal(v["exp_avg"], w["exp_avg"]) and v["step"].dtype == torch.float32 and v["step"].item() == 2
+    rec = t.train_step()
+    assert "skipped" not in rec and t.state.optimizer_steps == 3
+    assert all(v["step"].item() == 3 for v in t.optimizer.state.values())
+
+
 # ------------------------------------------------------------------------------ subprocess: CLI, kill
 def _shipped_corpus():
     d = mdlm.data.data_dir(required=False)
