@@ -37,19 +37,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import mdlm
-except ImportError:  # run from a source checkout without installing
-    sys.path.insert(0, str(ROOT))
-    import mdlm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, copy_bandwidth, environment, sync as _sync  # noqa: E402
+
+import mdlm  # noqa: E402
 from mdlm.config import apply_overrides  # noqa: E402
 from mdlm.step_budget import StepBudget  # noqa: E402
 from mdlm.train import EMA, DeviceAdamW, global_grad_norm, optimizer_step_on_device  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_blocks import copy_bandwidth  # noqa: E402
-from throughput import environment  # noqa: E402
 
 VARIANTS = ("published_foreach", "published_fused", "trainer_before", "trainer")
 MUST_MOVE_PASSES = 11
@@ -59,11 +53,6 @@ MUST_MOVE_PASSES = 11
 # sub_ 3); one lerp 3
 PASSES = {"published_foreach": 1 + 2 + 18 + 8, "published_fused": 1 + 2 + 7 + 8,
           "trainer_before": {"cuda": 1 + 2 + 7 + 3, "cpu": 1 + 2 + 18 + 3}, "trainer": 1 + 8 + 3}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_variant(name: str, shapes, masters, grads, device, max_norm: float = 1.0, lr: float = 3e-4):

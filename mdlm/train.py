@@ -687,6 +687,8 @@ class Trainer:
             g = self.sampler.global_index
             idx = self.sampler.next()
             x0, mask = self.train_data.get(idx)
+            if self.device.type == "cuda":   # pageable memory would make the copy wait for the stream: pin it
+                x0, mask = x0.pin_memory(), mask.pin_memory()
             x0 = x0.to(self.device, non_blocking=True)
             mask = mask.to(self.device, non_blocking=True)
             seed = micro_seed(int(self.cfg.seed), g)

@@ -5,7 +5,9 @@ everything run inside it, on any device (CPU counts stand for what the same code
 
 - ``host_reads``: operations that copy device data to the host and therefore synchronise a GPU stream with
   the CPU: scalar reads (``.item()``, ``float(t)``, ``bool(t)``, ``if t:``), data-sized ``nonzero`` /
-  ``masked_select`` / ``unique``, and ``Tensor.tolist``;
+  ``masked_select`` / ``unique``, and ``Tensor.tolist``; plus copies from pageable (unpinned) host memory to
+  a device, which wait for the stream too (counted as "copy from pageable host memory": visible on a GPU
+  only, since a CPU run has no device);
 - ``launches``: dispatched operations that do work on the device (views, allocations and metadata ops
   excluded; a fused ``mdlm::`` op counts once even if it launches a few kernels): a proxy for kernel launches;
 - ``saved_bytes``: bytes of the distinct storages autograd saved for backward while the context was open
@@ -56,6 +58,25 @@ def _is_host_read(name: str) -> bool:
     return name.startswith(_READ_PREFIXES) and not name.startswith("aten.nonzero_static")
 
 
+def _pageable_upload(name: str, args, kwargs) -> bool:
+    """A copy from unpinned CPU memory to a non-CPU device (synchronous with respect to the stream)."""
+    if name == "aten._to_copy.default":
+        src, dst_dev = args[0], kwargs.get("device")
+    elif name == "aten.copy_.default":
+        dst, src = args[0], args[1]
+        dst_dev = dst.device if torch.is_tensor(dst) else None
+    else:
+        return False
+    if not torch.is_tensor(src) or dst_dev is None or src.device.type != "cpu":
+        return False
+    if torch.device(dst_dev).type in ("cpu", "meta"):
+        return False
+    try:
+        return not src.is_pinned()
+    except Exception:
+        return True
+
+
 class StepBudget(TorchDispatchMode):
     """Counts host reads, device launches and saved-activation bytes of the code run inside it (see module)."""
 
@@ -95,6 +116,10 @@ class StepBudget(TorchDispatchMode):
         name = str(func)
         if _HOST_SIDE.get():
             pass
+        elif _pageable_upload(name, args, kwargs or {}):
+            self.reads[self._phase] += 1
+            self.read_ops["copy from pageable host memory"] += 1
+            self.work[self._phase] += 1
         elif _is_host_read(name):
             self.reads[self._phase] += 1
             self.read_ops[name] += 1

@@ -151,3 +151,38 @@ def test_counter_counts_every_kind_of_host_read():
         t.view(2, 3).t().contiguous()         # a view, then one copy
     assert b.host_reads == 5, b.read_ops
     assert b.launches >= 2
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+def test_trainer_step_reads_the_host_once_and_only_after_the_optimizer(tmp_path):
+    """A whole training step of the trainer (fused loss, fused block path, gradient accumulation 2): 0 host
+    reads in the forward and backward of both micro-batches, exactly 1 (the flags) in the optimizer phase."""
+    from mdlm.train import Trainer
+    cfg = mdlm.preset("tiny", **{"model.hidden_size": 32, "model.n_blocks": 2, "model.n_heads": 2,
+                                 "model.cond_dim": 16, "model.length": 32, "loader.global_batch_size": 4,
+                                 "loader.batch_size": 2, "trainer.max_steps": 3, "trainer.val_every": 0,
+                                 "trainer.save_every": 0, "trainer.num_samples": 0, "trainer.progress": False,
+                                 "trainer.out_dir": str(tmp_path / "run")})
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.randint(0, MASK, (16, 32), generator=g), torch.randint(0, MASK, (4, 32), generator=g)
+    model = MDLM(cfg, V)
+    model.backbone.use_kernels = True                 # the fused block kernels (Triton interpreter / reference)
+    t = Trainer(cfg, train, val, model=model, resume="never", log=lambda m: None)
+    t.train_step()                                    # the optimizer state exists: a steady-state step
+    real_opt = t._optimizer_step
+    budget = StepBudget()
+
+    def opt_step(*a, **k):
+        budget.phase("optimizer")
+        return real_opt(*a, **k)
+
+    t._optimizer_step = opt_step
+    from mdlm_kernels import backend as kb
+    kb.last_used.clear()
+    with budget:
+        budget.phase("forward_backward")
+        t.train_step()
+    s = budget.summary()
+    assert s["host_reads_by_phase"] == {"optimizer": 1}, s["host_reads_by_op"]
+    assert s["host_reads_by_op"] == {"Tensor.tolist": 1}
+    assert {"forward_mask", "subs_linear_cross_entropy", "adaln_modulate"} <= set(kb.last_used)  # the fused path ran

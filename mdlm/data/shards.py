@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .tokenizers import EncodePool, Tokenizer, get_tokenizer
+from ..step_budget import host_side
 
 __all__ = ["build_shards", "BlockDataset", "TextFile", "SHARD_FORMAT"]
 
@@ -652,9 +653,10 @@ class BlockDataset:
         """indices (n,) -> (x0 LongTensor (n, L), attention_mask FloatTensor (n, L))."""
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         n = len(self)
-        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise IndexError(f"block index out of range for {n} blocks (got min {int(idx.min())}, "
-                             f"max {int(idx.max())})")
+        with host_side():   # host data: reading it synchronises nothing
+            if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+                raise IndexError(f"block index out of range for {n} blocks (got min {int(idx.min())}, "
+                                 f"max {int(idx.max())})")
         sel = idx.numpy()
         x0 = torch.from_numpy(np.asarray(self._tokens[sel], dtype=np.int64))
         if self._mask is not None:
