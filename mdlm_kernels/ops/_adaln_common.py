@@ -260,14 +260,20 @@ def blocks_per_sm(kernel: str, gpu: _launch.GPU, t: Tiling, min_bytes: int) -> i
     return max(1, n * 2 // t.num_warps)
 
 
+_PROGRAM_ROWS = 2        # cost of a backward program beyond its rows, in rows: its partial sums (kinds x d fp32,
+                         # about one row's bytes) are written once and read back by the host's sum
+
+
 @functools.lru_cache(maxsize=4096)
 def bwd_grid(B: int, L: int, block_r: int, slots: Optional[int]) -> tuple[int, int]:
     """(n_chunks, rows_per_chunk) of a backward grid (B, n_chunks): each batch row's L rows split into chunks
     of rows_per_chunk rows (a multiple of block_r; the last chunk may be shorter).
 
     ``slots`` = sm_count * blocks_per_sm resident programs (None: the interpreter, one chunk per batch row).
-    The kernel's time is modelled as waves x (rows of the longest program); n_chunks maximises the useful
-    fraction B*L / (waves * slots * rows_per_chunk), the fewest chunks among equals (fewer partial sums)."""
+    The kernel's time is modelled as waves x (rows of the longest program + _PROGRAM_ROWS); n_chunks
+    maximises the useful fraction B*L / (waves * slots * (rows_per_chunk + _PROGRAM_ROWS)), the fewest chunks
+    among equals. At the published shape this is one wave that fills 97% of the slots (B = 64 programs per
+    chunk index)."""
     n_tiles = triton.cdiv(L, block_r)
     if slots is None:
         return 1, n_tiles * block_r
@@ -277,7 +283,7 @@ def bwd_grid(B: int, L: int, block_r: int, slots: Optional[int]) -> tuple[int, i
         rows = triton.cdiv(n_tiles, n) * block_r
         nc = triton.cdiv(L, rows)
         waves = triton.cdiv(B * nc, slots)
-        eff = B * L / (waves * slots * rows)
+        eff = B * L / (waves * slots * (rows + _PROGRAM_ROWS))
         if best is None or eff > best[0] + 1e-9:
             best = (eff, nc, rows)
     return best[1], best[2]
