@@ -145,7 +145,8 @@ def test_recorded_plans_assume_what_the_launchers_assume(flow, gpu):
             continue
         kernel = "adaln" if p.name.startswith("adaln") else "gated"
         t = C.tiling(d, gpu, 4)
-        assert p.blocks_per_sm == C.BWD_BLOCKS_PER_SM[(kernel, gpu.arch, small)] * 2 // t.num_warps
+        has_dr = p.constexprs["HAS_DR"] if kernel == "gated" else None
+        assert p.blocks_per_sm == C.BWD_BLOCKS_PER_SM[(kernel, gpu.arch, small, has_dr)] * 2 // t.num_warps
         slots = gpu.sm_count * p.blocks_per_sm
         assert p.grid == (B, C.bwd_grid(B, L, cx["BLOCK_R"], slots)[0])
         waves = math.ceil(B * p.grid[1] / slots)
@@ -264,10 +265,10 @@ def test_gated_gpu_tiling_covers_every_variant():
     for i in range(3):
         assert {f[i] for f in flags} == {True, False}
     reach = set()
-    for B, L, d, gpu, dtype, *_ in GATED_CASES:
+    for B, L, d, gpu, dtype, dropout, use_r, *_ in GATED_CASES:
         t = C.tiling(d, gpu, 4)
         nc, rows = C.bwd_grid(B, L, t.block_r, gpu.sm_count * C.blocks_per_sm("gated", gpu, t, 2 if dtype == "bf16"
-                                                                              else 4))
+                                                                              else 4, use_r))
         reach |= {"blocks"} if t.num_db > 1 else set()
         reach |= {"tiles"} if rows > t.block_r else set()
         reach |= {"programs"} if nc > 1 else set()

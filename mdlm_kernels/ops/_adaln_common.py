@@ -2,27 +2,42 @@
 ``gated_residual_modulate``): Triton helpers (rounding, the Philox dropout mask, column blocks, LayerNorm
 statistics), the tiling and grid sizing of their launchers, input checks, and the PyTorch reference helpers.
 
-Tiling (the same for every kernel of both ops; :func:`tiling`)
----------------------------------------------------------------
-A row of d columns is processed as ``NUM_DB`` column blocks of ``BLOCK_D`` columns (a power of two), in tiles
-of ``BLOCK_R`` rows x ``BLOCK_D`` columns, 8 elements per thread (one 16-byte vector of bf16, two of fp32):
-``BLOCK_R * BLOCK_D = 8 * 32 * num_warps``. On a GPU ``BLOCK_D`` is the largest power of two dividing d, up to
-one tile row (d = 768: three blocks of 256, ``BLOCK_R`` = 4 with 4 warps): full tiles have no idle lane and no
-column mask (``EVEN_D``), so loads and stores stay 16-byte vectors. If that power of two is below 32 (d not a
-multiple of 32, e.g. 37 or 100), one masked block of ``next_power_of_2(d)`` columns (at least 4) is used. The
-Triton interpreter (CPU tensors) pays per operation, not per register: it uses one column block and tiles of
-up to 16384 elements unless a test asks for a GPU's tiling with :func:`plan_for`.
+Tiling (:func:`tiling`; the same rules for every kernel of both ops)
+---------------------------------------------------------------------
+A row of d columns is walked as ``NUM_DB`` column blocks of ``BLOCK_D`` columns (a power of two), in tiles of
+``BLOCK_R`` rows x ``BLOCK_D`` columns. Each thread holds E = 16 / (bytes of the widest stored tile element)
+elements of every tile tensor: one 16-byte vector of what the kernel stores (E = 4 when it stores fp32 tiles,
+8 when it stores only bf16 / fp16), so ``BLOCK_R * BLOCK_D = 32 * E * num_warps``; programs have 2 warps up to
+d = 1024. ``BLOCK_D`` is the largest power of two dividing d, at most a whole tile row: d = 768 gives three
+blocks of 256, no idle lane and no column mask (``EVEN_D``), so full tiles keep 16-byte accesses; with E = 4
+a row's block is split over the two warps (``BLOCK_R`` = 1), with E = 8 each warp holds one row (2). If that
+power of two is below 32 (d not a multiple of 32: 37, 100, ...), the row is covered by masked blocks of
+``min(next_power_of_2(d), tile)`` columns.
 
-The row loop of a kernel walks a row tile's column blocks once (forward: the blocks stay in registers;
-backward: row sums c1, c2) and then again (backward: re-reading the tile, which the first walk has just
-brought into L1 / L2, so DRAM sees each element once).
+Why E follows the stored dtype: Triton gives a global store at most 16 bytes per thread, and all the tensors of
+a tile share one register layout only if they hold the same elements per thread; a kernel storing fp32 next
+to bf16 tiles therefore reads / writes its bf16 tiles 8 bytes per thread (4 elements; a warp still covers whole
+32-byte sectors, only the instruction count doubles). The alternative, 8 elements per thread (tried with 4
+warps and 4-row tiles, read with compile_check): a layout conversion through shared memory, with barriers,
+before each fp32 store (3 per row tile in the gated backward), and 242-255 registers per thread there (2
+resident blocks).
+
+Row statistics (mean / variance forward; c1 = mean(dxhat * xhat), c2 = mean(dxhat) backward) are summed
+elementwise over the column blocks first, then reduced once per row tile (one exchange between the warps of
+a row). The forward keeps the row tile's blocks in registers between the statistics and y; the backward
+keeps xhat and dxhat of every block between its two walks over the row, so DRAM sees each element once and
+nothing is re-read.
 
 Backward grids (:func:`bwd_grid`): one program per (batch row, sequence chunk), so the adaLN vectors of a
 program are those of one batch row and its per-column partial sums go to its own slot of a fp32 buffer
-(B, n_chunks, kinds, d) that the host sums: deterministic, no atomics. The number of chunks is chosen so
-that the programs fill whole waves of ``sm_count * blocks_per_sm`` resident programs, where ``blocks_per_sm``
-is the occupancy the kernel has as compiled for that arch (:data:`BWD_BLOCKS_PER_SM`, checked by
-``python -m mdlm_kernels.compile_check``).
+(B, n_chunks, kinds, d) that the host sums: deterministic, no atomics. The column sums accumulate
+elementwise in registers (kinds x NUM_DB x E per thread; no exchange between threads in the row loop) and are
+reduced once at the end. The number of chunks is chosen so that the programs fill whole waves of
+``sm_count * blocks_per_sm`` resident programs, where ``blocks_per_sm`` is the occupancy the kernel has as
+compiled for that arch (:data:`BWD_BLOCKS_PER_SM`; ``python -m mdlm_kernels.compile_check`` asserts it).
+
+The Triton interpreter (CPU tensors) pays per operation, not per register: it uses one masked column block and
+tiles of up to 16384 elements, unless a test asks for a GPU's tiling and grid with :func:`plan_for`.
 """
 from __future__ import annotations
 
@@ -220,13 +235,8 @@ def num_warps_for(d: int) -> int:
 @functools.lru_cache(maxsize=None)
 def tiling(d: int, gpu: Optional[_launch.GPU], store_bytes: int = 4) -> Tiling:
     """Tiling of rows of ``d`` columns on ``gpu`` (None: the interpreter's) for a kernel whose widest stored
-    tile element has ``store_bytes`` bytes (4: fp32, 2: bf16 / fp16).
-
-    Each thread holds one 16-byte vector of the stored tiles per tile (E = 16 / store_bytes elements): the
-    widest store then moves 16 bytes per instruction and every tensor of the tile shares one register layout
-    (Triton caps a thread's store at 16 bytes; a wider per-thread vector for narrower loads would force a
-    layout conversion through shared memory, with barriers, before each store). A column block spans
-    32 * E * warps_along_the_row columns; BLOCK_R = 32 * E * num_warps / BLOCK_D rows."""
+    tile element has ``store_bytes`` bytes (4: fp32, 2: bf16 / fp16): E = 16 / store_bytes elements per thread
+    and tile, BLOCK_R * BLOCK_D = 32 * E * num_warps (module docstring)."""
     if gpu is None:
         bd = max(4, triton.next_power_of_2(d))
         return Tiling(max(1, min(64, _INTERP_TILE // bd)), bd, 1, bd == d, num_warps_for(d))
@@ -242,21 +252,22 @@ def tiling(d: int, gpu: Optional[_launch.GPU], store_bytes: int = 4) -> Tiling:
 
 
 # Resident blocks per SM of the backward kernels as compiled (ptxas -v, read by compile_check) at the tiling
-# of d = 768 (2 warps per block), by (kernel, arch, narrowest tile element in bytes: 2 = the bf16 flow), the
-# smallest over the kernel's variants; the grids are sized for it and compile_check asserts it (compiled >=
-# this). Other widths (other warps per block): the same number of warps per SM is assumed.
+# of d = 768 (2 warps per block), by (kernel, arch, narrowest tile element in bytes: 2 = the bf16 flow, HAS_DR
+# of the gated backward); the grids are sized for it and compile_check asserts it (compiled >= this). Other
+# widths (other warps per block): the same number of warps per SM is assumed.
 BWD_BLOCKS_PER_SM = {
-    ("adaln", 80, 2): 12, ("adaln", 90, 2): 12, ("adaln", 80, 4): 12, ("adaln", 90, 4): 12,
-    ("gated", 80, 2): 8, ("gated", 90, 2): 8, ("gated", 80, 4): 7, ("gated", 90, 4): 6,
+    ("adaln", 80, 2, None): 12, ("adaln", 90, 2, None): 12, ("adaln", 80, 4, None): 12, ("adaln", 90, 4, None): 12,
+    ("gated", 80, 2, True): 8, ("gated", 80, 2, False): 8, ("gated", 90, 2, True): 8, ("gated", 90, 2, False): 8,
+    ("gated", 80, 4, True): 7, ("gated", 80, 4, False): 7, ("gated", 90, 4, True): 7, ("gated", 90, 4, False): 6,
 }
 
 
-def blocks_per_sm(kernel: str, gpu: _launch.GPU, t: Tiling, min_bytes: int) -> int:
+def blocks_per_sm(kernel: str, gpu: _launch.GPU, t: Tiling, min_bytes: int, has_dr: Optional[bool] = None) -> int:
     """Occupancy a backward grid is sized for on ``gpu`` (an arch not in the table: the nearest lower one's,
     or sm_80's)."""
-    archs = sorted({a for k, a, _ in BWD_BLOCKS_PER_SM if k == kernel})
+    archs = sorted({k[1] for k in BWD_BLOCKS_PER_SM if k[0] == kernel})
     arch = max([a for a in archs if a <= gpu.arch], default=archs[0])
-    n = BWD_BLOCKS_PER_SM[(kernel, arch, 2 if min_bytes <= 2 else 4)]
+    n = BWD_BLOCKS_PER_SM[(kernel, arch, 2 if min_bytes <= 2 else 4, has_dr)]
     return max(1, n * 2 // t.num_warps)
 
 
@@ -272,8 +283,8 @@ def bwd_grid(B: int, L: int, block_r: int, slots: Optional[int]) -> tuple[int, i
     ``slots`` = sm_count * blocks_per_sm resident programs (None: the interpreter, one chunk per batch row).
     The kernel's time is modelled as waves x (rows of the longest program + _PROGRAM_ROWS); n_chunks
     maximises the useful fraction B*L / (waves * slots * (rows_per_chunk + _PROGRAM_ROWS)), the fewest chunks
-    among equals. At the published shape this is one wave that fills 97% of the slots (B = 64 programs per
-    chunk index)."""
+    among equals. At the published shape (B = 64, L = 1024): one wave filling 97-99% of the slots, or two
+    waves filling 97-100% (the gated backward on sm_80)."""
     n_tiles = triton.cdiv(L, block_r)
     if slots is None:
         return 1, n_tiles * block_r

@@ -26,14 +26,19 @@ its own slot of a (B, n_chunks, 2, d) buffer; the host sums the chunks and forms
 and dw = sum_b s1[b] * GX[b] (deterministic, no atomics).
 
 Kernels and memory traffic per row of d columns (bf16 flow: x fp32, mod / y / dL/dy bf16), with the tiling of
-:mod:`._adaln_common` (d = 768: three 256-column blocks, 4-row tiles, 8 elements per thread):
-  forward:  reads x (4d B) once into registers (the row tile's blocks stay there for the mean, the centred
-            variance and y), writes y (2d B) and mean / rstd (8 B); shift and 1 + scale (2 x 2d B per row,
-            of a (B, k*d) tensor that stays in L2).
-  backward: first walk over the tile's column blocks: reads g (2d B) and x (4d B) from DRAM, row sums
-            c1 = mean_j(dxhat * xhat), c2 = mean_j(dxhat), and the column partial sums G, GX; second walk:
-            re-reads g and x (the tile, BLOCK_R x d x 6 B = 18 KB per program, was just loaded: L1 / L2, not
-            DRAM) and writes dx (4d B). DRAM: 10d + 8 B per row; w and 1 + scale come from L1.
+:mod:`._adaln_common` (d = 768: three 256-column blocks, no idle lane, 2-warp programs):
+  forward:  one program per row tile (2 rows when y is bf16, else 1). Reads x (4d B) once: its column blocks
+            stay in registers for the mean, the centred variance (one reduction each over the row) and y;
+            writes y (2d B) and mean / rstd (8 B). shift and 1 + scale: 2 x 2d B per row from the (B, k*d)
+            mod, which stays in L2; w (4d B) from L1.
+  backward: one program per (batch row, sequence chunk), looping over the chunk's rows. First walk over a
+            row's column blocks: reads g (2d B) and x (4d B) from DRAM, keeps xhat and dxhat of every block in
+            registers, sums dxhat * xhat and dxhat elementwise over the blocks (one reduction over the row, one
+            exchange between the two warps), adds g and g * xhat to the column sums G, GX (registers, no
+            exchange between threads in the loop); second walk: dx (4d B) from the registers, nothing re-read.
+            DRAM: 10d + 8 B per row, plus each program's partial sums (2 x d x 4 B, written once and read once by
+            the host's sum; at the published shape on an H100: 1536 programs, 9.4 MB, 1.9% of the kernel's
+            503 MB). w and 1 + scale: 6d B per row from L1.
 
 Backends: "triton" (fp32/bf16/fp16) and "reference" (plain PyTorch; also float64, used by gradcheck).
 Non-contiguous inputs are copied to contiguous ones (one extra copy); ``mod`` only needs unit column stride
@@ -112,8 +117,8 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DB: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         """Program (b, c): rows [c * rows_per_chunk, (c + 1) * rows_per_chunk) of batch row b, BLOCK_R at a time.
-        The column sums accumulate elementwise per column block ([BLOCK_R, BLOCK_D] each, no cross-warp
-        reduction inside the loop) and are reduced over the tile rows once at the end."""
+        The column sums accumulate elementwise per column block ([BLOCK_R, BLOCK_D] each: no exchange between
+        threads inside the loop) and are reduced over the tile rows once, at the end."""
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1).to(tl.int64)
         n_chunks = tl.num_programs(1)
@@ -126,7 +131,7 @@ if HAS_TRITON:
             rows = b * L + ls
             mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
             rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-            # first walk: row sums of (6) and the column partial sums
+            # first walk (DRAM reads): row sums of (6), the column partial sums, xhat / dxhat kept
             p1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat * xhat, summed over the column blocks
             p2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat
             xs = ()                                           # xhat, dxhat of each block, for the second walk
@@ -147,7 +152,7 @@ if HAS_TRITON:
             c1, c2 = _row_sums2(p1, p2)
             c1 = c1 / d
             c2 = c2 / d
-            # second walk: the tile again (L1 / L2), dx
+            # second walk (registers only): dx
             for j in tl.static_range(NUM_DB):
                 cols, cmask = _col_block(j, d, BLOCK_D, EVEN_D)
                 m2 = rmask[:, None] & cmask[None, :]
