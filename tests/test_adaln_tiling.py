@@ -131,7 +131,7 @@ def test_recorded_plans_assume_what_the_launchers_assume(flow, gpu):
     names = sorted({p.name for p in ps})
     assert names == ["adaln_modulate.bwd", "adaln_modulate.fwd", "gated_residual_modulate.bwd",
                      "gated_residual_modulate.fwd"]
-    small = 2 if flow == "bf16" else 4
+    tflow = "mixed" if flow == "bf16" else "fp32"        # the tile tensors: fp32 residual stream, bf16 rest
     for p in ps:
         cx = p.constexprs
         assert cx["BLOCK_D"] * cx["NUM_DB"] == d and cx["EVEN_D"], (p.name, cx)      # no idle lane, no mask
@@ -146,7 +146,7 @@ def test_recorded_plans_assume_what_the_launchers_assume(flow, gpu):
         kernel = "adaln" if p.name.startswith("adaln") else "gated"
         t = C.tiling(d, gpu, 4)
         has_dr = p.constexprs["HAS_DR"] if kernel == "gated" else None
-        assert p.blocks_per_sm == C.BWD_BLOCKS_PER_SM[(kernel, gpu.arch, small, has_dr)] * 2 // t.num_warps
+        assert p.blocks_per_sm == C.BWD_BLOCKS_PER_SM[(kernel, gpu.arch, tflow, has_dr)] * 2 // t.num_warps
         slots = gpu.sm_count * p.blocks_per_sm
         assert p.grid == (B, C.bwd_grid(B, L, cx["BLOCK_R"], slots)[0])
         waves = math.ceil(B * p.grid[1] / slots)
@@ -167,14 +167,16 @@ ADALN_CASES = [  # (B, L, d, gpu): tiling on that GPU
 ]
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", range(len(ADALN_CASES)))
+@pytest.mark.parametrize("case, dtype", [(c, dt) for c in range(len(ADALN_CASES)) for dt in ("fp32", "bf16")]
+                         + [(0, "bf16x"), (1, "bf16x")])     # bf16x: x bf16 as well (all tiles 16-bit)
 def test_adaln_gpu_tiling_matches_spec(case, dtype, plans):
     B, L, d, gpu = ADALN_CASES[case]
     x, w, mod = inputs(B, L, d, 6, seed=case)
-    bf16 = dtype == "bf16"
+    bf16 = dtype != "fp32"
     if bf16:
         mod = mod.bfloat16()
+    if dtype == "bf16x":
+        x = x.bfloat16()
     out_dtype = torch.bfloat16 if bf16 else torch.float32
     with C.plan_for(gpu):
         got, g = _grads(lambda x, w, m: (mk.adaln_modulate(x, w, m, 3, 4, out_dtype, backend="triton"),),
@@ -182,13 +184,15 @@ def test_adaln_gpu_tiling_matches_spec(case, dtype, plans):
     low, lg = _grads(lambda x, w, m: (spec_adaln(x, w, m, 3, 4).to(out_dtype),), (x, w, mod), [1])
     exact, eg = _grads(lambda x, w, m: (spec_adaln(x, w, m, 3, 4),), (x, w, mod.float()), [1])
     _check(["y", "dx", "dw", "dmod"], got + g, low + lg, exact + eg, bf16)
-    assert got[0].dtype == out_dtype and g[2].dtype == mod.dtype
+    assert got[0].dtype == out_dtype and g[2].dtype == mod.dtype and g[0].dtype == x.dtype
     # the GPU's tiling and grid ran
     fwd, bwd = [p for p in plans if p.name == "adaln_modulate.fwd"], [p for p in plans if p.name == "adaln_modulate.bwd"]
     assert len(fwd) == 1 and len(bwd) == 1
     assert fwd[0].constexprs["NUM_DB"] == C.tiling(d, gpu, 2 if bf16 else 4).num_db
-    t = C.tiling(d, gpu, 4)
-    assert bwd[0].constexprs["BLOCK_D"] == t.block_d and bwd[0].constexprs["NUM_DB"] == t.num_db
+    t = C.tiling(d, gpu, C.BWD_STORE_BYTES)          # the backward tiles as for fp32 stores, whatever x is
+    assert {k: bwd[0].constexprs[k] for k in t.constexprs()} == t.constexprs()
+    flow = {"fp32": "fp32", "bf16": "mixed", "bf16x": "16bit"}[dtype]
+    assert bwd[0].blocks_per_sm == C.blocks_per_sm("adaln", gpu, t, flow)
     slots = gpu.sm_count * bwd[0].blocks_per_sm
     assert bwd[0].grid == (B, C.bwd_grid(B, L, t.block_r, slots)[0])
 
@@ -199,7 +203,7 @@ def test_adaln_gpu_tiling_loops():
     multi_block = multi_tile = multi_prog = ragged = False
     for B, L, d, gpu in ADALN_CASES:
         t = C.tiling(d, gpu, 4)
-        nc, rows = C.bwd_grid(B, L, t.block_r, gpu.sm_count * C.blocks_per_sm("adaln", gpu, t, 4))
+        nc, rows = C.bwd_grid(B, L, t.block_r, gpu.sm_count * C.blocks_per_sm("adaln", gpu, t, "fp32"))
         multi_block |= t.num_db > 1
         multi_tile |= rows > t.block_r
         multi_prog |= nc > 1
@@ -267,8 +271,8 @@ def test_gated_gpu_tiling_covers_every_variant():
     reach = set()
     for B, L, d, gpu, dtype, dropout, use_r, *_ in GATED_CASES:
         t = C.tiling(d, gpu, 4)
-        nc, rows = C.bwd_grid(B, L, t.block_r, gpu.sm_count * C.blocks_per_sm("gated", gpu, t, 2 if dtype == "bf16"
-                                                                              else 4, use_r))
+        flow = "mixed" if dtype == "bf16" else "fp32"
+        nc, rows = C.bwd_grid(B, L, t.block_r, gpu.sm_count * C.blocks_per_sm("gated", gpu, t, flow, use_r))
         reach |= {"blocks"} if t.num_db > 1 else set()
         reach |= {"tiles"} if rows > t.block_r else set()
         reach |= {"programs"} if nc > 1 else set()
@@ -288,6 +292,12 @@ def test_gated_gpu_tiling_dropout_bitwise_equals_reference(d):
         a = mk.gated_residual_modulate(res, h, mod, 1, p=0.3, seed=SEED, offset=OFFSET, backend="triton")[0]
     b = mk.gated_residual_modulate(res, h, mod, 1, p=0.3, seed=SEED, offset=OFFSET, backend="reference")[0]
     assert torch.equal(a, b)
+
+
+def test_tile_flow():
+    f32, b16 = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    assert C.tile_flow(f32, None, f32) == "fp32" and C.tile_flow(b16, b16) == "16bit"
+    assert C.tile_flow(f32, b16, None) == "mixed" and C.tile_flow(torch.empty(1, dtype=torch.float16)) == "16bit"
 
 
 def test_plan_for_only_affects_cpu_tiling():

@@ -251,24 +251,40 @@ def tiling(d: int, gpu: Optional[_launch.GPU], store_bytes: int = 4) -> Tiling:
     return Tiling(max(1, tile // bd), bd, nb, bd * nb == d, nw)
 
 
-# Resident blocks per SM of the backward kernels as compiled (ptxas -v, read by compile_check) at the tiling
-# of d = 768 (2 warps per block), by (kernel, arch, narrowest tile element in bytes: 2 = the bf16 flow, HAS_DR
-# of the gated backward); the grids are sized for it and compile_check asserts it (compiled >= this). Other
-# widths (other warps per block): the same number of warps per SM is assumed.
+# The backward kernels tile as if they stored fp32 (E = 4) whatever their dtypes: their per-thread state (the
+# column sums and the xhat / dxhat of every block between the two walks) grows with E. With all tensors bf16,
+# E = 8 measured 161-254 registers (4-6 resident blocks) where E = 4 keeps the occupancy of the table below;
+# the bf16 tiles then move 8 bytes per thread (in the published flows the backward stores fp32 tiles anyway).
+BWD_STORE_BYTES = 4
+
+# Resident blocks per SM of the backward kernels as compiled (ptxas -v) at the tiling of d = 768 (2 warps per
+# block), by (kernel, arch, flow, HAS_DR of the gated backward), where flow is that of the kernel's tile
+# tensors (tile_flow): "fp32", "mixed" (fp32 and 16-bit: the published bf16 autocast flow) or "16bit" (all
+# bf16 / fp16). The grids are sized for it; compile_check asserts it for the published flows (compiled >=
+# this); the "16bit" entries were read the same way from an ad-hoc recording (bf16 residual stream), not by
+# compile_check. Other widths (other warps per block): the same number of warps per SM is assumed.
 BWD_BLOCKS_PER_SM = {
-    ("adaln", 80, 2, None): 12, ("adaln", 90, 2, None): 12, ("adaln", 80, 4, None): 12, ("adaln", 90, 4, None): 12,
-    ("gated", 80, 2, True): 8, ("gated", 80, 2, False): 8, ("gated", 90, 2, True): 8, ("gated", 90, 2, False): 8,
-    ("gated", 80, 4, True): 7, ("gated", 80, 4, False): 7, ("gated", 90, 4, True): 7, ("gated", 90, 4, False): 6,
+    **{("adaln", a, f, None): 12 for a in (80, 90) for f in ("fp32", "mixed", "16bit")},    # 80 registers
+    ("gated", 80, "fp32", True): 7, ("gated", 80, "fp32", False): 7,        # 139 / 140 registers
+    ("gated", 90, "fp32", True): 7, ("gated", 90, "fp32", False): 6,        # 138 / 152
+    **{("gated", a, "mixed", dr): 8 for a in (80, 90) for dr in (True, False)},              # 128
+    ("gated", 80, "16bit", True): 8, ("gated", 80, "16bit", False): 8,      # 128 / 128
+    ("gated", 90, "16bit", True): 6, ("gated", 90, "16bit", False): 8,      # 152 / 128
 }
 
 
-def blocks_per_sm(kernel: str, gpu: _launch.GPU, t: Tiling, min_bytes: int, has_dr: Optional[bool] = None) -> int:
+def tile_flow(*tensors) -> str:
+    """"fp32", "16bit" or "mixed": the element sizes of a kernel's tile tensors (None entries ignored)."""
+    sizes = {t.element_size() for t in tensors if t is not None}
+    return "fp32" if sizes == {4} else "16bit" if sizes == {2} else "mixed"
+
+
+def blocks_per_sm(kernel: str, gpu: _launch.GPU, t: Tiling, flow: str, has_dr: Optional[bool] = None) -> int:
     """Occupancy a backward grid is sized for on ``gpu`` (an arch not in the table: the nearest lower one's,
     or sm_80's)."""
     archs = sorted({k[1] for k in BWD_BLOCKS_PER_SM if k[0] == kernel})
     arch = max([a for a in archs if a <= gpu.arch], default=archs[0])
-    n = BWD_BLOCKS_PER_SM[(kernel, arch, 2 if min_bytes <= 2 else 4, has_dr)]
-    return max(1, n * 2 // t.num_warps)
+    return max(1, BWD_BLOCKS_PER_SM[(kernel, arch, flow, has_dr)] * 2 // t.num_warps)
 
 
 _PROGRAM_ROWS = 2        # cost of a backward program beyond its rows, in rows: its partial sums (kinds x d fp32,

@@ -192,8 +192,8 @@ def _adaln_bwd_triton(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps)
     if B * L == 0:
         return dx, torch.zeros_like(weight), dmod
     gpu = C.gpu_for(x.device)
-    t = C.tiling(d, gpu, dx.element_size())
-    bps = C.blocks_per_sm("adaln", gpu, t, min(gy.element_size(), x.element_size())) if gpu is not None else 1
+    t = C.tiling(d, gpu, C.BWD_STORE_BYTES)
+    bps = C.blocks_per_sm("adaln", gpu, t, C.tile_flow(gy, x, dx)) if gpu is not None else 1
     nc, rows = C.bwd_grid(B, L, t.block_r, gpu.sm_count * bps if gpu is not None else None)
     part = torch.empty((B, nc, _KINDS, d), dtype=torch.float32, device=x.device)
     _launch.launch(_launch.Plan(

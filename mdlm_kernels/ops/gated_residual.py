@@ -259,10 +259,9 @@ def _gated_bwd_triton(dr, dy, r, h, mod, gate_idx, weight, mod_next, shift_idx, 
     dw = torch.zeros_like(weight) if weight is not None else None
     if B * L > 0:
         gpu = C.gpu_for(r.device)
-        t = C.tiling(d, gpu, max(dres.element_size(), dh.element_size()))
-        tiles = [x for x in (dr, dy if has_dy else None, r, h) if x is not None]
-        bps = (C.blocks_per_sm("gated", gpu, t, min(x.element_size() for x in tiles), dr is not None)
-               if gpu is not None else 1)
+        t = C.tiling(d, gpu, C.BWD_STORE_BYTES)
+        flow = C.tile_flow(dr, dy if has_dy else None, r, h)
+        bps = C.blocks_per_sm("gated", gpu, t, flow, dr is not None) if gpu is not None else 1
         nc, rows = C.bwd_grid(B, L, t.block_r, gpu.sm_count * bps if gpu is not None else None)
         part = torch.empty((B, nc, 3 if has_dy else 1, d), dtype=torch.float32, device=r.device)
         s, olo, ohi = C.seed_words(seed, offset)
