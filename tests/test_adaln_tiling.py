@@ -186,7 +186,8 @@ def test_adaln_gpu_tiling_matches_spec(case, dtype, plans):
     _check(["y", "dx", "dw", "dmod"], got + g, low + lg, exact + eg, bf16)
     assert got[0].dtype == out_dtype and g[2].dtype == mod.dtype and g[0].dtype == x.dtype
     # the GPU's tiling and grid ran
-    fwd, bwd = [p for p in plans if p.name == "adaln_modulate.fwd"], [p for p in plans if p.name == "adaln_modulate.bwd"]
+    fwd = [p for p in plans if p.name == "adaln_modulate.fwd"]
+    bwd = [p for p in plans if p.name == "adaln_modulate.bwd"]
     assert len(fwd) == 1 and len(bwd) == 1
     assert fwd[0].constexprs["NUM_DB"] == C.tiling(d, gpu, 2 if bf16 else 4).num_db
     t = C.tiling(d, gpu, C.BWD_STORE_BYTES)          # the backward tiles as for fp32 stores, whatever x is
