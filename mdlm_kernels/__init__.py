@@ -13,7 +13,8 @@ from .ops.masking import MaskOutput, forward_mask, masked_rows_bound
 from .ops.philox import philox4x32, philox_uniform
 from .ops.linear_ce import LinearCEOutput, subs_linear_cross_entropy
 from .ops.sampling import SampleOutput, sample_step
-from .ops.adaln import adaln_modulate, gated_residual_modulate
+from .ops.adaln import adaln_modulate
+from .ops.gated_residual import gated_residual_modulate
 from .ops.rotary import rotary_qkv, rotary_tables
 from .ops.gelu import bias_gelu
 

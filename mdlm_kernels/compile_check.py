@@ -67,7 +67,7 @@ def step_plans(flow: str = "bf16", gpu: launch.GPU = launch.H100, shape: Optiona
 
     ``flow`` "bf16": bf16 autocast as published (GEMM outputs and the adaLN output in bf16, the residual
     stream, LayerNorm weights and biases fp32); "fp32": no autocast."""
-    from .ops import adaln, gelu, linear_ce, philox, rotary
+    from .ops import adaln, gated_residual, gelu, linear_ce, philox, rotary
 
     s = dict(PUBLISHED_SMALL, **(shape or {}))
     B, L, d, H, V = s["B"], s["L"], s["d"], s["H"], s["V"]
@@ -91,12 +91,13 @@ def step_plans(flow: str = "bf16", gpu: launch.GPU = launch.H100, shape: Optiona
         # gated residual + dropout + the next norm (training), inside a block and across to the final layer
         h = _m((B, L, d), act)
         for mod_next, sh, sc in ((None, 3, 4), (mod_final, 0, 1)):
-            r, y, mean, rstd = _body(adaln._gated_op)(x, h, mod, 2, w, mod_next, sh, sc, 0.1, 1, 0, True, act,
-                                                      adaln.EPS)
+            r, y, mean, rstd = _body(gated_residual._gated_op)(x, h, mod, 2, w, mod_next, sh, sc, 0.1, 1, 0, True,
+                                                               act, gated_residual.EPS)
             for dr in (torch.empty_like(r), None):   # the last block's r has no later use
-                _body(adaln._gated_bwd_op)(dr, torch.empty_like(y), r, h, mod, 2, w, mod_next, sh, sc, mean, rstd,
-                                           0.1, 1, 0, True, adaln.EPS)
-        _body(adaln._gated_op)(x, h, mod, 2, w, None, 3, 4, 0.0, 0, 0, False, act, adaln.EPS)   # eval
+                _body(gated_residual._gated_bwd_op)(dr, torch.empty_like(y), r, h, mod, 2, w, mod_next, sh, sc, mean,
+                                                    rstd, 0.1, 1, 0, True, gated_residual.EPS)
+        _body(gated_residual._gated_op)(x, h, mod, 2, w, None, 3, 4, 0.0, 0, 0, False, act,
+                                        gated_residual.EPS)                                   # eval
         # MLP (mdlm_kernels.ops.mlp): bias + GELU between the two GEMMs; its backward recomputes the activation
         a, bias = _m((B, L, 4 * d), act), _m((4 * d,), f32)
         _body(gelu._bias_gelu_op)(a, bias)

@@ -32,7 +32,7 @@ from .. import backend as _backend
 from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
 if HAS_TRITON:
-    from .adaln import _cast
+    from ._adaln_common import _cast
 
 OP = "bias_gelu"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
