@@ -180,6 +180,36 @@ if HAS_TRITON:
         xhat = tl.where(cmask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
         return xhat, g * ws
 
+    @triton.jit
+    def _ln_bwd_walk(g_ptr, x_ptr, w_ptr, sc_ptr, mean_ptr, rstd_ptr, rows, rmask, d, acc_g, acc_gx,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NUM_DB: tl.constexpr, EVEN_D: tl.constexpr):
+        """The first walk of the LayerNorm + modulate backward over a row tile's column blocks (the only DRAM
+        reads of g and x): xhat and dxhat of every block, kept in registers for the second walk; the row sums
+        c1 = mean_j(dxhat * xhat) and c2 = mean_j(dxhat) of step (6); the per-column partial sums of g and
+        g * xhat added into acc_g / acc_gx (tuples of [BLOCK_R, BLOCK_D] per block). Returns
+        (xs, dxs, c1, c2, rstd, acc_g, acc_gx)."""
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        p1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat * xhat, summed over the column blocks
+        p2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat
+        xs = ()
+        dxs = ()
+        for j in tl.static_range(NUM_DB):
+            cols, cmask = _col_block(j, d, BLOCK_D, EVEN_D)
+            m2 = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None] * d + cols[None, :]
+            g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            xhat, dxhat = _ln_bwd_block(g, x, mean, rstd, _w_s1(w_ptr, sc_ptr, cols, cmask, BLOCK_R), cmask)
+            p1 += dxhat * xhat
+            p2 += dxhat
+            acc_g = _tuple_add(acc_g, j, g)
+            acc_gx = _tuple_add(acc_gx, j, g * xhat)
+            xs = xs + (xhat,)
+            dxs = dxs + (dxhat,)
+        c1, c2 = _row_sums2(p1, p2)
+        return xs, dxs, c1 / d, c2 / d, rstd, acc_g, acc_gx
+
 
 # ---------------------------------------------------------------------------------------------
 # Tiling and grids

@@ -57,7 +57,7 @@ from . import _adaln_common as C
 from ._adaln_common import EPS
 
 if HAS_TRITON:
-    from ._adaln_common import _bcast_load, _cast, _col_block, _ln_bwd_block, _ln_stats, _row_sums2, _tuple_add, _w_s1
+    from ._adaln_common import _bcast_load, _cast, _col_block, _ln_bwd_walk, _ln_stats
 
 OP = "adaln_modulate"
 _KINDS = 2     # per-column partial sums of the backward: G = sum g, GX = sum g * xhat
@@ -129,29 +129,10 @@ if HAS_TRITON:
             ls = c * rows_per_chunk + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
             rmask = ls < L
             rows = b * L + ls
-            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
-            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-            # first walk (DRAM reads): row sums of (6), the column partial sums, xhat / dxhat kept
-            p1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat * xhat, summed over the column blocks
-            p2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat
-            xs = ()                                           # xhat, dxhat of each block, for the second walk
-            dxs = ()
-            for j in tl.static_range(NUM_DB):
-                cols, cmask = _col_block(j, d, BLOCK_D, EVEN_D)
-                m2 = rmask[:, None] & cmask[None, :]
-                offs = rows[:, None] * d + cols[None, :]
-                g = tl.load(gy_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-                x = tl.load(x_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-                xhat, dxhat = _ln_bwd_block(g, x, mean, rstd, _w_s1(w_ptr, sc_ptr, cols, cmask, BLOCK_R), cmask)
-                p1 += dxhat * xhat
-                p2 += dxhat
-                acc_g = _tuple_add(acc_g, j, g)                 # (1)
-                acc_gx = _tuple_add(acc_gx, j, g * xhat)        # (2), (4)
-                xs = xs + (xhat,)
-                dxs = dxs + (dxhat,)
-            c1, c2 = _row_sums2(p1, p2)
-            c1 = c1 / d
-            c2 = c2 / d
+            # first walk (DRAM reads): row sums of (6), the column partial sums (1), (2), (4); xhat / dxhat kept
+            xs, dxs, c1, c2, rstd, acc_g, acc_gx = _ln_bwd_walk(gy_ptr, x_ptr, w_ptr, sc_ptr, mean_ptr, rstd_ptr,
+                                                                rows, rmask, d, acc_g, acc_gx,
+                                                                BLOCK_R, BLOCK_D, NUM_DB, EVEN_D)
             # second walk (registers only): dx
             for j in tl.static_range(NUM_DB):
                 cols, cmask = _col_block(j, d, BLOCK_D, EVEN_D)

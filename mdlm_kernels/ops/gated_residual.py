@@ -65,8 +65,8 @@ from .adaln import _adaln_fwd_reference
 from .philox import _check_u64, _to_i64
 
 if HAS_TRITON:
-    from ._adaln_common import (_bcast_load, _cast, _col_block, _keep_mask, _ln_bwd_block, _ln_stats, _round_to,
-                                _row_sums2, _tuple_add, _w_s1)
+    from ._adaln_common import (_bcast_load, _cast, _col_block, _keep_mask, _ln_bwd_walk, _ln_stats, _round_to,
+                                _tuple_add)
 
 OP = "gated_residual_modulate"
 
@@ -168,28 +168,9 @@ if HAS_TRITON:
             rows = b * L + ls
             if HAS_DY:
                 # first walk (DRAM reads): row sums of (6) for the norm of r, its column sums; rhat, dxhat kept
-                mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
-                rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-                p1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat * rhat, summed over the column blocks
-                p2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)     # dxhat
-                xs = ()                                           # rhat, dxhat of each block, for the second walk
-                dxs = ()
-                for j in tl.static_range(NUM_DB):
-                    cols, cmask = _col_block(j, d, BLOCK_D, EVEN_D)
-                    m2 = rmask[:, None] & cmask[None, :]
-                    offs = rows[:, None] * d + cols[None, :]
-                    g = tl.load(dy_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-                    rv = tl.load(r_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-                    xhat, dxhat = _ln_bwd_block(g, rv, mean, rstd, _w_s1(w_ptr, sc_ptr, cols, cmask, BLOCK_R), cmask)
-                    p1 += dxhat * xhat
-                    p2 += dxhat
-                    acc_g = _tuple_add(acc_g, j, g)
-                    acc_gx = _tuple_add(acc_gx, j, g * xhat)
-                    xs = xs + (xhat,)
-                    dxs = dxs + (dxhat,)
-                c1, c2 = _row_sums2(p1, p2)
-                c1 = c1 / d
-                c2 = c2 / d
+                xs, dxs, c1, c2, rstd, acc_g, acc_gx = _ln_bwd_walk(dy_ptr, r_ptr, w_ptr, sc_ptr, mean_ptr, rstd_ptr,
+                                                                    rows, rmask, d, acc_g, acc_gx,
+                                                                    BLOCK_R, BLOCK_D, NUM_DB, EVEN_D)
             # second walk: dr_total (registers + dr), dresidual, dh, dgate
             for j in tl.static_range(NUM_DB):
                 cols, cmask = _col_block(j, d, BLOCK_D, EVEN_D)
