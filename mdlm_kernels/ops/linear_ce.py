@@ -69,6 +69,19 @@ if HAS_TRITON:
         return tl.where(offs[None, :] == mask_index, float("-inf"), x)
 
     @triton.jit
+    def _lse_step(m, s, x):
+        """One online log-sum-exp update of (running max m, running sum s) [ROWS] by a tile x [ROWS, BLOCK_V].
+
+        Shifts by m_new, or by 0 while a row has seen only -inf (m_new = -inf): exp(m - m_new) would be
+        exp(-inf + inf) = NaN there and poison s for good, although a later tile may hold finite logits (the
+        spec gives a finite loss). With the 0 shift such a row keeps s = 0, and a row that is -inf everywhere ends
+        with lse = -inf + log(0) = -inf, as torch.logsumexp."""
+        m_new = tl.maximum(m, tl.max(x, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+        return m_new, s
+
+    @triton.jit
     def _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index):
         """dL/dz = w (softmax - onehot) on a logits tile; 0 on the MASK column (x = -inf there: exp gives 0) and
         on the clamped duplicate rows of a ragged block (so they add nothing to the column sums)."""
@@ -104,14 +117,10 @@ if HAS_TRITON:
         s = tl.zeros([ROWS], tl.float32)
         for start in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
             x = _ce_tile(z_row, b_ptr, start + tl.arange(0, BLOCK_V), mask_index, HAS_BIAS, True, V)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
-            m = m_new
+            m, s = _lse_step(m, s, x)
         if v_full < V:
             x = _ce_tile(z_row, b_ptr, v_full + tl.arange(0, BLOCK_V), mask_index, HAS_BIAS, False, V)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
-            m = m_new
+            m, s = _lse_step(m, s, x)
         lse = m + tl.log(s)
         ok = (tgt >= 0) & (tgt < V) & (tgt != mask_index)  # an invalid target gives NaN, never a stray read
         z_t = tl.load(z_ptr + rows * z_stride + tgt, mask=ok, other=0.0).to(tl.float32)
