@@ -398,3 +398,44 @@ def test_public_op_with_a_minus_inf_bias_block_matches_the_spec():
     assert torch.isfinite(ref).all()
     out = mk.subs_linear_cross_entropy(h, W, b, tgt, w, mask_index, backend=CPU_TRITON)
     torch.testing.assert_close(out.row_losses, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_w_accumulation_falls_back_once_when_addmm_rejects_an_fp32_accumulator(monkeypatch):
+    """torch < 2.10 CUDA rejects ``addmm(acc_fp32, a_bf16, b_bf16, out_dtype=float32, out=acc)`` ("self and mat2
+    must have the same dtype"): the first call must warn once, leave acc untouched by the failed attempt, add
+    through ``mm(out_dtype=float32)``, and never try addmm again. Simulated on CPU (a fake CUDA operand)."""
+    import warnings
+
+    class FakeCuda:                                        # what _mm_into_fp32 reads of its bf16 operand
+        def __init__(self, t):
+            self.t, self.dtype, self.is_cuda = t, t.dtype, True
+
+        def float(self):
+            return self.t.float()
+
+    calls = {"addmm": 0, "mm": 0}
+
+    def addmm(acc, a, b, *, out_dtype=None, out=None):
+        calls["addmm"] += 1
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    def mm(a, b, *, out_dtype=None):
+        calls["mm"] += 1
+        assert out_dtype == torch.float32
+        return a.float() @ b.float()
+
+    monkeypatch.setattr(_lce, "_ADDMM_F32_OK", True)
+    monkeypatch.setattr(_lce, "_MM_OUT_DTYPE_OK", True)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(torch, "mm", mm)
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(5, 3, generator=g)
+    a, b = torch.randn(5, 4, generator=g).bfloat16(), torch.randn(4, 3, generator=g).bfloat16()
+    expect = acc + 3 * (a.float() @ b.float())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            _lce._mm_into_fp32(acc, FakeCuda(a), b)
+    assert calls == {"addmm": 1, "mm": 3}
+    assert len(seen) == 1 and "addmm(out_dtype=float32)" in str(seen[0].message)
+    torch.testing.assert_close(acc, expect, rtol=1e-6, atol=1e-6)
