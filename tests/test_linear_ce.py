@@ -401,9 +401,10 @@ def test_public_op_with_a_minus_inf_bias_block_matches_the_spec():
 
 
 def test_grad_w_accumulation_falls_back_once_when_addmm_rejects_an_fp32_accumulator(monkeypatch):
-    """torch CUDA builds before pytorch#167931 reject ``addmm(acc_fp32, a_bf16, b_bf16, out_dtype=float32, out=acc)`` ("self and mat2
-    must have the same dtype"): the first call must warn once, leave acc untouched by the failed attempt, add
-    through ``mm(out_dtype=float32)``, and never try addmm again. Simulated on CPU (a fake CUDA operand)."""
+    """torch CUDA builds before pytorch#167931 reject ``addmm(acc_fp32, a_bf16, b_bf16, out_dtype=float32,
+    out=acc)`` ("self and mat2 must have the same dtype"): the first call must warn once, leave acc untouched by the
+    failed attempt, add through ``mm(out_dtype=float32)``, and never try addmm again. Simulated on CPU (a fake CUDA
+    operand)."""
     import warnings
 
     class FakeCuda:                                        # what _mm_into_fp32 reads of its bf16 operand
