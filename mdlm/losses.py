@@ -69,8 +69,8 @@ def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     synchronisation). With ``row_bound`` = n (an upper bound on the masked count, e.g.
     ``mdlm_kernels.masked_rows_bound``) it is sized statically: ``nonzero_static`` takes the first n masked
     positions and pads with weight-0 rows (no host read; the loss and gradients are unchanged). If more than n
-    positions are masked, the loss and every gradient are NaN (the trainer's non-finite guard skips such a
-    step) -- never a loss over a truncated set of rows.
+    positions are masked, the loss, every gradient and ``nlls`` are NaN (the trainer's non-finite guard skips
+    such a step; validation and evaluation sums turn NaN) -- never a loss over a truncated set of rows.
     """
     if impl not in ("masked", "fused"):
         raise ValueError(f"unknown implementation {impl!r} for a loss from hidden states; 'masked' or 'fused'")
@@ -108,13 +108,14 @@ def subs_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         else:
             import mdlm_kernels as mk
             total, rows_log = mk.subs_linear_cross_entropy(h, weight, bias, tgt, w, mask_index, validate=False)
-    if overflow is not None:   # more masked positions than the static gather holds: NaN loss and gradients
-        total = total * torch.where(overflow, float("nan"), 1.0)
     if idx is None:
         nlls = rows_log.view(B, L)
     else:   # slot BL absorbs the padded rows (their row losses are 0)
         nlls = torch.zeros(BL + 1, dtype=torch.float32, device=x0.device).index_put_((idx,), rows_log)[:BL]
         nlls = nlls.view(B, L)
+    if overflow is not None:   # more masked positions than the static gather holds: NaN loss, gradients, nlls
+        poison = torch.where(overflow, float("nan"), 1.0)
+        total, nlls = total * poison, nlls * poison
     return Loss(loss=total / attention_mask.sum(), nlls=nlls, token_mask=attention_mask)
 
 
