@@ -339,8 +339,13 @@ def test_row_kernel_with_the_gpu_tiling_matches_the_reference(C, V, mask_index, 
     loss_r, db_r = _lce._rows_reference(z_ref, tgt, w, mask_index, bias, True)
     assert torch.equal(buf[C:], rest)
     torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-5, equal_nan=True)
-    bf16 = dtype == torch.bfloat16   # the interpreter truncates the bf16 store of dL/dz where the GPU rounds: 1 ulp
+    bf16 = dtype == torch.bfloat16
+    # dL/dz is stored rounded to nearest even, as on the GPU (also under the interpreter): bf16 values agree bit
+    # for bit except where the fp32 value sits within an ulp of a rounding boundary (numpy's exp vs torch's)
     torch.testing.assert_close(z.float(), z_ref.float(), rtol=2 ** -7 if bf16 else 1e-5, atol=1e-6, equal_nan=True)
+    if bf16:
+        same = (z.view(torch.int16) == z_ref.view(torch.int16)) | (torch.isnan(z) & torch.isnan(z_ref))
+        assert same.float().mean() >= 0.999, same.float().mean()
     torch.testing.assert_close(db, db_r, rtol=1e-5, atol=1e-5, equal_nan=True)
     if C > 3:
         assert torch.isnan(loss[3]) and torch.isnan(z[3].float()).all() and torch.isnan(db).all()

@@ -49,6 +49,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton kernel: one program per block of ROWS rows of the chunk
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    from ._adaln_common import _cast   # fp32 -> bf16 rounded to nearest even also under the interpreter
 
     @triton.jit
     def _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS: tl.constexpr, FULL: tl.constexpr, V):
@@ -135,13 +136,14 @@ if HAS_TRITON:
                 offs = start + tl.arange(0, BLOCK_V)
                 x = _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS, True, V)
                 g = _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index)
-                tl.store(z_row + offs[None, :], g.to(z_ptr.dtype.element_ty), mask=rows_ok[:, None])
+                tl.store(z_row + offs[None, :], _cast(g, z_ptr.dtype.element_ty), mask=rows_ok[:, None])
                 tl.store(db_row + offs, tl.sum(g, 0))
             if v_full < V:
                 offs = v_full + tl.arange(0, BLOCK_V)
                 x = _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS, False, V)
                 g = tl.where((offs < V)[None, :], _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index), 0.0)
-                tl.store(z_row + offs[None, :], g.to(z_ptr.dtype.element_ty), mask=rows_ok[:, None] & (offs < V)[None, :])
+                tl.store(z_row + offs[None, :], _cast(g, z_ptr.dtype.element_ty),
+                         mask=rows_ok[:, None] & (offs < V)[None, :])
                 tl.store(db_row + offs, tl.sum(g, 0), mask=offs < V)
 
 
