@@ -119,7 +119,7 @@ def step_plans(flow: str = "bf16", gpu: launch.GPU = launch.H100, shape: Optiona
 # ---------------------------------------------------------------------------------------------
 # Compiling a plan for an arch, and reading the result
 # ---------------------------------------------------------------------------------------------
-_LDST = re.compile(r"^\s*(?:@!?%p\w+\s+)?(ld|st)\.global((?:\.[a-z0-9]+)*)\s", re.M)
+_LDST = re.compile(r"^\s*(?:@!?%p\w+\s+)?(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)\s", re.M)   # incl. .L1::evict_*
 _WIDTH = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "bf16": 2, "b32": 4, "u32": 4,
           "s32": 4, "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
 
@@ -268,18 +268,21 @@ def run(archs=ARCHS, flows=FLOWS, jobs: int = 1) -> list[dict]:
         for flow in flows:
             for i, plan in enumerate(step_plans(flow, _GPUS[arch])):
                 key = plan_key(plan, arch)
-                if key in seen:          # same binary: keep the strictest assumption
-                    todo[seen[key]][3] = max(todo[seen[key]][3], plan.blocks_per_sm)
+                if key in seen:          # same binary: keep the strictest assumptions of all its launches
+                    entry = todo[seen[key]]
+                    entry[3] = max(entry[3], plan.blocks_per_sm)
+                    entry[4] = entry[4] | set(plan.vector_io)
                     continue
                 seen[key] = len(todo)
-                todo.append([flow, arch, i, plan.blocks_per_sm])
+                todo.append([flow, arch, i, plan.blocks_per_sm, set(plan.vector_io)])
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_compile_job, [(f, a, i) for f, a, i, _ in todo]))
+            results = list(pool.map(_compile_job, [(f, a, i) for f, a, i, _, _ in todo]))
     else:
-        results = [_compile_job((f, a, i)) for f, a, i, _ in todo]
-    for res, (_, _, _, bps) in zip(results, todo):
+        results = [_compile_job((f, a, i)) for f, a, i, _, _ in todo]
+    for res, (_, _, _, bps, vio) in zip(results, todo):
         res["blocks_per_sm_assumed"] = bps
+        res["vector_io"] = sorted(vio)
     return results
 
 
@@ -299,7 +302,7 @@ def cuda_resources() -> Optional[list]:
 def cuda_failures(kernels: list) -> list[str]:
     out = []
     for k in kernels:
-        arch = int(re.sub(r"\D", "", k["arch"])[:2])
+        arch = int(re.match(r"\D*(\d+)", k["arch"]).group(1))     # "sm_90a" -> 90, "sm_100" -> 100
         where = f"CUDA {k['kernel']} {k['arch']}"
         if k["spill_stores"] or k["spill_loads"]:
             out.append(f"{where}: spills ({k['spill_stores']} B stored, {k['spill_loads']} B loaded)")
@@ -356,10 +359,14 @@ def main(argv=None) -> int:
     elif not args.no_cuda:
         print("\nCUDA kernels: no resource record (mdlm_kernels/_C_resources.json): the extension was built "
               "without nvcc, or not from this tree")
+    import triton
+    versions = {"triton": triton.__version__, "torch": torch.__version__}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"triton": results, "cuda": cuda, "failures": fails}, f, indent=1, default=str)
-    print(f"\n{len(results)} Triton compiles, {len(fails)} failure(s)")
+            json.dump({"versions": versions, "triton": results, "cuda": cuda, "failures": fails}, f, indent=1,
+                      default=str)
+    print(f"\n{len(results)} Triton compiles (triton {versions['triton']}: the results hold for this Triton; the "
+          f"H200 machine runs 3.6.0), {len(fails)} failure(s)")
     for f in fails:
         print("FAIL", f)
     return 1 if fails else 0

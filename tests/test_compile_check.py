@@ -81,12 +81,13 @@ def test_access_widths_from_ptx():
     ld.global.nc.v2.b64 { %rd4, %rd5 }, [ %rd6 + 0 ];
     st.global.v2.b32 [ %rd7 + 0 ], { %r9, %r10 };
     @%p3 st.global.b32 [ %rd8 + 0 ], { %r11 };
+    @%p4 ld.global.L1::evict_last.v4.b32 { %r21, %r22, %r23, %r24 }, [ %rd11 + 0 ];
     cp.async.cg.shared.global [ %r12 + 0 ], [ %rd9 + 0 ], 0x10, %r13;
     cp.async.ca.shared.global [ %r14 + 0 ], [ %rd10 + 0 ], 0x4, %r15;
     ld.shared.v4.b32 { %r16, %r17, %r18, %r19 }, [ %r20 ];
     """
     w = cc.global_access_widths(ptx)
-    assert w == {"ld": {16: 4, 2: 1, 4: 1}, "st": {8: 1, 4: 1}}
+    assert w == {"ld": {16: 5, 2: 1, 4: 1}, "st": {8: 1, 4: 1}}
 
 
 def test_ptxas_log_parser():
