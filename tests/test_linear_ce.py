@@ -356,6 +356,13 @@ def test_row_kernel_with_the_gpu_tiling_matches_the_reference(C, V, mask_index, 
     loss_ng_r, _ = _lce._rows_reference(zz.clone(), tgt, w, mask_index, bias, False)
     assert torch.equal(zz, keep)
     torch.testing.assert_close(loss_ng, loss_ng_r, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # without the column sums (no bias, or no weight gradient): the same dL/dz and losses, no grad_b
+    z3 = keep.clone()
+    loss3, db3 = _lce._rows_triton(z3, tgt, w, mask_index, bias, True, False, gpu_plan=_launch.H100)
+    z4 = keep.clone()
+    loss4, _ = _lce._rows_triton(z4, tgt, w, mask_index, bias, True, True, gpu_plan=_launch.H100)
+    assert db3.numel() == 0 and torch.equal(z3.nan_to_num(), z4.nan_to_num())
+    assert torch.equal(loss3.nan_to_num(), loss4.nan_to_num())
 
 
 def test_chunks_are_balanced_and_bounded():

@@ -99,10 +99,11 @@ if HAS_TRITON:
         tgt_ptr,        # (C,) int64 target ids
         w_ptr,          # (C,) fp32 row weights
         loss_ptr,       # (C,) fp32 out: per-row weighted loss
-        db_ptr,         # (n_programs, V) fp32 out: this program's column sums of dL/dz (written if WRITE_GRAD)
+        db_ptr,         # (n_programs, V) fp32 out: this program's column sums of dL/dz (written if WRITE_DB)
         C, V,
         mask_index,     # column excluded from the softmax (-1: none)
         ROWS: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        WRITE_DB: tl.constexpr,     # the column sums (grad_b); only with WRITE_GRAD
         NUM_STAGES: tl.constexpr,   # software pipelining depth of the loops over V (1: none)
     ):
         pid = tl.program_id(0)
@@ -137,14 +138,16 @@ if HAS_TRITON:
                 x = _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS, True, V)
                 g = _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index)
                 tl.store(z_row + offs[None, :], _cast(g, z_ptr.dtype.element_ty), mask=rows_ok[:, None])
-                tl.store(db_row + offs, tl.sum(g, 0))
+                if WRITE_DB:
+                    tl.store(db_row + offs, tl.sum(g, 0))
             if v_full < V:
                 offs = v_full + tl.arange(0, BLOCK_V)
                 x = _ce_tile(z_row, b_ptr, offs, mask_index, HAS_BIAS, False, V)
                 g = tl.where((offs < V)[None, :], _ce_grad_tile(x, offs, lse, tgt, w_row, rows_ok, mask_index), 0.0)
                 tl.store(z_row + offs[None, :], _cast(g, z_ptr.dtype.element_ty),
                          mask=rows_ok[:, None] & (offs < V)[None, :])
-                tl.store(db_row + offs, tl.sum(g, 0), mask=offs < V)
+                if WRITE_DB:
+                    tl.store(db_row + offs, tl.sum(g, 0), mask=offs < V)
 
 
 def rows_plan_cfg(C: int, V: int, gpu) -> tuple:
@@ -152,38 +155,42 @@ def rows_plan_cfg(C: int, V: int, gpu) -> tuple:
 
     GPU: tiles of 16 rows x 128 columns over 4 warps (16 values per thread, loaded as two 16-byte vectors of 8
     bf16), the V loop software-pipelined 3 deep (cp.async: two tiles in flight while one is reduced), so a chunk
-    of C rows is C/16 programs; at C = 8192 that is 512 programs, one wave at 4-5 resident blocks per SM
-    (compile_check). Each program reads its rows twice and writes dL/dz once (3 x 16 x V x 2 bytes), reads the
-    bias once per 16 rows, and writes its V column sums of dL/dz in fp32 (V x 4 bytes, 1/12 of its logits
-    traffic in bf16) for grad_b. The interpreter (gpu None) pays per tile: wider tiles, no pipelining."""
+    of C rows is C/16 programs; at C = 8192 that is 512 programs: one wave on sm_90 (5 resident blocks x 132
+    SMs, compile_check), 1.2 waves on sm_80 (4 x 108). Each program reads its rows twice and writes dL/dz once
+    (3 x 16 x V x 2 bytes), reads the bias once per 16 rows, and, when grad_b is wanted, writes its V column sums
+    of dL/dz in fp32 (V x 4 bytes, 1/12 of its logits traffic in bf16). The interpreter (gpu None) pays per tile: wider tiles, no pipelining."""
     if gpu is not None:
         return 16, 128, 4, 3
     return 16, min(4096, triton.next_power_of_2(V)), 4, 1
 
 
 def _rows_triton(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index: int, bias: Optional[torch.Tensor],
-                 write_grad: bool = True, gpu_plan=None):
-    """Per-row loss (C,) fp32 and, if write_grad, the column sums of dL/dz (V,) fp32 (else an empty tensor).
+                 write_grad: bool = True, write_db: Optional[bool] = None, gpu_plan=None):
+    """Per-row loss (C,) fp32 and, if write_db (default: write_grad), the column sums of dL/dz (V,) fp32 (else an
+    empty tensor).
 
     z (C, V) holds h W^T without the bias (row stride may exceed V); it is overwritten with dL/dz if write_grad.
     ``gpu_plan`` (a launch.GPU) makes the launcher use that GPU's tiling (tests run the GPU tiling on CPU)."""
     C, V = z.shape
     loss = torch.empty(C, dtype=torch.float32, device=z.device)
+    write_db = write_grad if write_db is None else (write_db and write_grad)
     if C == 0:
-        return loss, torch.zeros(V if write_grad else 0, dtype=torch.float32, device=z.device)
+        return loss, torch.zeros(V if write_db else 0, dtype=torch.float32, device=z.device)
     rows, block, nw, stages = rows_plan_cfg(C, V, gpu_plan or _launch.gpu_of(z.device))
     n_prog = triton.cdiv(C, rows)
-    db = torch.empty((n_prog, V) if write_grad else (0,), dtype=torch.float32, device=z.device)
+    db = torch.empty((n_prog, V) if write_db else (0,), dtype=torch.float32, device=z.device)
     _launch.launch(_launch.Plan(
         "subs_linear_cross_entropy.rows", _subs_ce_rows_kernel, (n_prog,),
-        (z, z.stride(0), bias if bias is not None else w, tgt, w, loss, db if write_grad else loss, C, V, mask_index),
-        dict(ROWS=rows, BLOCK_V=block, HAS_BIAS=bias is not None, WRITE_GRAD=write_grad, NUM_STAGES=stages),
+        (z, z.stride(0), bias if bias is not None else w, tgt, w, loss, db if write_db else loss, C, V, mask_index),
+        dict(ROWS=rows, BLOCK_V=block, HAS_BIAS=bias is not None, WRITE_GRAD=write_grad, WRITE_DB=write_db,
+             NUM_STAGES=stages),
         num_warps=nw, vector_io=("ld", "st") if write_grad else ("ld",)), z.device)
-    return loss, (db.sum(0) if write_grad else db)
+    return loss, (db.sum(0) if write_db else db)
 
 
 def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_index: int,
-                    bias: Optional[torch.Tensor], write_grad: bool = True, gpu_plan=None):
+                    bias: Optional[torch.Tensor], write_grad: bool = True, write_db: Optional[bool] = None,
+                    gpu_plan=None):
     """The row kernel in PyTorch (fp32 math on one chunk): same contract as ``_rows_triton``."""
     C, V = z.shape
     zf = z.float()
@@ -202,7 +209,8 @@ def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_in
     g[torch.arange(C, device=z.device), safe] -= ok.to(g.dtype)
     g = g * torch.where(ok, w, float("nan"))[:, None]
     z.copy_(g)
-    return loss, g.sum(0)
+    write_db = write_grad if write_db is None else write_db
+    return loss, (g.sum(0) if write_db else torch.zeros(0, dtype=torch.float32, device=z.device))
 
 
 _ROWS = {"triton": _rows_triton, "reference": _rows_reference}
@@ -298,7 +306,7 @@ def _forward_and_grads(h, W, b, tgt, w, mask_index: int, rows_impl: str, grad_h:
         hc = h[s:e]
         z = buf[: e - s, :V]                                           # (C, V), row stride v_pad
         torch.mm(hc, Wt, out=z)                                        # no bias: the row kernel adds it in fp32
-        losses[s:e], db = rows(z, tgt[s:e], w[s:e], mask_index, b, write)   # z now holds dL/dz
+        losses[s:e], db = rows(z, tgt[s:e], w[s:e], mask_index, b, write, grad_w and b is not None)  # z: dL/dz
         if grad_h:
             torch.mm(z, W, out=gh[s:e])                                # (2)
         if grad_w:
