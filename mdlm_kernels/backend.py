@@ -165,12 +165,13 @@ def cuda_image_reason(device: Union[torch.device, str]) -> Optional[str]:
 
 def _announce_fallback(op_name: str, backend: str, device: torch.device, reason: str) -> None:
     """Automatic selection skipped the compiled CUDA kernels on a CUDA device: say so once per device."""
-    key = (backend, device.index)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (backend, index)
     if key in _WARNED:
         return
     _WARNED.add(key)
     import warnings
-    warnings.warn(f"mdlm_kernels: the compiled CUDA kernels are not used on {device} ({reason}); ops fall back to "
+    warnings.warn(f"mdlm_kernels: the compiled CUDA kernels are not used on cuda:{index} ({reason}); ops fall back to "
                   f"Triton or PyTorch (first seen in {op_name}; said once per device)", RuntimeWarning, stacklevel=3)
 
 
