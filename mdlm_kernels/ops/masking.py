@@ -245,7 +245,8 @@ def masked_rows_bound(B: int, L: int, seed: Optional[int], offset: int = 0, *, s
         rows = forward_mask(torch.zeros((B, 1), dtype=torch.int64), seed, offset, mask_index=1, schedule=schedule,
                             noise_eps=noise_eps, sigma_min=sigma_min, sigma_max=sigma_max,
                             sampling_eps=sampling_eps, antithetic=antithetic)
-        p = rows.move_chance.to(torch.float64).clamp(0.0, 1.0)
+        # P(uniform24 < p32) <= p32 + 2^-24 (the uniforms lie on a 2^-24 grid)
+        p = (rows.move_chance.to(torch.float64) + 2.0 ** -24).clamp(0.0, 1.0)
         return _bernstein_bound(float(L * p.sum()), float(L * (p * (1.0 - p)).sum()), B * L, tail, multiple)
 
 
