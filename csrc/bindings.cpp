@@ -271,8 +271,9 @@ SampleCall check_sample_step(const char* op, std::uintptr_t logits, int dtype, s
                                 mdlm::dtype_name(dtype) + "); supported: 0 (float32), 1 (bfloat16)");
   }
   if (rows < 0) throw std::invalid_argument(std::string(op) + ": rows must be >= 0, got " + std::to_string(rows));
-  if (vocab < 2 || vocab > int64_t(std::numeric_limits<int32_t>::max())) {
-    throw std::invalid_argument(std::string(op) + ": vocab must be in [2, 2^31), got " + std::to_string(vocab));
+  if (vocab < 2 || vocab > mdlm::kMaxVocab) {
+    throw std::invalid_argument(std::string(op) + ": vocab must be in [2, " + std::to_string(mdlm::kMaxVocab) +
+                                "] (the kernel's chunk tables), got " + std::to_string(vocab));
   }
   if (rows > std::numeric_limits<int64_t>::max() / elem_size / vocab) {
     throw std::invalid_argument(std::string(op) + ": rows*vocab*itemsize overflows int64");
@@ -305,12 +306,13 @@ SampleCall check_sample_step(const char* op, std::uintptr_t logits, int dtype, s
 void sample_step_cpu(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
                      std::uintptr_t tokens, std::uintptr_t conf, int64_t rows, int64_t vocab, uint64_t seed,
                      uint64_t offset, int64_t mask_index, double temperature, int64_t top_k, double top_p,
-                     bool greedy, std::uintptr_t offset_ptr) {
+                     bool greedy, std::uintptr_t offset_ptr, std::uintptr_t loads) {
   const char* op = "sample_step_cpu";
   const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
                                          mask_index, temperature, top_k, top_p, greedy, offset_ptr);
+  int64_t* l = static_cast<int64_t*>(as_ptr(op, loads, false));  // 0: do not count
   py::gil_scoped_release release;
-  mdlm::sample_step_cpu(c.logits, dtype, c.t, c.s, c.row_ids, c.tokens, c.conf, rows, c.params);
+  mdlm::sample_step_cpu(c.logits, dtype, c.t, c.s, c.row_ids, c.tokens, c.conf, rows, c.params, l);
 }
 
 void sample_step_cuda(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
@@ -352,14 +354,12 @@ void sample_threshold_cpu(std::uintptr_t logits, int dtype, std::uintptr_t keys,
   for (int64_t i = 0; i < rows; ++i) out[i] = static_cast<int64_t>(k[static_cast<size_t>(i)]);
 }
 
-// Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32; Gumbel prefilter
-// (input: 53-bit integers x as float64): 3 = the Gumbel noise of x, 4 = its table bound.
+// Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight.
 void sample_math(int fn, std::uintptr_t in, std::uintptr_t out, int64_t n) {
   const char* op = "sample_math";
   if (n < 0) throw std::invalid_argument("sample_math: n must be >= 0");
-  if (fn < 0 || fn > 4) {
-    throw std::invalid_argument(
-        "sample_math: fn must be 0 (log64), 1 (exp64), 2 (expf32), 3 (Gumbel of x) or 4 (Gumbel bound of x)");
+  if (fn < 0 || fn > 3) {
+    throw std::invalid_argument("sample_math: fn must be 0 (log64), 1 (exp64), 2 (expf32) or 3 (exp_weight)");
   }
   const double* pin = static_cast<const double*>(as_ptr(op, in, n > 0));
   double* pout = static_cast<double*>(as_ptr(op, out, n > 0));
@@ -433,10 +433,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("sample_step_cpu", &sample_step_cpu, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
         py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
         py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
-        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("offset_ptr") = 0,
+        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("offset_ptr") = 0, py::arg("loads_ptr") = 0,
         "Fused categorical sampling step (mdlm/sampling.h) on host buffers; row_ids_ptr = 0 uses row i; "
         "t_ptr / s_ptr may be 0 when greedy; offset_ptr: 0, or the address of one int64 the kernel adds to "
-        "offset (mod 2^64) when it runs.");
+        "offset (mod 2^64) when it runs; loads_ptr: 0, or (rows,) int64 receiving how many logits each row's "
+        "sampling read (tests).");
   m.def("sample_step_cuda", &sample_step_cuda, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
         py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
         py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
@@ -449,7 +450,7 @@ PYBIND11_MODULE(_C, m) {
         "Keep threshold (uint32 key of mdlm/sampling.h, 0 = keep all) of each row into an int64 host buffer (tests).");
   m.def("sample_math", &sample_math, py::arg("fn"), py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"),
         "Header transcendentals of mdlm/sampling.h on float64 host buffers (tests): 0 log64, 1 exp64, 2 expf32, "
-        "3 Gumbel noise of a 53-bit x, 4 its prefilter table bound.");
+        "3 exp_weight.");
   m.attr("SCHEDULE_CODES") = py::dict(py::arg("loglinear") = int(mdlm::kLogLinear), py::arg("linear") = int(mdlm::kLinear),
                                       py::arg("geometric") = int(mdlm::kGeometric), py::arg("cosine") = int(mdlm::kCosine),
                                       py::arg("cosinesqr") = int(mdlm::kCosineSqr));

@@ -1,7 +1,7 @@
 """Fast samplers on the fused categorical step (``mdlm_kernels.sample_step``).
 
 The published samplers in ``mdlm.sampling`` are the spec; these compute the same reverse process with
-the LM head applied to masked rows only and the exact (53-bit, log-space Gumbel) categorical kernel:
+the LM head applied to masked rows only and the exact (53-bit inversion) categorical kernel:
 
 - ``ddpm`` / ``ddpm_cache``: ancestral steps t -> s on a uniform grid (loglinear: a masked token stays
   masked with probability s/t, else becomes v with probability p_theta(v)). Whether a token unmasks does

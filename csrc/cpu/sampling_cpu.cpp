@@ -1,9 +1,9 @@
-// CPU twin of csrc/cuda/sampling_cuda.cu: the same header functions (mdlm/sampling.h) with the same
-// lane structure and combine tree, OpenMP over rows. Lane j = v mod 256 accumulates its columns in
-// increasing order (iterating v = 0..V-1 and updating lane v & 255 gives each lane exactly that
-// sequence); the top-p weights of a row are computed once into a per-thread buffer (the CUDA kernel
-// recomputes them each pass: same values, same sums).
+// CPU twin of csrc/cuda/sampling_cuda.cu: the same header functions (mdlm/sampling.h) in the same order --
+// chunks of 128 columns as 32 lanes x 4 columns, the Hillis-Steele lane scan and the xor butterfly emulated on
+// arrays, chunk groups of 32 scanned the same way, the radix threshold descent with exact integer histograms --
+// so its tokens and confidences are bit-identical to the CUDA kernel's. OpenMP over rows.
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -14,110 +14,265 @@ namespace mdlm {
 
 namespace {
 
-constexpr int kL = kSampleLanes;
-
-// The gumbel_bound table, computed once (thread-safe static initialisation).
-struct GumbelTable {
-  float g[kGumbelBuckets];
-  GumbelTable() {
-    for (int b = 0; b < kGumbelBuckets; ++b) g[b] = gumbel_bound(static_cast<uint32_t>(b));
-  }
+// A row whose loads are counted (tests: how many logits a call reads; the CUDA kernel reads the same ones).
+template <typename T>
+struct CountedRow {
+  const T* p;
+  int64_t* loads;
 };
 
-const float* gumbel_table() {
-  static const GumbelTable table;
-  return table.g;
-}
-
-double lane_tree_sum(double* acc) {
-  for (int stride = kL / 2; stride > 0; stride >>= 1) {
-    for (int j = 0; j < stride; ++j) acc[j] = dadd(acc[j], acc[j + stride]);
-  }
-  return acc[0];
-}
+using mdlm::load_logit;  // the header's overloads stay visible next to this one
 
 template <typename T>
-uint32_t threshold_key(const T* x, int64_t V, uint32_t mask, const SampleParams& p, std::vector<double>& w) {
-  KeyRange kr = key_range_init();
-  for (int64_t v = 0; v < V; ++v) {
-    if (v != mask) key_range_add(kr, load_logit(x, v));
+float load_logit(const CountedRow<T>& r, int64_t v) {
+  ++*r.loads;
+  return load_logit(r.p, v);
+}
+
+// Inclusive Hillis-Steele scan over 32 lanes, as the warp runs it (each step reads the previous step's values).
+void lane_scan(double x[kWarpLanes]) {
+  for (int o = 1; o < kWarpLanes; o <<= 1) {
+    for (int l = kWarpLanes - 1; l >= o; --l) x[l] = dadd(x[l], x[l - o]);
   }
-  if (kr.flags != 0u) return 0u;  // NaN / +inf row: invalid, no passes
-  uint32_t lo = kr.lo, hi = kr.hi;
+}
+
+// The xor-butterfly total over 32 lanes (every lane ends with it; lane 0's is returned).
+double lane_butterfly(const double in[kWarpLanes]) {
+  double x[kWarpLanes], y[kWarpLanes];
+  std::memcpy(x, in, sizeof(x));
+  for (int o = kWarpLanes / 2; o > 0; o >>= 1) {
+    for (int l = 0; l < kWarpLanes; ++l) y[l] = dadd(x[l], x[l ^ o]);
+    std::memcpy(x, y, sizeof(x));
+  }
+  return x[0];
+}
+
+// ---- thresholds -------------------------------------------------------------------------------------
+// Radix descent (mdlm/sampling.h, TOP-K / TOP-P): the keep key of the row (0 keeps everything), flags bad logits.
+template <typename Row>
+uint32_t threshold_key(const Row& x, int64_t V, uint32_t mask, const SampleParams& p, uint32_t& flags) {
+  std::vector<uint64_t> hist(kRadixBins);
+  float x_max = -inf32();
+  uint32_t keep = 0u;
+  // top-k: counts
+  bool scanned = false;
   if (use_top_k(p)) {
-    const int64_t k = p.top_k;
-    while (lo < hi) {
-      const uint32_t mid = bisect_mid(lo, hi);
-      int64_t count = 0;
+    const uint64_t k = static_cast<uint64_t>(p.top_k);
+    uint32_t prefix = 0u;
+    uint64_t above = 0u;
+    for (int level = 0; level < kRadixLevels; ++level) {
+      std::fill(hist.begin(), hist.end(), uint64_t(0));
+      const uint32_t pm = radix_prefix_mask(level);
       for (int64_t v = 0; v < V; ++v) {
-        if (v != mask && float_key(load_logit(x, v)) > mid) ++count;
+        if (v == int64_t(mask)) continue;
+        const float xv = load_logit(x, v);
+        if (level == 0) {
+          if (bad_logit(xv)) {
+            flags |= kFlagBadLogit;
+            continue;
+          }
+          x_max = xv > x_max ? xv : x_max;
+        } else if (bad_logit(xv)) {
+          continue;
+        }
+        const uint32_t key = float_key(xv);
+        if ((key & pm) != prefix) continue;
+        ++hist[radix_digit(key, level)];
       }
-      bisect_update(lo, hi, mid, count < k);
+      if (flags != 0u) return 0u;
+      int b = radix_bins(level) - 1;
+      for (; b > 0; --b) {
+        if (above + hist[b] >= k) break;
+        above += hist[b];
+      }
+      prefix |= static_cast<uint32_t>(b) << radix_shift(level);
     }
+    keep = prefix;
+    scanned = true;
   }
-  const uint32_t keep_k = lo;
-  if (!use_top_p(p)) return keep_k;
-  const float x_max = key_float(kr.hi);
-  w.resize(static_cast<size_t>(V));
-  double acc[kL];
-  for (int j = 0; j < kL; ++j) acc[j] = 0.0;
-  for (int64_t v = 0; v < V; ++v) {
-    const float xv = load_logit(x, v);
-    const bool in = v != mask && float_key(xv) >= keep_k;
-    w[v] = in ? top_p_weight(xv, x_max, p.inv_t) : 0.0;
-    if (in) acc[v & (kL - 1)] = dadd(acc[v & (kL - 1)], w[v]);
-  }
-  const double target = dmul(p.top_p, lane_tree_sum(acc));
-  lo = keep_k;
-  hi = kr.hi;
-  while (lo < hi) {
-    const uint32_t mid = bisect_mid(lo, hi);
-    for (int j = 0; j < kL; ++j) acc[j] = 0.0;
+  if (!use_top_p(p)) return keep;
+  if (!scanned) {  // the row maximum (and the flags) first
     for (int64_t v = 0; v < V; ++v) {
-      if (v != mask && float_key(load_logit(x, v)) > mid) acc[v & (kL - 1)] = dadd(acc[v & (kL - 1)], w[v]);
+      if (v == int64_t(mask)) continue;
+      const float xv = load_logit(x, v);
+      if (bad_logit(xv)) {
+        flags |= kFlagBadLogit;
+        continue;
+      }
+      x_max = xv > x_max ? xv : x_max;
     }
-    bisect_update(lo, hi, mid, lane_tree_sum(acc) < target);
+    if (flags != 0u) return 0u;
   }
-  return lo;
+  if (x_max == -inf32()) return keep;  // nothing finite: the row is empty anyway
+  // top-p: fixed-point masses over the top-k set
+  uint64_t Z = 0u;
+  uint32_t prefix = 0u;
+  uint64_t above = 0u;
+  double target = 0.0;
+  for (int level = 0; level < kRadixLevels; ++level) {
+    std::fill(hist.begin(), hist.end(), uint64_t(0));
+    const uint32_t pm = radix_prefix_mask(level);
+    for (int64_t v = 0; v < V; ++v) {
+      if (v == int64_t(mask)) continue;
+      const float xv = load_logit(x, v);
+      if (bad_logit(xv)) continue;
+      const uint32_t key = float_key(xv);
+      if (key < keep || (key & pm) != prefix) continue;
+      hist[radix_digit(key, level)] += mass_fixed(top_p_weight(xv, x_max, p.inv_t));
+    }
+    if (level == 0) {
+      for (int b = 0; b < kRadixBins; ++b) Z += hist[b];
+      target = dmul(p.top_p, static_cast<double>(Z));
+    }
+    int b = radix_bins(level) - 1;
+    for (; b > 0; --b) {
+      if (static_cast<double>(above + hist[b]) >= target) break;
+      above += hist[b];
+    }
+    prefix |= static_cast<uint32_t>(b) << radix_shift(level);
+  }
+  return prefix > keep ? prefix : keep;
+}
+
+// ---- one row ------------------------------------------------------------------------------------------
+struct RowScratch {
+  std::vector<float> m;
+  std::vector<double> s, h;  // per chunk: sums of w and w d relative to m_c; then scan values / scaled H
+  std::vector<double> G;     // per group: exclusive prefix of the group totals
+};
+
+template <typename Row>
+int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t flags, const SampleParams& p,
+                   float conf[3], RowScratch& sc) {
+  const int64_t V = p.vocab;
+  const uint32_t mask = static_cast<uint32_t>(p.mask_index);
+  const uint32_t keep = (use_top_k(p) || use_top_p(p)) ? threshold_key(x, V, mask, p, flags) : 0u;
+  const int64_t nc = (V + kChunkCols - 1) / kChunkCols;
+  const int64_t ng = (nc + kWarpLanes - 1) / kWarpLanes;
+  sc.m.assign(static_cast<size_t>(nc), -inf32());
+  sc.s.assign(static_cast<size_t>(ng * kWarpLanes), 0.0);
+  sc.h.assign(static_cast<size_t>(ng * kWarpLanes), 0.0);
+  sc.G.assign(static_cast<size_t>(ng + 1), 0.0);
+  // pass 1: chunk statistics
+  Top2 top2 = top2_init();
+  Lane4 lanes[kWarpLanes];
+  double sw[kWarpLanes], swd[kWarpLanes], w[kLaneCols];
+  for (int64_t c = 0; c < nc; ++c) {
+    float m = -inf32();
+    for (int l = 0; l < kWarpLanes; ++l) {
+      lanes[l] = lane_load(x, c, l, V, mask, keep, flags, &top2);
+      const float lm = lane_max(lanes[l]);
+      m = lm > m ? lm : m;
+    }
+    sc.m[c] = m;
+    for (int l = 0; l < kWarpLanes; ++l) lane_weights(lanes[l], m, p.inv_t, w, sw[l], swd[l]);
+    lane_scan(sw);
+    sc.s[c] = sw[kWarpLanes - 1];
+    sc.h[c] = lane_butterfly(swd);
+  }
+  flags |= time_flags(t, s, p.greedy);
+  if (top2.x1 == -inf32()) flags |= kFlagEmpty;
+  if (flags != 0u) {
+    nan_confidences(conf);
+    return -1;
+  }
+  // chunks scaled to the row maximum; groups of 32 chunks scanned; group totals summed in order
+  const float mrow = top2.x1;
+  double Hrow = 0.0;
+  for (int64_t g = 0; g < ng; ++g) {
+    double S[kWarpLanes], H[kWarpLanes];
+    for (int l = 0; l < kWarpLanes; ++l) {
+      const int64_t c = g * kWarpLanes + l;
+      double e = 0.0;
+      S[l] = H[l] = 0.0;
+      if (c < nc) chunk_scaled(sc.m[c], sc.s[c], sc.h[c], mrow, p.inv_t, e, S[l], H[l]);
+    }
+    const double hg = lane_butterfly(H);
+    lane_scan(S);
+    for (int l = 0; l < kWarpLanes; ++l) sc.s[g * kWarpLanes + l] = S[l];  // now the group-local scan
+    sc.G[g + 1] = dadd(sc.G[g], S[kWarpLanes - 1]);
+    Hrow = g == 0 ? hg : dadd(Hrow, hg);
+  }
+  const double Z = sc.G[ng];
+  row_confidences(top2, Z, Hrow, p.inv_t, conf);
+  if (p.greedy) return static_cast<int64_t>(top2.i1);
+  double u1, u2;
+  row_uniforms(p.seed, p.offset, row_key, u1, u2);
+  if (draws_mask(u1, t, s)) return p.mask_index;
+  const double target = dmul(u2, Z);
+  // the chunk: the first c with P_c = G_g + scan_c > target (rounding can leave none: then the last chunk whose
+  // prefix increased, and its last kept column)
+  int64_t cs = -1;
+  double prev = 0.0;
+  for (int64_t g = 0; g < ng && cs < 0; ++g) {
+    if (!(sc.G[g + 1] > target)) continue;
+    for (int l = 0; l < kWarpLanes; ++l) {
+      const double P = dadd(sc.G[g], sc.s[g * kWarpLanes + l]);
+      if (P > target) {
+        cs = g * kWarpLanes + l;
+        prev = l == 0 ? sc.G[g] : dadd(sc.G[g], sc.s[g * kWarpLanes + l - 1]);
+        break;
+      }
+    }
+  }
+  double tau = 0.0;
+  if (cs < 0) {
+    double Pnext = Z;
+    for (int64_t c = nc - 1; c >= 0; --c) {
+      const int64_t g = c / kWarpLanes, l = c % kWarpLanes;
+      const double P = l == 0 ? sc.G[g] : dadd(sc.G[g], sc.s[g * kWarpLanes + l - 1]);  // P_{c-1}
+      if (Pnext > P) {
+        cs = c;
+        break;
+      }
+      Pnext = P;
+    }
+    tau = inf64();
+  } else {
+    tau = dsub(target, prev);
+  }
+  // pass 2: the chosen chunk's columns
+  const float mc = sc.m[cs];
+  const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t));
+  double wl[kWarpLanes][kLaneCols];
+  for (int l = 0; l < kWarpLanes; ++l) {
+    lanes[l] = lane_load(x, cs, l, V, mask, keep, flags, nullptr);
+    lane_weights(lanes[l], mc, p.inv_t, wl[l], sw[l], swd[l]);
+  }
+  lane_scan(sw);
+  int64_t fallback = -1;
+  for (int l = 0; l < kWarpLanes; ++l) {
+    int last = -1;
+    const int k = lane_pick(wl[l], l == 0 ? 0.0 : sw[l - 1], e, tau, last);
+    if (k >= 0) return cs * kChunkCols + int64_t(l) * kLaneCols + k;
+    if (last >= 0) fallback = cs * kChunkCols + int64_t(l) * kLaneCols + last;
+  }
+  return fallback;
 }
 
 template <typename T>
 void sample_rows(const T* logits, const float* t, const float* s, const int64_t* row_ids, int64_t* tokens,
-                 float* conf, int64_t N, const SampleParams& p) {
+                 float* conf, int64_t N, const SampleParams& p, int64_t* loads) {
   const int64_t V = p.vocab;
-  const uint32_t mask = static_cast<uint32_t>(p.mask_index);
-  const bool filter = use_top_k(p) || use_top_p(p);
-  const float* g_hi = p.greedy ? nullptr : gumbel_table();
 #if defined(_OPENMP)
 #pragma omp parallel if (N > 1 && N * V > 16384)
 #endif
   {
-    std::vector<double> wbuf;
-    SampleAcc lanes[kL];
+    RowScratch sc;
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t i = 0; i < N; ++i) {
-      const T* x = logits + i * V;
       uint32_t flags = 0u;
       const uint32_t row_key = row_key_of(row_ids, i, flags);
-      const uint32_t keep = filter ? threshold_key(x, V, mask, p, wbuf) : 0u;
-      const int active = V < kL ? static_cast<int>(V) : kL;
-      for (int j = 0; j < active; ++j) lanes[j] = sample_acc_init();
-      double cut = -inf64();  // shared by all lanes of the row (GUMBEL PREFILTER)
-      for (int64_t v = 0; v < V; ++v) {
-        if (v == mask) continue;
-        sample_acc_add(lanes[v & (kL - 1)], load_logit(x, v), static_cast<uint32_t>(v), keep, p, row_key, g_hi, cut);
-      }
-      // the fixed tree; lanes >= active are empty and combine(a, empty) == a, so they are skipped
-      for (int stride = kL / 2; stride > 0; stride >>= 1) {
-        for (int j = 0; j < stride && j + stride < active; ++j) {
-          lanes[j] = sample_acc_combine(lanes[j], lanes[j + stride], p.inv_t);
-        }
-      }
       const float ti = p.greedy ? 0.0f : t[i];
       const float si = p.greedy ? 0.0f : s[i];
-      tokens[i] = sample_finalize(lanes[0], ti, si, row_key, flags, p, conf + 3 * i);
+      if (loads != nullptr) {
+        loads[i] = 0;
+        tokens[i] = sample_row(CountedRow<T>{logits + i * V, loads + i}, ti, si, row_key, flags, p, conf + 3 * i, sc);
+      } else {
+        tokens[i] = sample_row(logits + i * V, ti, si, row_key, flags, p, conf + 3 * i, sc);
+      }
     }
   }
 }
@@ -125,15 +280,15 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
 }  // namespace
 
 void sample_step_cpu(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
-                     int64_t* tokens, float* conf, int64_t rows, const SampleParams& params) {
+                     int64_t* tokens, float* conf, int64_t rows, const SampleParams& params, int64_t* loads) {
   if (rows == 0) return;
   const SampleParams p = resolve_offset(params);  // reads *params.offset_ptr (if any) once, as the kernel does
   switch (dtype) {
     case kFloat32:
-      sample_rows(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, p);
+      sample_rows(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, p, loads);
       break;
     case kBFloat16:
-      sample_rows(static_cast<const uint16_t*>(logits), t, s, row_ids, tokens, conf, rows, p);
+      sample_rows(static_cast<const uint16_t*>(logits), t, s, row_ids, tokens, conf, rows, p, loads);
       break;
     default: throw std::invalid_argument("sample_step_cpu: unsupported dtype");
   }
@@ -141,42 +296,30 @@ void sample_step_cpu(const void* logits, int dtype, const float* t, const float*
 
 void sample_threshold_cpu(const void* logits, int dtype, int64_t rows, const SampleParams& params, uint32_t* keys) {
   const uint32_t mask = static_cast<uint32_t>(params.mask_index);
-  std::vector<double> wbuf;
   for (int64_t i = 0; i < rows; ++i) {
+    uint32_t flags = 0u;
     switch (dtype) {
       case kFloat32:
-        keys[i] = threshold_key(static_cast<const float*>(logits) + i * params.vocab, params.vocab, mask, params, wbuf);
+        keys[i] = threshold_key(static_cast<const float*>(logits) + i * params.vocab, params.vocab, mask, params, flags);
         break;
       case kBFloat16:
         keys[i] = threshold_key(static_cast<const uint16_t*>(logits) + i * params.vocab, params.vocab, mask, params,
-                                wbuf);
+                                flags);
         break;
       default: throw std::invalid_argument("sample_threshold_cpu: unsupported dtype");
     }
   }
 }
 
-// Test hook for the header transcendentals: fn 0 = log64, 1 = exp64, 2 = expf32 (input rounded to
-// float32, result widened to double); Gumbel prefilter: the input is a 53-bit integer x (exact in
-// float64) turned into the Philox words (w0, w1) that uniform53 maps to it, fn 3 = gumbel_of_words,
-// fn 4 = the table bound the sampling pass uses for those words (g_hi[gumbel_bucket(w0)]).
+// Test hook for the header transcendentals: fn 0 = log64, 1 = exp64, 2 = expf32 (input rounded to float32,
+// result widened to double), 3 = exp_weight.
 void sample_math_cpu(int fn, const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t w0 = 0u, w1 = 0u;
-    if (fn == 3 || fn == 4) {
-      if (!(in[i] >= 0.0 && in[i] < 9007199254740992.0) || in[i] != std::floor(in[i])) {
-        throw std::invalid_argument("sample_math_cpu: fn 3 / 4 take integers x in [0, 2^53)");
-      }
-      const uint64_t x = static_cast<uint64_t>(in[i]);
-      w0 = static_cast<uint32_t>(x >> 26) << 5;
-      w1 = static_cast<uint32_t>(x & ((uint64_t(1) << 26) - 1u)) << 6;
-    }
     switch (fn) {
       case 0: out[i] = log64(in[i]); break;
       case 1: out[i] = exp64(in[i]); break;
       case 2: out[i] = static_cast<double>(expf32(static_cast<float>(in[i]))); break;
-      case 3: out[i] = gumbel_of_words(w0, w1); break;
-      case 4: out[i] = static_cast<double>(gumbel_table()[gumbel_bucket(w0)]); break;
+      case 3: out[i] = exp_weight(in[i]); break;
       default: throw std::invalid_argument("sample_math_cpu: unknown function code");
     }
   }

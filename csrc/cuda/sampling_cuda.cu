@@ -1,13 +1,13 @@
-// CUDA launcher for the fused categorical sampling step (mdlm/sampling.h). One block of
-// kSampleLanes = 256 threads per row (grid-stride over rows, grid <= the resident blocks: each block
-// computes the Gumbel prefilter table into shared memory once); thread j is lane j of the header's
-// reduction contract: it visits v = j, j + 256, ... in increasing order, and the lanes are combined by
-// the fixed pairwise tree in shared memory (stride 128 .. 1), exactly as the CPU twin
-// (csrc/cpu/sampling_cpu.cpp) does sequentially -> bit-identical tokens and confidences.
-// Threshold passes (top-k counts, top-p masses) are block reductions whose result every thread
-// reads, so all threads take the same bisection path. Reads the row's logits once per pass (once
-// in total without top-k / top-p); writes only tokens and confidences; queued on the caller's
-// stream, never synchronises. The device-side offset (params.offset_ptr) is read by every thread at
+// CUDA launcher for the fused categorical sampling step (mdlm/sampling.h): one block of 8 warps per row
+// (grid-stride over rows). Pass 1: warp w takes chunks c = w, w + 8, ... (lane l: columns 128c + 4l .. + 3,
+// coalesced), reduces each chunk to (m_c, s_c, h_c) with warp shuffles in the header's order and keeps them in
+// shared memory; the row maximum, the chunk scaling, the group scans over chunks, the two uniforms and the
+// choice of the chunk follow (thread 0 walks the group totals: n_chunks / 32 steps); pass 2: warp 0 re-reads the
+// chosen chunk (128 columns) and picks the column. Top-k / top-p: the radix descent with shared-memory
+// histograms (integer atomics: exact, order-free), the bin picked by warp 0. Exactly the CPU twin's arithmetic
+// (csrc/cpu/sampling_cpu.cpp) -> bit-identical tokens and confidences. Reads a row's logits once plus one chunk
+// (plus the threshold passes when top-k / top-p are on); writes only tokens and confidences; queued on the
+// caller's stream, never synchronises. The device-side offset (params.offset_ptr) is read by every thread at
 // the kernel's start (resolve_offset), so a CUDA graph replay uses the value current at replay time.
 #include <cuda_runtime.h>
 
@@ -18,185 +18,422 @@ namespace mdlm {
 
 namespace {
 
-constexpr int kThreads = kSampleLanes;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpLanes;  // 256
 constexpr unsigned int kMaxGrid = 1u << 20;
+constexpr unsigned int kFull = 0xFFFFFFFFu;
 
-struct Shared {
-  SampleAcc acc[kThreads];
-  double sum[kThreads];
-  uint64_t cnt[kThreads];
-  uint32_t lo[kThreads], hi[kThreads], flags[kThreads];
-};
-
-// Fixed-tree float64 sum over the block (the header's lane tree); every thread gets the result.
-__device__ __forceinline__ double block_tree_sum(double v, Shared& sh) {
-  const int j = threadIdx.x;
-  sh.sum[j] = v;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (j < stride) sh.sum[j] = dadd(sh.sum[j], sh.sum[j + stride]);
-    __syncthreads();
+__device__ __forceinline__ double warp_scan_incl(double x, int lane) {  // Hillis-Steele, as lane_scan
+#pragma unroll
+  for (int o = 1; o < kWarpLanes; o <<= 1) {
+    const double y = __shfl_up_sync(kFull, x, o);
+    if (lane >= o) x = dadd(x, y);
   }
-  const double r = sh.sum[0];
-  __syncthreads();
-  return r;
+  return x;
 }
 
-__device__ __forceinline__ uint64_t block_count(uint64_t v, Shared& sh) {
-  const int j = threadIdx.x;
-  sh.cnt[j] = v;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (j < stride) sh.cnt[j] += sh.cnt[j + stride];
-    __syncthreads();
+__device__ __forceinline__ double warp_butterfly(double x) {  // as lane_butterfly
+#pragma unroll
+  for (int o = kWarpLanes / 2; o > 0; o >>= 1) x = dadd(x, __shfl_xor_sync(kFull, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = kWarpLanes / 2; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(kFull, x, o);
+    x = y > x ? y : x;
   }
-  const uint64_t r = sh.cnt[0];
-  __syncthreads();
-  return r;
+  return x;
+}
+
+__device__ __forceinline__ Top2 warp_top2(Top2 a) {
+#pragma unroll
+  for (int o = kWarpLanes / 2; o > 0; o >>= 1) {
+    Top2 b;
+    b.x1 = __shfl_xor_sync(kFull, a.x1, o);
+    b.x2 = __shfl_xor_sync(kFull, a.x2, o);
+    b.i1 = __shfl_xor_sync(kFull, a.i1, o);
+    a = top2_combine(a, b);
+  }
+  return a;
+}
+
+// Shared state of one row (static part); the chunk tables / histograms live in dynamic shared memory.
+struct RowShared {
+  Top2 top2[kWarps];
+  uint32_t flags[kWarps];
+  uint32_t prefix;
+  uint64_t above;
+  double target;
+  int64_t chunk;   // the chosen chunk (-1: MASK or invalid)
+  double tau;
+  int64_t token;
+  float x_max[kWarps];
+};
+
+// Warp 0 picks the radix bin: the highest bin b with above + sum_{b' > b} hist <= ... (see threshold_key of the CPU
+// twin: the descending walk stops at the first b with above + hist[b] >= need). Integer sums: any order is exact.
+template <bool MASS>
+__device__ void pick_bin(const uint64_t* hist, int bins, uint64_t& above, double need_d, uint64_t need_k, int lane,
+                         int& pick) {
+  // lane l owns bins [hi_l - per + 1, hi_l] counted from the top: lane 0 the highest
+  const int per = bins / kWarpLanes;
+  const int top = bins - 1 - lane * per;
+  uint64_t mine = 0;
+  for (int j = 0; j < per; ++j) mine += hist[top - j];
+  // exclusive prefix (from the top) over lanes: integer, so the scan's order does not matter
+  uint64_t incl = mine;
+#pragma unroll
+  for (int o = 1; o < kWarpLanes; o <<= 1) {
+    const uint64_t y = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += y;
+  }
+  const uint64_t excl = incl - mine;
+  // the first lane (from the top) whose range reaches the need
+  const bool reach = MASS ? static_cast<double>(above + incl) >= need_d : (above + incl) >= need_k;
+  const unsigned int ballot = __ballot_sync(kFull, reach);
+  const int owner = ballot ? (__ffs(ballot) - 1) : (kWarpLanes - 1);
+  int b = -1;
+  uint64_t a = above + excl;
+  if (lane == owner) {
+    b = top - per + 1;  // default: the owner's lowest bin (reached when nothing above it meets the need)
+    for (int j = 0; j < per; ++j) {
+      const int bj = top - j;
+      const bool ok = MASS ? static_cast<double>(a + hist[bj]) >= need_d : (a + hist[bj]) >= need_k;
+      if (ok && bj > 0) {
+        b = bj;
+        break;
+      }
+      if (bj == 0) {
+        b = 0;
+        break;
+      }
+      a += hist[bj];
+    }
+  }
+  pick = __shfl_sync(kFull, b, owner);
+  above = __shfl_sync(kFull, a, owner);
 }
 
 template <typename T>
 __device__ uint32_t threshold_key(const T* __restrict__ x, int64_t V, uint32_t mask, const SampleParams& p,
-                                  Shared& sh) {
-  const int j = threadIdx.x;
-  KeyRange kr = key_range_init();
-  for (int64_t v = j; v < V; v += kThreads) {
-    if (v != mask) key_range_add(kr, load_logit(x, v));
-  }
-  sh.lo[j] = kr.lo;
-  sh.hi[j] = kr.hi;
-  sh.flags[j] = kr.flags;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (j < stride) {
-      const KeyRange c = key_range_combine(KeyRange{sh.lo[j], sh.hi[j], sh.flags[j]},
-                                           KeyRange{sh.lo[j + stride], sh.hi[j + stride], sh.flags[j + stride]});
-      sh.lo[j] = c.lo;
-      sh.hi[j] = c.hi;
-      sh.flags[j] = c.flags;
-    }
-    __syncthreads();
-  }
-  const KeyRange all{sh.lo[0], sh.hi[0], sh.flags[0]};
-  __syncthreads();
-  if (all.flags != 0u) return 0u;
-  uint32_t lo = all.lo, hi = all.hi;
+                                  uint64_t* hist, RowShared& rs, uint32_t& flags) {
+  const int j = threadIdx.x, lane = j % kWarpLanes, warp = j / kWarpLanes;
+  uint32_t keep = 0u;
+  float x_max = -inf32();
+  bool scanned = false;
   if (use_top_k(p)) {
     const uint64_t k = static_cast<uint64_t>(p.top_k);
-    while (lo < hi) {
-      const uint32_t mid = bisect_mid(lo, hi);
-      uint64_t count = 0;
+    uint32_t prefix = 0u;
+    if (j == 0) rs.above = 0u;
+    for (int level = 0; level < kRadixLevels; ++level) {
+      for (int b = j; b < kRadixBins; b += kThreads) hist[b] = 0u;
+      __syncthreads();
+      const uint32_t pm = radix_prefix_mask(level);
+      uint32_t f = 0u;
       for (int64_t v = j; v < V; v += kThreads) {
-        if (v != mask && float_key(load_logit(x, v)) > mid) ++count;
+        if (v == int64_t(mask)) continue;
+        const float xv = load_logit(x, v);
+        if (bad_logit(xv)) {
+          f |= kFlagBadLogit;
+          continue;
+        }
+        if (level == 0) x_max = xv > x_max ? xv : x_max;
+        const uint32_t key = float_key(xv);
+        if ((key & pm) != prefix) continue;
+        atomicAdd(reinterpret_cast<unsigned long long*>(&hist[radix_digit(key, level)]), 1ull);
       }
-      bisect_update(lo, hi, mid, block_count(count, sh) < k);
-    }
-  }
-  const uint32_t keep_k = lo;
-  if (!use_top_p(p)) return keep_k;
-  const float x_max = key_float(all.hi);
-  double z = 0.0;
-  for (int64_t v = j; v < V; v += kThreads) {
-    const float xv = load_logit(x, v);
-    if (v != mask && float_key(xv) >= keep_k) z = dadd(z, top_p_weight(xv, x_max, p.inv_t));
-  }
-  const double target = dmul(p.top_p, block_tree_sum(z, sh));
-  lo = keep_k;
-  hi = all.hi;
-  while (lo < hi) {
-    const uint32_t mid = bisect_mid(lo, hi);
-    double m = 0.0;
-    for (int64_t v = j; v < V; v += kThreads) {
-      const float xv = load_logit(x, v);
-      if (v != mask && float_key(xv) > mid) m = dadd(m, top_p_weight(xv, x_max, p.inv_t));
-    }
-    bisect_update(lo, hi, mid, block_tree_sum(m, sh) < target);
-  }
-  return lo;
-}
-
-// Maximum over the warp (all 32 lanes converged).
-__device__ __forceinline__ double warp_max(double c) {
+      f = __reduce_or_sync(kFull, f);
+      if (lane == 0) rs.flags[warp] = f;
+      __syncthreads();
+      uint32_t all = 0u;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const double d = __shfl_xor_sync(0xFFFFFFFFu, c, o);
-    c = d > c ? d : c;
+      for (int w = 0; w < kWarps; ++w) all |= rs.flags[w];
+      if (all != 0u) {
+        flags |= all;
+        __syncthreads();
+        return 0u;
+      }
+      if (warp == 0) {
+        uint64_t above = rs.above;
+        int b = 0;
+        pick_bin<false>(hist, radix_bins(level), above, 0.0, k, lane, b);
+        if (lane == 0) {
+          rs.above = above;
+          rs.prefix = prefix | (static_cast<uint32_t>(b) << radix_shift(level));
+        }
+      }
+      __syncthreads();
+      prefix = rs.prefix;
+      __syncthreads();
+    }
+    keep = prefix;
+    scanned = true;
   }
-  return c;
+  if (!use_top_p(p)) return keep;
+  if (!scanned) {
+    uint32_t f = 0u;
+    for (int64_t v = j; v < V; v += kThreads) {
+      if (v == int64_t(mask)) continue;
+      const float xv = load_logit(x, v);
+      if (bad_logit(xv)) {
+        f |= kFlagBadLogit;
+        continue;
+      }
+      x_max = xv > x_max ? xv : x_max;
+    }
+    f = __reduce_or_sync(kFull, f);
+    if (lane == 0) rs.flags[warp] = f;
+  }
+  x_max = warp_max(x_max);
+  if (lane == 0) rs.x_max[warp] = x_max;
+  __syncthreads();
+  uint32_t all = 0u;
+  x_max = -inf32();
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    if (!scanned) all |= rs.flags[w];
+    x_max = rs.x_max[w] > x_max ? rs.x_max[w] : x_max;
+  }
+  __syncthreads();
+  if (all != 0u) {
+    flags |= all;
+    return 0u;
+  }
+  if (x_max == -inf32()) return keep;
+  uint32_t prefix = 0u;
+  if (j == 0) rs.above = 0u;
+  for (int level = 0; level < kRadixLevels; ++level) {
+    for (int b = j; b < kRadixBins; b += kThreads) hist[b] = 0u;
+    __syncthreads();
+    const uint32_t pm = radix_prefix_mask(level);
+    for (int64_t v = j; v < V; v += kThreads) {
+      if (v == int64_t(mask)) continue;
+      const float xv = load_logit(x, v);
+      if (bad_logit(xv)) continue;
+      const uint32_t key = float_key(xv);
+      if (key < keep || (key & pm) != prefix) continue;
+      atomicAdd(reinterpret_cast<unsigned long long*>(&hist[radix_digit(key, level)]),
+                static_cast<unsigned long long>(mass_fixed(top_p_weight(xv, x_max, p.inv_t))));
+    }
+    __syncthreads();
+    if (warp == 0) {
+      if (level == 0) {  // Z: the level-0 histogram's total
+        uint64_t z = 0;
+        for (int b = lane; b < kRadixBins; b += kWarpLanes) z += hist[b];
+#pragma unroll
+        for (int o = kWarpLanes / 2; o > 0; o >>= 1) z += __shfl_xor_sync(kFull, z, o);
+        if (lane == 0) rs.target = dmul(p.top_p, static_cast<double>(z));
+        __syncwarp();
+      }
+      uint64_t above = rs.above;
+      int b = 0;
+      pick_bin<true>(hist, radix_bins(level), above, rs.target, 0u, lane, b);
+      if (lane == 0) {
+        rs.above = above;
+        rs.prefix = prefix | (static_cast<uint32_t>(b) << radix_shift(level));
+      }
+    }
+    __syncthreads();
+    prefix = rs.prefix;
+    __syncthreads();
+  }
+  return prefix > keep ? prefix : keep;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
 sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, const float* __restrict__ s,
                    const int64_t* __restrict__ row_ids, int64_t* __restrict__ tokens, float* __restrict__ conf,
                    int64_t N, SampleParams params) {
   const SampleParams p = resolve_offset(params);  // the effective offset, as the CPU twin computes it
-  __shared__ Shared sh;
-  __shared__ float g_hi[kGumbelBuckets];  // the Gumbel prefilter table, once per block
-  const int j = threadIdx.x;
+  extern __shared__ unsigned char dyn[];          // chunk tables (or the radix histogram before them)
+  __shared__ RowShared rs;
+  const int j = threadIdx.x, lane = j % kWarpLanes, warp = j / kWarpLanes;
   const int64_t V = p.vocab;
   const uint32_t mask = static_cast<uint32_t>(p.mask_index);
+  const int64_t nc = (V + kChunkCols - 1) / kChunkCols;
+  const int64_t ng = (nc + kWarpLanes - 1) / kWarpLanes;
+  // dynamic layout: S[ng * 32] (double), H[ng * 32] (double), G[ng + 1] (double), M[nc] (float)
+  double* S = reinterpret_cast<double*>(dyn);
+  double* H = S + ng * kWarpLanes;
+  double* G = H + ng * kWarpLanes;
+  float* M = reinterpret_cast<float*>(G + ng + 1);
+  uint64_t* hist = reinterpret_cast<uint64_t*>(dyn);  // threshold passes only (before the tables are written)
   const bool filter = use_top_k(p) || use_top_p(p);
-  if (!p.greedy) {
-    for (int b = j; b < kGumbelBuckets; b += kThreads) g_hi[b] = gumbel_bound(static_cast<uint32_t>(b));
-  }
-  __syncthreads();
-  const int64_t n_iter = (V + kThreads - 1) / kThreads;  // the same for every thread: warps stay converged
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     const T* x = logits + i * V;
     uint32_t flags = 0u;
     const uint32_t row_key = row_key_of(row_ids, i, flags);
-    const uint32_t keep = filter ? threshold_key(x, V, mask, p, sh) : 0u;
-    SampleAcc a = sample_acc_init();
-    double cut = -inf64();  // shared by the 32 lanes of the warp (GUMBEL PREFILTER)
-    for (int64_t k = 0; k < n_iter; ++k) {
-      const int64_t v = j + k * kThreads;  // lane j: v = j, j + 256, ... in increasing order
-      const double before = cut;
-      if (v < V && v != mask) {
-        sample_acc_add(a, load_logit(x, v), static_cast<uint32_t>(v), keep, p, row_key, g_hi, cut);
+    const uint32_t keep = filter ? threshold_key(x, V, mask, p, hist, rs, flags) : 0u;
+    // pass 1: chunk statistics
+    Top2 top2 = top2_init();
+    uint32_t f = 0u;
+    for (int64_t c = warp; c < nc; c += kWarps) {
+      const Lane4 a = lane_load(x, c, lane, V, mask, keep, f, &top2);
+      const float m = warp_max(lane_max(a));
+      double w[kLaneCols], sw, swd;
+      lane_weights(a, m, p.inv_t, w, sw, swd);
+      sw = warp_scan_incl(sw, lane);
+      swd = warp_butterfly(swd);
+      if (lane == kWarpLanes - 1) {
+        S[c] = sw;
+        H[c] = swd;
+        M[c] = m;
       }
-      if (!p.greedy && __any_sync(0xFFFFFFFFu, cut > before)) cut = warp_max(cut);
     }
-    sh.acc[j] = a;
+    for (int64_t c = nc + j; c < ng * kWarpLanes; c += kThreads) {  // the last group's empty lanes
+      S[c] = 0.0;
+      H[c] = 0.0;
+    }
+    top2 = warp_top2(top2);
+    f = __reduce_or_sync(kFull, f);
+    if (lane == 0) {
+      rs.top2[warp] = top2;
+      rs.flags[warp] = f;
+    }
     __syncthreads();
-    for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-      if (j < stride) sh.acc[j] = sample_acc_combine(sh.acc[j], sh.acc[j + stride], p.inv_t);
+    Top2 row = rs.top2[0];
+    for (int w = 1; w < kWarps; ++w) {
+      row = top2_combine(row, rs.top2[w]);
+      flags |= rs.flags[w];
+    }
+    flags |= rs.flags[0];
+    const float ti = p.greedy ? 0.0f : t[i];
+    const float si = p.greedy ? 0.0f : s[i];
+    flags |= time_flags(ti, si, p.greedy);
+    if (row.x1 == -inf32()) flags |= kFlagEmpty;
+    if (flags != 0u) {  // the same value in every thread
+      if (j == 0) {
+        float c3[3];
+        nan_confidences(c3);
+        tokens[i] = -1;
+        conf[3 * i + 0] = c3[0];
+        conf[3 * i + 1] = c3[1];
+        conf[3 * i + 2] = c3[2];
+      }
       __syncthreads();
+      continue;
     }
+    // chunks scaled to the row maximum; groups of 32 chunks scanned by the warps
+    const float mrow = row.x1;
+    for (int64_t g = warp; g < ng; g += kWarps) {
+      const int64_t c = g * kWarpLanes + lane;
+      double e = 0.0, Sc = 0.0, Hc = 0.0;
+      if (c < nc) chunk_scaled(M[c], S[c], H[c], mrow, p.inv_t, e, Sc, Hc);
+      const double hg = warp_butterfly(Hc);
+      Sc = warp_scan_incl(Sc, lane);
+      S[c] = Sc;
+      if (lane == 0) H[g * kWarpLanes] = hg;  // the group's H total (H[c] is read above, before this write)
+    }
+    __syncthreads();
     if (j == 0) {
-      const float ti = p.greedy ? 0.0f : t[i];
-      const float si = p.greedy ? 0.0f : s[i];
-      float c[3];
-      tokens[i] = sample_finalize(sh.acc[0], ti, si, row_key, flags, p, c);
-      conf[3 * i + 0] = c[0];
-      conf[3 * i + 1] = c[1];
-      conf[3 * i + 2] = c[2];
+      G[0] = 0.0;
+      double Hrow = 0.0;
+      for (int64_t g = 0; g < ng; ++g) {
+        G[g + 1] = dadd(G[g], S[g * kWarpLanes + kWarpLanes - 1]);
+        Hrow = g == 0 ? H[0] : dadd(Hrow, H[g * kWarpLanes]);
+      }
+      const double Z = G[ng];
+      float c3[3];
+      row_confidences(row, Z, Hrow, p.inv_t, c3);
+      conf[3 * i + 0] = c3[0];
+      conf[3 * i + 1] = c3[1];
+      conf[3 * i + 2] = c3[2];
+      rs.chunk = -1;
+      rs.token = -1;
+      if (p.greedy) {
+        rs.token = static_cast<int64_t>(row.i1);
+      } else {
+        double u1, u2;
+        row_uniforms(p.seed, p.offset, row_key, u1, u2);
+        if (draws_mask(u1, ti, si)) {
+          rs.token = p.mask_index;
+        } else {
+          const double target = dmul(u2, Z);
+          int64_t cs = -1;
+          double prev = 0.0;
+          for (int64_t g = 0; g < ng && cs < 0; ++g) {
+            if (!(G[g + 1] > target)) continue;
+            for (int l = 0; l < kWarpLanes; ++l) {
+              const double P = dadd(G[g], S[g * kWarpLanes + l]);
+              if (P > target) {
+                cs = g * kWarpLanes + l;
+                prev = l == 0 ? G[g] : dadd(G[g], S[g * kWarpLanes + l - 1]);
+                break;
+              }
+            }
+          }
+          if (cs < 0) {
+            double Pnext = Z;
+            for (int64_t c = nc - 1; c >= 0; --c) {
+              const int64_t g = c / kWarpLanes, l = c % kWarpLanes;
+              const double P = l == 0 ? G[g] : dadd(G[g], S[g * kWarpLanes + l - 1]);
+              if (Pnext > P) {
+                cs = c;
+                break;
+              }
+              Pnext = P;
+            }
+            rs.tau = inf64();
+          } else {
+            rs.tau = dsub(target, prev);
+          }
+          rs.chunk = cs;
+        }
+      }
     }
-    __syncthreads();  // sh is rewritten for the next row
+    __syncthreads();
+    // pass 2: the chosen chunk's 128 columns
+    if (warp == 0 && rs.chunk >= 0) {
+      const int64_t cs = rs.chunk;
+      const float mc = M[cs];
+      const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t));
+      uint32_t unused = 0u;
+      const Lane4 a = lane_load(x, cs, lane, V, mask, keep, unused, nullptr);
+      double w[kLaneCols], sw, swd;
+      lane_weights(a, mc, p.inv_t, w, sw, swd);
+      const double incl = warp_scan_incl(sw, lane);
+      double E = __shfl_up_sync(kFull, incl, 1);
+      if (lane == 0) E = 0.0;
+      int last = -1;
+      const int k = lane_pick(w, E, e, rs.tau, last);
+      const unsigned int hit = __ballot_sync(kFull, k >= 0);
+      const unsigned int any = __ballot_sync(kFull, last >= 0);
+      if (hit != 0u) {
+        if (lane == __ffs(hit) - 1) rs.token = cs * kChunkCols + int64_t(lane) * kLaneCols + k;
+      } else if (any != 0u) {
+        if (lane == 31 - __clz(any)) rs.token = cs * kChunkCols + int64_t(lane) * kLaneCols + last;
+      }
+    }
+    __syncthreads();
+    if (j == 0) tokens[i] = rs.token;
+    __syncthreads();  // rs and the tables are rewritten for the next row
   }
 }
 
-// Grid: at most the blocks the device holds at once (each block fills the 16 KB prefilter table once,
-// then strides over rows), and at most N. Any grid gives the same results (one block per row).
+// Dynamic shared memory of a row: the chunk tables, or the radix histogram (they are used one after the other).
+size_t dyn_bytes(int64_t V) {
+  const int64_t nc = (V + kChunkCols - 1) / kChunkCols;
+  const int64_t ng = (nc + kWarpLanes - 1) / kWarpLanes;
+  const size_t tables = size_t(ng * kWarpLanes) * 2 * sizeof(double) + size_t(ng + 1) * sizeof(double) +
+                        size_t(nc) * sizeof(float);
+  const size_t hist = size_t(kRadixBins) * sizeof(uint64_t);
+  return tables > hist ? tables : hist;
+}
+
 template <typename T>
 int launch(const T* logits, const float* t, const float* s, const int64_t* row_ids, int64_t* tokens, float* conf,
            int64_t N, const SampleParams& p, cudaStream_t stream) {
-  int64_t cap = int64_t(kMaxGrid);
-  if (!p.greedy) {
-    int dev = 0, sms = 0, per_sm = 0;
-    const bool ok = cudaGetDevice(&dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
-                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sample_step_kernel<T>, kThreads, 0) ==
-                        cudaSuccess;
-    if (!ok) {
-      (void)cudaGetLastError();  // a failed query only falls back to the plain grid
-    } else if (sms > 0 && per_sm > 0) {
-      cap = int64_t(sms) * int64_t(per_sm);
-    }
+  const size_t smem = dyn_bytes(p.vocab);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(sample_step_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+    if (e != cudaSuccess) return static_cast<int>(e);
   }
-  const int64_t g = N < cap ? N : cap;
-  const unsigned int grid = static_cast<unsigned int>(g < int64_t(kMaxGrid) ? g : int64_t(kMaxGrid));
-  sample_step_kernel<T><<<grid, kThreads, 0, stream>>>(logits, t, s, row_ids, tokens, conf, N, p);
+  const unsigned int grid = static_cast<unsigned int>(N < int64_t(kMaxGrid) ? N : int64_t(kMaxGrid));
+  sample_step_kernel<T><<<grid, kThreads, smem, stream>>>(logits, t, s, row_ids, tokens, conf, N, p);
   return static_cast<int>(cudaGetLastError());
 }
 

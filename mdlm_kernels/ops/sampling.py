@@ -1,25 +1,29 @@
-"""Fused categorical sampling step of MDLM (ancestral step t -> s, loglinear schedule): one pass over
-each masked row's logits draws exactly from the published categorical
+"""Fused categorical sampling step of MDLM (ancestral step t -> s, loglinear schedule): each masked row's
+logits are read once (plus one 128-column chunk) to draw exactly from the published categorical
 
     { v != MASK : p(v) (t - s) }  U  { MASK : s }        (unnormalised; p = softmax of logits / T)
 
-with 53-bit Philox uniforms and a float64 Gumbel-max race (no truncation), plus temperature, top-k /
-top-p (thresholds found by bisection, no sort), greedy argmax and per-row confidences.
+by inversion with two 53-bit Philox uniforms per row, plus temperature, top-k / top-p (thresholds by a radix
+select: a fixed number of passes, no sort, no bisection), greedy argmax and per-row confidences.
 
 Conventions (csrc/include/mdlm/sampling.h documents them in full):
-- keying: G_v = -log(-log(u_v)), u_v = uniform53 of Philox element (row = row_ids[i] (default i),
-  col = v) at (seed, offset) -- the philox.h convention; the MASK competitor uses col = mask_index.
+- keying: one Philox block per row, element (row = row_ids[i] (default i), col = 0xFFFFFFFF: the reserved
+  row-draw column) at (seed, offset); u1 = uniform53 of its words 0-1, u2 of words 2-3. MASK stays iff s > 0
+  and u1 < s / t; otherwise the class is the first v whose cumulative weight exceeds u2 * Z (weights
+  w_v = exp((x_v - max) / T) over the kept classes, Z their sum). This stream is new (the earlier kernel raced
+  Gumbel noise keyed per element): same law, different draws for the same seed.
 - device-side offset (CUDA graphs): with ``offset_tensor`` (a (1,) or () int64 tensor next to the
   logits) the offset is (offset + uint64(offset_tensor[0])) mod 2^64 (two's complement: -1 adds
   2^64 - 1). The "cpp" kernels (CUDA kernel and CPU twin) load it when they run, never the host, so a
   captured graph that advances it in place draws a fresh step on each replay; the "reference"
   backend reads it on the host (``int(offset_tensor)``).
-- a_v = x_v * (1 / T) in float64; non-MASK wins iff max_v (a_v + G_v) - lse + log(t - s) >
-  log(s) + G_MASK (float64; s = 0: MASK never wins); the kernel accumulates the log-sum-exp in
-  float32 (the only approximation: ~1e-7 relative in P(MASK)).
+- exactness: the kernels' weights are within 2^-22 relative of exp (float64 range reduction, float32
+  polynomial), every sum is float64 in a fixed order, the uniforms have 53 bits: no class probability is
+  truncated (a 1e-9 class is drawn at rate 1e-9 (1 +- 1e-6)).
 - top-k keeps every class whose logit is >= the k-th largest (ties at the threshold are kept);
   top-p (after top-k, on p renormalised over the top-k set) keeps v iff the probability mass strictly
-  above v is < top_p (ties kept; the top class always). top_k = 0 / top_p = 1 disable them.
+  above v is < top_p (ties kept; the top class always; the kernels sum the masses in 2^-40 fixed point).
+  top_k = 0 / top_p = 1 disable them.
 - greedy: argmax of the logits over v != MASK, lowest index on ties (t, s, RNG unused).
 - confidence (N, 3) float32 of the (temperature-scaled, filtered) p: max prob, top1 - top2, entropy.
 - invalid rows (NaN or +inf logit at a non-MASK column, no kept class above -inf, row id outside
@@ -27,8 +31,8 @@ Conventions (csrc/include/mdlm/sampling.h documents them in full):
   synchronises. ``validate=True`` (default) checks the tokens once afterwards (one host sync on a
   GPU) and raises ValueError naming the first invalid row; samplers pass validate=False in loops.
 
-Backends: "cpp" (CUDA kernel / CPU twin from one header: bit-identical tokens and confidences) and
-"reference" (plain PyTorch in float64 below: the spec). No Triton implementation.
+Backends: "cpp" (CUDA kernel / CPU twin from one header: bit-identical tokens and confidences; V <= 2^19) and
+"reference" (plain PyTorch in float64 below: the spec of the law; any V). No Triton implementation.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from .. import _ext, backend as _backend
 from .._dtypes import dtype_code
 from .philox import (_M32, _check_offset_tensor, _check_u64, _from_i64, _host_offset, _offset_ptr, _philox_reference,
                      _to_i64, _uniform_from_words)
+
+ROW_DRAW_COL = 0xFFFFFFFF  # the reserved Philox column of row-level draws (csrc/include/mdlm/masking.h)
+MAX_VOCAB_CPP = 1 << 19    # the compiled kernels' limit (kMaxVocab: their chunk tables); the reference has none
 
 OP = "sample_step"
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -58,16 +65,15 @@ class SampleOutput(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Reference (plain PyTorch, float64): the definition
 # ---------------------------------------------------------------------------------------------
-def _gumbel_reference(row_ids: torch.Tensor, V: int, seed: int, offset: int) -> torch.Tensor:
-    N = row_ids.shape[0]
-    device = row_ids.device
-    row = row_ids.view(N, 1).expand(N, V)
-    col = torch.arange(V, dtype=torch.int64, device=device).view(1, V).expand(N, V)
-    c2 = torch.full((N, V), offset & _M32, dtype=torch.int64, device=device)
-    c3 = torch.full((N, V), offset >> 32, dtype=torch.int64, device=device)
-    w0, w1, _, _ = _philox_reference(col, row, c2, c3, seed & _M32, seed >> 32)
-    u = _uniform_from_words(w0, w1, torch.float64)
-    return -torch.log(-torch.log(u))
+def _row_uniforms(rid: torch.Tensor, seed: int, offset: int):
+    """(u1, u2) float64 (N,): the two 53-bit uniforms of each row's Philox block at the reserved row-draw column."""
+    N = rid.shape[0]
+    device = rid.device
+    col = torch.full((N,), ROW_DRAW_COL, dtype=torch.int64, device=device)
+    c2 = torch.full((N,), offset & _M32, dtype=torch.int64, device=device)
+    c3 = torch.full((N,), offset >> 32, dtype=torch.int64, device=device)
+    w0, w1, w2, w3 = _philox_reference(col, rid, c2, c3, seed & _M32, seed >> 32)
+    return _uniform_from_words(w0, w1, torch.float64), _uniform_from_words(w2, w3, torch.float64)
 
 
 def _reference(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy,
@@ -102,7 +108,11 @@ def _reference(logits, t, s, row_ids, seed, offset, mask_index, temperature, top
         keep = keep & (x >= xs.gather(1, last))
     kept = keep & (x > ninf)
     empty = ~kept.any(dim=1)
-    a = x.double() * inv_t
+    # scaled gaps to the kept maximum (float64): logits near +-FLT_MAX keep their differences (an absolute
+    # x / T of ~1e38 would absorb log-sum-exp corrections)
+    xmax = torch.where(kept, x, torch.full((), ninf, device=device)).max(dim=1, keepdim=True).values
+    xmax = torch.where(torch.isfinite(xmax), xmax, torch.zeros_like(xmax))
+    a = (x.double() - xmax.double()) * inv_t
     a_k = torch.where(kept, a, torch.full((), ninf, dtype=torch.float64, device=device))
     lse = torch.logsumexp(a_k, dim=1)
     if row_ids is None:
@@ -114,15 +124,18 @@ def _reference(logits, t, s, row_ids, seed, offset, mask_index, temperature, top
         token = torch.where(kept, x, torch.full((), ninf, device=device)).argmax(dim=1)
         bad_time = torch.zeros(N, dtype=torch.bool, device=device)
     else:
-        G = _gumbel_reference(torch.where(bad_rid, torch.zeros_like(rid), rid), V, seed, offset)
-        score = torch.where(kept, a + G, torch.full((), ninf, dtype=torch.float64, device=device))
-        best, ib = score.max(dim=1)  # first maximal index
+        # inverse CDF: MASK iff s > 0 and u1 < s / t; else the first class whose cumulative weight exceeds u2 Z
+        u1, u2 = _row_uniforms(torch.where(bad_rid, torch.zeros_like(rid), rid), seed, offset)
         tt, ss = t.double(), s.double()
         bad_time = ~((ss >= 0) & (ss < tt) & (tt <= 1))
-        lhs = best - lse + torch.log(tt - ss)
-        rhs = torch.log(ss) + G[:, mask_index]
-        win = (ss == 0) | (lhs > rhs)
-        token = torch.where(win, ib, torch.full_like(ib, mask_index))
+        w = torch.where(kept, torch.exp(a), torch.zeros((), dtype=torch.float64, device=device))
+        cum = torch.cumsum(w, dim=1)
+        target = (u2 * cum[:, -1]).view(N, 1)
+        idx = (cum <= target).sum(dim=1)                              # the first column with cum > target
+        last = torch.where(w > 0, torch.arange(V, device=device), torch.full((), -1, device=device)).max(dim=1).values
+        idx = torch.where(idx >= V, last, idx).clamp_min(0)          # target >= Z by rounding: the last class
+        mask_wins = (ss > 0) & (u1 < ss / tt)
+        token = torch.where(mask_wins, torch.full_like(idx, mask_index), idx)
     p = torch.exp(a_k - lse.view(N, 1))
     top2 = torch.topk(p, 2, dim=1).values
     ent = -torch.where(kept & (p > 0), p * (a_k - lse.view(N, 1)), torch.zeros((), dtype=torch.float64,
@@ -177,7 +190,10 @@ def _sample_step_op(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional
                     top_k: int, top_p: float, greedy: bool, backend: Optional[str] = None,
                     offset_tensor: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     offset_tensor = _check_offset_tensor(offset_tensor, logits.device, OP)  # the kernels dereference it
-    name = _backend.resolve(OP, backend, logits.device, _SUPPORTED)
+    V = logits.shape[1]
+    name = _backend.resolve(OP, backend, logits.device, {
+        **_SUPPORTED, "cpp": lambda device: (f"the compiled kernels take V <= {MAX_VOCAB_CPP}, got {V}"
+                                             if V > MAX_VOCAB_CPP else None)})
     return _IMPLS[name](logits, t, s, row_ids, _from_i64(seed), _from_i64(offset), mask_index, temperature, top_k,
                         top_p, greedy, offset_tensor)
 

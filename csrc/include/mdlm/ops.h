@@ -28,11 +28,12 @@ void forward_mask_cpu(const void* x0, void* xt, int x_dtype, const float* t_in, 
 // kBFloat16 (raw bf16 bits); t, s (rows,) float32 (may be nullptr when params.greedy); row_ids (rows,)
 // int64 Philox row words or nullptr (row i); tokens (rows,) int64 out; conf (rows, 3) float32 out;
 // params.offset_ptr: the device-side offset (one int64 next to the logits) or nullptr.
+// loads: (rows,) int64 out or nullptr: the number of logits each row's sampling read (tests).
 void sample_step_cpu(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
-                     int64_t* tokens, float* conf, int64_t rows, const SampleParams& params);
+                     int64_t* tokens, float* conf, int64_t rows, const SampleParams& params, int64_t* loads = nullptr);
 // Test hook: the keep threshold kappa of each row (top-k / top-p passes; 0 = keep all); keys (rows,).
 void sample_threshold_cpu(const void* logits, int dtype, int64_t rows, const SampleParams& params, uint32_t* keys);
-// Test hook: header transcendentals on host (fn 0 = log64, 1 = exp64, 2 = expf32).
+// Test hook: header transcendentals on host (fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight).
 void sample_math_cpu(int fn, const double* in, double* out, int64_t n);
 
 #if MDLM_WITH_CUDA

@@ -1,84 +1,76 @@
 // Fused categorical sampling step of MDLM (ancestral step t -> s, loglinear schedule), written once
 // as host/device code: the CPU twin (csrc/cpu/sampling_cpu.cpp) and the CUDA kernel
-// (csrc/cuda/sampling_cuda.cu) call the SAME functions below, with the SAME reduction order, so
-// they return bit-identical tokens and confidences. The float64 PyTorch reference
-// (mdlm_kernels/ops/sampling.py) is the spec.
+// (csrc/cuda/sampling_cuda.cu) call the SAME functions below with the SAME reduction order, so they
+// return bit-identical tokens and confidences. The float64 PyTorch reference (mdlm_kernels/ops/sampling.py)
+// is the spec of the law.
 //
 // THE DISTRIBUTION (row i of the (N, V) logits, the rows of masked positions):
-//   a_v   = x_v * inv_t                 (float64; inv_t = 1 / temperature rounded once to float64)
-//   p     = softmax of a over the KEPT classes K = { v != MASK : key(x_v) >= kappa, x_v > -inf }
+//   d_v   = (x_v - m) * inv_t           (float64; inv_t = 1 / temperature rounded once to float64)
+//   p     = softmax over the KEPT classes K = { v != MASK : key(x_v) >= kappa, x_v > -inf }
 //   draw  from the unnormalised categorical { v in K: p_v (t - s) } U { MASK: s }
 //   greedy: the argmax of x over K (ties -> lowest index); t, s and the RNG are not used.
 //
-// EXACT GUMBEL-MAX (no truncation, nothing written to memory but the outputs):
-//   u_v = uniform53 of Philox element (row = row_ids[i] (default i), col = v) at (seed, offset)
-//         (philox.h keying; words w.x, w.y). The MASK competitor uses col = mask_index.
-//         offset is the effective one: host offset + the device-side int64 at params.offset_ptr
-//         (mod 2^64; philox.h, DEVICE-SIDE OFFSET), read by the kernel when it runs.
-//   G_v = -log64(-log64(u_v)) in float64 (u in [2^-54, 1 - 2^-53]: G in [-3.6, 36.7]; 32-bit
-//         uniforms would cap G at 16.6).
-//   best = max_{v in K} (a_v + G_v), ties -> lowest index.
-//   lse  = a_max + log64(S), S = sum_{v in K} expf32(d_v), d_v = float32((x_v - m) * inv_t) with m the
-//          running maximum of x (online log-sum-exp, FLOAT32 accumulation of S; a_max in float64).
-//   non-MASK wins  <=>  s > 0 ? (best - lse) + log64(t - s) > log64(s) + G_MASK : true   (float64)
-//   The float32 accumulation of S is the only approximation: |error of lse| ~ 1e-7 (relative to
-//   S), which moves P(MASK) by a relative ~1e-7; Gumbel noise and the race are float64.
+// INVERSE CDF, ONE RANDOM BLOCK PER ROW, THE LOGITS READ ONCE (+ ONE 128-COLUMN CHUNK):
+//   (u1, u2) = (uniform53(w.x, w.y), uniform53(w.z, w.w)), w = Philox element (row = row_ids[i] (default i),
+//   col = 0xFFFFFFFF, the reserved row-draw column of masking.h) at (seed, offset): two independent 53-bit
+//   uniforms in (0, 1). The MASK competitor wins iff s > 0 and u1 < s / t (P = s / t: the MASK weight s
+//   against the total (t - s) + s). Otherwise the class is the first v (in column order) whose cumulative
+//   weight exceeds u2 * Z, with w_v = exp(d_v) relative to the row maximum m and Z = sum_K w_v.
+//   Pass 1 splits the row into chunks of kChunkCols = 128 columns (a warp of 32 lanes x 4 consecutive
+//   columns): per chunk c its maximum m_c, s_c = sum w (relative to m_c) and h_c = sum w d (entropy), all
+//   float64 accumulations in the fixed order below. The row then scales each chunk by e_c = exp((m_c - m)
+//   inv_t), takes the prefix sums P_c of S_c = s_c e_c, picks the chunk with P_{c-1} <= u2 Z < P_c, and pass
+//   2 re-reads THAT chunk only to find the column (the prefix within the chunk, times e_c, against
+//   tau = u2 Z - P_{c-1}; if rounding leaves no column above tau, the chunk's last kept column).
+//   Memory traffic: V logits + 128 per row (no top-k / top-p), versus one Philox block, two logs and a
+//   compare per element in the earlier Gumbel race (that stream is not reproduced: same law, new draws).
 //
-// GUMBEL PREFILTER (speed only: tokens and confidences are exactly those of the race above).
-//   G(x) = gumbel_of_words as a function of the 53-bit integer x behind u is non-decreasing up to
-//   log64's rounding; bucket(x) = x >> 41 (4096 buckets). Table g_hi[b] = float32 round-up of
-//   G~(x_max(b)) + 1e-12 max(1, |G~(x_max(b))|), G~ the computed value at the bucket's largest x
-//   (same log64 path); g_hi[4095] = +inf. Bound: with e the relative error of log64 (measured
-//   <= 1 ulp = 2^-52; buckets < 4095 have u in [2^-54, 1 - 2^-12]), G~ = -log64(-log64(u)) has
-//   |G~(x) - G(x)| <= eta(x) ~ e (1 + |G(x)|), and for x in bucket b (G exact, increasing):
-//   G~(x) <= G(x) + eta(x) <= G(x_max) + eta(x) <= G~(x_max) + eta(x) + eta(x_max) < g_hi[b], since
-//   eta(x) + eta(x_max) <= e (2 + |G(x)| + |G(x_max)|) <= 1e-12 max(1, |G~(x_max)|) whenever
-//   e <= ~400 ulp (|G| <= 3.6 where G < 0; |G(x)| <= G(x_max) where G >= 0); at 2 ulp it is
-//   < 2e-14 against a margin >= 1e-12. Element v is SKIPPED (no logs) iff
-//   dadd(a_v, g_hi[b]) < cut, cut = an exact score a_w + G~_w already computed for a kept w of the
-//   same row: then score_v = dadd(a_v, G~_v) <= dadd(a_v, g_hi[b]) < cut <= best (IEEE rounding is
-//   monotone), so v is not the row's argmax and has no tie with it. Lanes still update their own
-//   (best, ib) with the exact score; a lane may keep a smaller best (or none) than without the
-//   prefilter, but the combined (best, ib) is the lexicographic maximum (score desc, index asc) over
-//   the non-skipped elements, which contain every element scoring the row maximum, so it is the
-//   same as without the prefilter bit for bit. cut: the CPU twin shares one cut across all lanes of
-//   the row; the CUDA kernel shares it across the 32 lanes of a warp (refreshed by a warp max when
-//   a lane raised it), so a warp rarely diverges into the exact path.
+//   WEIGHTS: w = exp_weight(d): range reduction d = k ln2 + r in float64 (|r| <= ln2/2, k exact), then a
+//   degree-7 float32 polynomial for exp(r) (truncation < 2^-27), scaled by 2^k exactly. Relative error of w:
+//   <= ~2^-22 for every d (the float64 reduction keeps r's error below 2^-25 whatever |d|); w = 0 for d <
+//   -708 (classes 10^-307 below the top one). Z, the prefix sums and h accumulate in float64: a class's
+//   probability is p (1 + O(2^-22)), with no truncation of small probabilities beyond float64's range (a
+//   1e-9 class is drawn at rate 1e-9 (1 +- 1e-6)); the uniforms have 53 bits.
 //
-// TOP-K / TOP-P (thresholds on the logits, no sort): key(x) maps float32 to uint32 monotonically
-// (-0 -> +0). Counts/masses run over v != MASK (x = -inf included in counts, mass 0).
-//   top-k (0 < k < V - 1): kappa_k = smallest key c with #{v : key(x_v) > c} < k, found by bisection
-//          over [key_min, key_max] (<= 32 passes of exact integer counts): keeps every class whose
-//          logit is >= the k-th largest logit (TIES AT THE THRESHOLD ARE KEPT: possibly more than k).
-//   top-p (0 < p < 1), applied after top-k on p renormalised over the top-k set:
-//          w_v = exp64((x_v - x_max) * inv_t), Z = sum over the top-k set (float64, fixed order);
-//          kappa_p = smallest key c >= kappa_k with sum_{key(x_v) > c} w_v < p * Z (bisection,
-//          <= 32 passes): v is kept iff the probability mass STRICTLY above it is < p (the top
-//          class is always kept; ties at the threshold are kept).
-//   top_k = 0 (or >= V - 1) and top_p = 1 skip these passes.
+// REDUCTION ORDER (the bit-identity contract), within a chunk: lane l (0..31) holds columns c*128 + 4l
+//   .. + 3 (beyond V / MASK / not kept: weight 0, d 0); its lane sum is ((w0 + w1) + w2) + w3 (and the same
+//   for w d); the chunk's prefix over lanes is the inclusive Hillis-Steele scan (for o = 1, 2, 4, 8, 16:
+//   x_l += x_{l-o} for l >= o, from the previous step's values; s_c = lane 31's value); h_c is the
+//   xor-butterfly total (for o = 16, 8, 4, 2, 1: x_l += x_{l^o}; every lane ends with the same value). Over
+//   chunks: groups of 32 consecutive chunks are scanned the same way (inclusive, S_c), group totals are
+//   added sequentially (G_0 = 0, G_{g+1} = G_g + T_g) and P_c = G_g + scan_c; Z = G_{n_groups}. The row's h
+//   is summed sequentially over groups of the butterfly totals of e_c (h_c + delta_c s_c). The CUDA kernel
+//   runs these as warp shuffles, the CPU twin on arrays: every operation is a correctly rounded IEEE add or
+//   multiply (non-contracting helpers), so both give the same bits.
 //
-// CONFIDENCE (float32, of p over K): [max probability 1/S, margin (1 - exp(d_2)) / S with d_2 the
-//   scaled gap to the second largest kept logit (0 when one class is kept), entropy in nats
-//   log S - H/S with H = sum exp(d_v) d_v (float32 accumulation, final combination in float64)].
+// TOP-K / TOP-P (thresholds on the logits, no sort, a fixed number of passes): key(x) maps float32 to uint32
+//   monotonically (-0 -> +0). Counts and masses run over v != MASK (x = -inf counts, with mass 0).
+//   top-k (0 < k < V - 1): kappa_k = the key of the k-th largest logit (TIES AT THE THRESHOLD ARE KEPT:
+//          possibly more than k), found by a radix select over the key's digits (11, 11, 10 bits): three
+//          histogram passes of exact integer counts.
+//   top-p (0 < p < 1), applied after top-k on p renormalised over the top-k set: v is kept iff the
+//          probability mass STRICTLY above v is < p (the top class is always kept; ties at the threshold
+//          are kept). The masses w_v = exp_weight((x_v - x_max) inv_t) enter as fixed-point integers
+//          round(w 2^40) (exact, order-free sums, so the CUDA kernel can use shared-memory atomics and stay
+//          bit-identical to the CPU twin), then the same three-level radix descent. The fixed point moves a
+//          class's mass by <= 2^-41 of the top class's: the kept set can differ from exact arithmetic only
+//          when the mass above a class lies within V 2^-41 of p Z (~1e-8 of Z at V = 50k).
+//   Passes over the row: top-k 3, top-p 1 (row maximum) + 3, both 6; then the sampling pass. (The earlier
+//   kernel bisected: up to 32 passes each, an exp64 per element per top-p pass.)
+//
+// CONFIDENCE (float32, of p over K): [max probability 1 / Z, margin (1 - w(x2)) / Z with x2 the second largest
+//   kept logit (w = 0 when one class is kept), entropy in nats log Z - H / Z with H = sum w d].
 //
 // INVALID ROWS -> token -1 and confidence NaN (flags, never a host sync): a NaN or +inf logit at a
 //   non-MASK column; no kept class with a logit > -inf; row id outside [0, 2^32); and unless greedy:
 //   not (0 <= s < t <= 1) (NaN included). The MASK column's logit is never read.
 //
-// REDUCTION ORDER (the bit-identity contract): kSampleLanes = 256 lanes; lane j accumulates
-//   v = j, j + 256, j + 512, ... in increasing order; lanes are combined by the fixed pairwise tree
-//   for stride = 128, 64, ..., 1: lane[j] = combine(lane[j], lane[j + stride]) for j < stride. The
-//   CUDA kernel runs one 256-thread block per row (thread j = lane j, shared memory tree); the CPU
-//   twin runs the same lanes sequentially. combine(A, empty) == A bitwise, so the CPU skips empty
-//   lanes. Threshold counts are integers (order-free); float64 masses use the same lane tree.
-//
-// ARITHMETIC: every float op on the decision path goes through non-contracting helpers (dmul/dadd/
-//   dsub/ddiv of masking.h for float64, fmul_nc/fadd_nc/fsub_nc below for float32: __*_rn on the
-//   device, plain operators under -ffp-contract=off on the host), and the transcendentals are implemented here with
-//   those helpers (log64, exp64, expf32), so libdevice vs glibc differences cannot enter.
-//   Accuracy (tests/test_sampling_kernel.py measures it against the C library): log64 <= 1 ulp,
-//   exp64 <= 1 ulp, expf32 <= 1 ulp (float32) on the tested ranges. exp64 returns 0 for
-//   x < -708.3 and expf32 returns 0 for x < -87.3 (results below the smallest normal are flushed).
+// ARITHMETIC: every float op on the decision path goes through non-contracting helpers (dmul/dadd/dsub/ddiv of
+//   masking.h for float64, fmul_nc/fadd_nc/fsub_nc below for float32: __*_rn on the device, plain operators
+//   under -ffp-contract=off on the host), and the transcendentals are implemented here with those helpers
+//   (log64, exp64, expf32, exp_weight), so libdevice vs glibc differences cannot enter. Accuracy
+//   (tests/test_sampling_kernel.py measures it): log64, exp64 <= 1 ulp; expf32 <= 1 float32 ulp; exp_weight
+//   <= 2^-22 relative.
 #pragma once
 
 #include "mdlm/common.h"
@@ -87,7 +79,6 @@
 
 namespace mdlm {
 
-constexpr int kSampleLanes = 256;
 constexpr uint32_t kNoIndex = 0xFFFFFFFFu;  // "no index yet" (V < 2^31, so never a column)
 
 // row flags
@@ -302,135 +293,59 @@ MDLM_HD bool use_top_p(const SampleParams& p) { return p.top_p < 1.0; }
 
 MDLM_HD bool bad_logit(float x) { return is_nan32(x) || x == inf32(); }
 
-// Gumbel noise of the Philox words (w0, w1): -log(-log(u)), u = uniform53 (float64).
-MDLM_HD double gumbel_of_words(uint32_t w0, uint32_t w1) { return -log64(-log64(uniform53(w0, w1))); }
-
-// Gumbel noise of Philox element (row, col).
-MDLM_HD double gumbel64(uint64_t seed, uint64_t offset, uint32_t row, uint32_t col) {
-  const U32x4 w = philox_for_element(seed, offset, row, col);
-  return gumbel_of_words(w.x, w.y);
+// ---- weights ------------------------------------------------------------------------------------
+// exp(d) for d <= 0 (see WEIGHTS): float64 range reduction d = k ln2 + r, float32 degree-7 polynomial in r,
+// scaled by 2^k. 0 for d < -708.3 (and for d = -inf); NaN stays NaN.
+MDLM_HD double exp_weight(double d) {
+  if (d != d) return d;
+  if (d < -708.3) return 0.0;
+  double kd = dadd(dmul(d, kInvLn2), 0.5);
+#if defined(__CUDA_ARCH__)
+  kd = ::floor(kd);
+#else
+  kd = std::floor(kd);
+#endif
+  const float r = static_cast<float>(dsub(dsub(d, dmul(kd, kLn2Hi)), dmul(kd, kLn2Lo)));  // |r| <= ~0.347
+  float q = 1.0f / 5040.0f;
+  q = fadd_nc(1.0f / 720.0f, fmul_nc(r, q));
+  q = fadd_nc(1.0f / 120.0f, fmul_nc(r, q));
+  q = fadd_nc(1.0f / 24.0f, fmul_nc(r, q));
+  q = fadd_nc(1.0f / 6.0f, fmul_nc(r, q));
+  q = fadd_nc(0.5f, fmul_nc(r, q));
+  q = fadd_nc(1.0f, fmul_nc(r, q));
+  q = fadd_nc(1.0f, fmul_nc(r, q));
+  int k = static_cast<int>(kd);  // in [-1022, 1] for d <= 0.35
+  if (k < -1022) return 0.0;
+  if (k > 1023) k = 1023;
+  return dmul(static_cast<double>(q), bits_as_double(static_cast<uint64_t>(k + 1023) << 52));
 }
 
-// ---- Gumbel upper-bound table (the race's prefilter; see GUMBEL PREFILTER above) -----------------
-constexpr int kGumbelBucketBits = 12;
-constexpr int kGumbelBuckets = 1 << kGumbelBucketBits;  // 4096
-
-// Bucket of the 53-bit integer x behind uniform53(w0, w1): x >> 41 == w0 >> 20 (x = (w0 >> 5) 2^26 +
-// (w1 >> 6) and w1 >> 6 < 2^26, so the top 12 bits of x are the top 12 bits of w0).
-MDLM_HD uint32_t gumbel_bucket(uint32_t w0) { return w0 >> (32 - kGumbelBucketBits); }
-
-// Smallest float32 > f (f finite, not NaN); 0 -> 2^-126 (any positive float is above 0).
-MDLM_HD float float_next_up(float f) {
-  if (f == 0.0f) return bits_as_float(0x00800000u);
-  const uint32_t b = float_as_bits(f);
-  return bits_as_float(f > 0.0f ? b + 1u : b - 1u);
+// d = (x - m) inv_t in float64 (x, m finite float32: x - m is exact in float64).
+MDLM_HD double scaled_gap(float x, float m, double inv_t) {
+  return dmul(dsub(static_cast<double>(x), static_cast<double>(m)), inv_t);
 }
 
-// Upper bound of gumbel_of_words over bucket b, as float32 (rounded up). The last bucket (u -> 1) is
-// +inf. Otherwise: the computed G at the bucket's LARGEST x, plus 1e-12 max(1, |G|), rounded up.
-MDLM_HD float gumbel_bound(uint32_t b) {
-  if (b + 1u >= static_cast<uint32_t>(kGumbelBuckets)) return inf32();
-  // largest x of the bucket: (w0 >> 5) = b 2^15 + (2^15 - 1), (w1 >> 6) = 2^26 - 1
-  const double g = gumbel_of_words((b << (32 - kGumbelBucketBits)) | (0xFFFFFFFFu >> kGumbelBucketBits), 0xFFFFFFFFu);
-  const double ag = g < 0.0 ? -g : g;
-  const double hi = dadd(g, dmul(1e-12, ag > 1.0 ? ag : 1.0));
-  float f = static_cast<float>(hi);  // round to nearest, then up if it went down
-  if (static_cast<double>(f) < hi) f = float_next_up(f);
-  return f;
-}
+// ---- chunks, lanes and the fixed reduction order -----------------------------------------------------
+constexpr int kWarpLanes = 32;
+constexpr int kLaneCols = 4;
+constexpr int kChunkCols = kWarpLanes * kLaneCols;  // 128
+constexpr int64_t kMaxVocab = int64_t(1) << 19;     // chunk tables of 4096 chunks: 83 KB of CUDA shared memory
 
-// ---- threshold passes ----------------------------------------------------------------------------
-// Per-lane state of the key-range pass (order-free: min / max / or).
-struct KeyRange {
-  uint32_t lo, hi, flags;
+// A lane's four columns: the float32 logit of each kept column (else -inf, not kept).
+struct Lane4 {
+  float x[kLaneCols];
+  bool kept[kLaneCols];
 };
 
-MDLM_HD KeyRange key_range_init() { return KeyRange{0xFFFFFFFFu, 0u, 0u}; }
-
-MDLM_HD void key_range_add(KeyRange& k, float x) {
-  if (bad_logit(x)) {
-    k.flags |= kFlagBadLogit;
-    return;
-  }
-  const uint32_t c = float_key(x);
-  k.lo = c < k.lo ? c : k.lo;
-  k.hi = c > k.hi ? c : k.hi;
-}
-
-MDLM_HD KeyRange key_range_combine(KeyRange a, const KeyRange& b) {
-  a.lo = b.lo < a.lo ? b.lo : a.lo;
-  a.hi = b.hi > a.hi ? b.hi : a.hi;
-  a.flags |= b.flags;
-  return a;
-}
-
-// One bisection step over [lo, hi] (lo < hi) for the smallest c with pred(c) true (pred(hi) is true
-// and pred is monotone): returns the midpoint to test; `bisect_update` narrows the interval.
-MDLM_HD uint32_t bisect_mid(uint32_t lo, uint32_t hi) { return lo + ((hi - lo) >> 1); }
-MDLM_HD void bisect_update(uint32_t& lo, uint32_t& hi, uint32_t mid, bool pred_mid) {
-  if (pred_mid) {
-    hi = mid;
-  } else {
-    lo = mid + 1u;
-  }
-}
-
-// top-p weight of a (valid) logit: exp64((x - x_max) inv_t); 0 for -inf.
-MDLM_HD double top_p_weight(float x, float x_max, double inv_t) {
-  if (x == -inf32()) return 0.0;
-  return exp64(dmul(dsub(static_cast<double>(x), static_cast<double>(x_max)), inv_t));
-}
-
-// ---- the sampling pass ---------------------------------------------------------------------------
-struct SampleAcc {
-  float m;      // running max of the kept logits (raw x), -inf when empty
-  float S;      // sum exp(d), d = float32((x - m) inv_t); 0 iff empty
-  float H;      // sum exp(d) d
-  float x1, x2;  // largest and second largest kept logit (with multiplicity)
-  uint32_t i1;  // index of x1 (lowest on ties)
-  uint32_t ib;  // index of the best Gumbel score (lowest on ties)
-  double best;  // best Gumbel score a_v + G_v
-  uint32_t flags;
+// Largest and second largest kept logit (with multiplicity) and the lowest index of the largest.
+struct Top2 {
+  float x1, x2;
+  uint32_t i1;
 };
 
-MDLM_HD SampleAcc sample_acc_init() {
-  return SampleAcc{-inf32(), 0.0f, 0.0f, -inf32(), -inf32(), kNoIndex, kNoIndex, -inf64(), 0u};
-}
+MDLM_HD Top2 top2_init() { return Top2{-inf32(), -inf32(), kNoIndex}; }
 
-MDLM_HD float scaled_diff(float x, float m, double inv_t) {
-  return static_cast<float>(dmul(dsub(static_cast<double>(x), static_cast<double>(m)), inv_t));
-}
-
-// Element v (v != MASK) with logit x (load_logit); keep_key: kappa (0 keeps everything).
-// g_hi: the gumbel_bound table (kGumbelBuckets entries; unused when greedy). cut: a lower bound of the
-// row's best score (-inf at the start of a row; the exact score of some kept element of the row
-// otherwise); raised here to every exact score computed, and callers may raise it to any score
-// another lane of the same row computed (GUMBEL PREFILTER).
-MDLM_HD void sample_acc_add(SampleAcc& a, float x, uint32_t v, uint32_t keep_key, const SampleParams& p,
-                            uint32_t row_key, const float* g_hi, double& cut) {
-  if (bad_logit(x)) {
-    a.flags |= kFlagBadLogit;
-    return;
-  }
-  if (x == -inf32() || float_key(x) < keep_key) return;  // probability 0 / filtered out
-  // online log-sum-exp and entropy accumulator (float32)
-  if (a.S == 0.0f) {
-    a.m = x;
-    a.S = 1.0f;
-    a.H = 0.0f;
-  } else if (x > a.m) {
-    const float d = scaled_diff(a.m, x, p.inv_t);  // <= 0
-    const float c = expf32(d);
-    a.H = fmul_nc(c, fadd_nc(a.H, fmul_nc(a.S, d)));
-    a.S = fadd_nc(fmul_nc(a.S, c), 1.0f);
-    a.m = x;
-  } else {
-    const float d = scaled_diff(x, a.m, p.inv_t);
-    const float w = expf32(d);
-    a.S = fadd_nc(a.S, w);
-    a.H = fadd_nc(a.H, fmul_nc(w, d));
-  }
-  // top-2 and the greedy argmax (v increases within a lane: strict > keeps the lowest index)
+MDLM_HD void top2_add(Top2& a, float x, uint32_t v) {  // v increases within a lane
   if (x > a.x1) {
     a.x2 = a.x1;
     a.x1 = x;
@@ -438,85 +353,153 @@ MDLM_HD void sample_acc_add(SampleAcc& a, float x, uint32_t v, uint32_t keep_key
   } else if (x > a.x2) {
     a.x2 = x;
   }
-  if (!p.greedy) {
-    const double av = dmul(static_cast<double>(x), p.inv_t);
-    const U32x4 w = philox_for_element(p.seed, p.offset, row_key, v);
-    // prefilter: score = av + G <= av + g_hi[bucket] (rounding is monotone) < cut <= the row's best
-    if (dadd(av, static_cast<double>(g_hi[gumbel_bucket(w.x)])) < cut) return;
-    const double score = dadd(av, gumbel_of_words(w.x, w.y));
-    if (score > a.best) {
-      a.best = score;
-      a.ib = v;
-    }
-    if (score > cut) cut = score;
-  }
 }
 
-MDLM_HD bool better(double s1, uint32_t i1, double s2, uint32_t i2) { return s1 > s2 || (s1 == s2 && i1 < i2); }
-
-// a = lower lane, b = upper lane. combine(a, empty) == a and combine(empty, b) == b bitwise.
-MDLM_HD SampleAcc sample_acc_combine(SampleAcc a, const SampleAcc& b, double inv_t) {
-  if (b.S != 0.0f) {
-    if (a.S == 0.0f) {
-      a.m = b.m;
-      a.S = b.S;
-      a.H = b.H;
-    } else if (b.m > a.m) {
-      const float d = scaled_diff(a.m, b.m, inv_t);
-      const float c = expf32(d);
-      a.H = fadd_nc(b.H, fmul_nc(c, fadd_nc(a.H, fmul_nc(a.S, d))));
-      a.S = fadd_nc(b.S, fmul_nc(a.S, c));
-      a.m = b.m;
-    } else {
-      const float d = scaled_diff(b.m, a.m, inv_t);
-      const float c = expf32(d);
-      a.H = fadd_nc(a.H, fmul_nc(c, fadd_nc(b.H, fmul_nc(b.S, d))));
-      a.S = fadd_nc(a.S, fmul_nc(b.S, c));
-    }
-  }
+MDLM_HD Top2 top2_combine(Top2 a, const Top2& b) {  // order-free (ties -> lowest index)
   const float lo1 = a.x1 < b.x1 ? a.x1 : b.x1;
   const float hi2 = a.x2 > b.x2 ? a.x2 : b.x2;
-  if (better(b.x1, b.i1, a.x1, a.i1)) {
+  if (b.x1 > a.x1 || (b.x1 == a.x1 && b.i1 < a.i1)) {
     a.x1 = b.x1;
     a.i1 = b.i1;
   }
   a.x2 = lo1 > hi2 ? lo1 : hi2;
-  if (better(b.best, b.ib, a.best, a.ib)) {
-    a.best = b.best;
-    a.ib = b.ib;
-  }
-  a.flags |= b.flags;
   return a;
 }
 
-// Row result from the combined state. t, s: the row's times (ignored when greedy); flags: row flags
-// gathered outside the accumulator (times, row id). conf: [max prob, margin, entropy].
-MDLM_HD int64_t sample_finalize(const SampleAcc& a, float t, float s, uint32_t row_key, uint32_t flags,
-                                const SampleParams& p, float conf[3]) {
-  flags |= a.flags;
-  if (a.S == 0.0f) flags |= kFlagEmpty;
-  if (!p.greedy && !(s >= 0.0f && s < t && t <= 1.0f)) flags |= kFlagBadTime;
-  if (flags != 0u) {
-    const float nan = bits_as_float(0x7FC00000u);
-    conf[0] = conf[1] = conf[2] = nan;
-    return -1;
+// Load lane l's columns of chunk c (row x of length V: a logits pointer, or anything with a load_logit overload,
+// e.g. the CPU twin's load-counting row): flags bad logits; a column is kept iff it exists, is not MASK, is > -inf
+// and its key is >= keep_key.
+template <typename Row>
+MDLM_HD Lane4 lane_load(const Row& x, int64_t c, int l, int64_t V, uint32_t mask, uint32_t keep_key, uint32_t& flags,
+                        Top2* top2) {
+  Lane4 r;
+  const int64_t v0 = c * kChunkCols + int64_t(l) * kLaneCols;
+#pragma unroll
+  for (int k = 0; k < kLaneCols; ++k) {
+    const int64_t v = v0 + k;
+    r.x[k] = -inf32();
+    r.kept[k] = false;
+    if (v >= V || v == int64_t(mask)) continue;
+    const float xv = load_logit(x, v);
+    if (bad_logit(xv)) {
+      flags |= kFlagBadLogit;
+      continue;
+    }
+    if (xv == -inf32() || float_key(xv) < keep_key) continue;
+    r.x[k] = xv;
+    r.kept[k] = true;
+    if (top2 != nullptr) top2_add(*top2, xv, static_cast<uint32_t>(v));
   }
-  const double S = static_cast<double>(a.S);
-  const double logS = log64(S);
-  const double p1 = ddiv(1.0, S);
-  const double w2 = a.x2 == -inf32() ? 0.0 : exp64(static_cast<double>(scaled_diff(a.x2, a.x1, p.inv_t)));
-  conf[0] = static_cast<float>(p1);
-  conf[1] = static_cast<float>(ddiv(dsub(1.0, w2), S));
-  const double ent = dsub(logS, ddiv(static_cast<double>(a.H), S));
+  return r;
+}
+
+MDLM_HD float lane_max(const Lane4& a) {
+  float m = -inf32();
+#pragma unroll
+  for (int k = 0; k < kLaneCols; ++k) m = a.x[k] > m ? a.x[k] : m;
+  return m;
+}
+
+// The lane's weights relative to the chunk maximum m (0 where not kept) and its sums ((w0 + w1) + w2) + w3 of w
+// and of w d (d = 0 where not kept, so 0 * d is never 0 * inf).
+MDLM_HD void lane_weights(const Lane4& a, float m, double inv_t, double w[kLaneCols], double& sw, double& swd) {
+  sw = 0.0;
+  swd = 0.0;
+#pragma unroll
+  for (int k = 0; k < kLaneCols; ++k) {
+    double d = 0.0;
+    w[k] = 0.0;
+    if (a.kept[k]) {
+      d = scaled_gap(a.x[k], m, inv_t);
+      w[k] = exp_weight(d);
+    }
+    sw = k == 0 ? w[k] : dadd(sw, w[k]);
+    swd = k == 0 ? dmul(w[k], d) : dadd(swd, dmul(w[k], d));
+  }
+}
+
+// Chunk scale e_c = exp((m_c - m) inv_t) and the chunk's scaled sums S = s e, H = e (h + delta s) relative to
+// the row maximum m (an empty chunk, s = 0, gives 0 and 0).
+MDLM_HD void chunk_scaled(float m_c, double s_c, double h_c, float m, double inv_t, double& e, double& S, double& H) {
+  if (s_c == 0.0) {
+    e = 0.0;
+    S = 0.0;
+    H = 0.0;
+    return;
+  }
+  const double delta = scaled_gap(m_c, m, inv_t);
+  e = exp_weight(delta);
+  S = dmul(s_c, e);
+  H = dmul(e, dadd(h_c, dmul(delta, s_c)));
+}
+
+// The row's two uniforms (see INVERSE CDF).
+MDLM_HD void row_uniforms(uint64_t seed, uint64_t offset, uint32_t row_key, double& u1, double& u2) {
+  const U32x4 w = philox_for_element(seed, offset, row_key, kRowDrawCol);
+  u1 = uniform53(w.x, w.y);
+  u2 = uniform53(w.z, w.w);
+}
+
+// MASK stays: s > 0 and u1 < s / t (t, s valid times).
+MDLM_HD bool draws_mask(double u1, float t, float s) {
+  return s > 0.0f && u1 < ddiv(static_cast<double>(s), static_cast<double>(t));
+}
+
+// Within the chosen chunk: lane l's first column (0..3) whose prefix weight E + r_k, times the chunk scale e,
+// exceeds tau (r_k: the lane's running sum ((w0 + w1) + ...) in the lane-sum order); -1 if none. E: the lane's
+// exclusive prefix in the chunk's scan. last: the lane's last column with w > 0 (-1 if none).
+MDLM_HD int lane_pick(const double w[kLaneCols], double E, double e, double tau, int& last) {
+  double r = 0.0;
+  int first = -1;
+  last = -1;
+#pragma unroll
+  for (int k = 0; k < kLaneCols; ++k) {
+    r = k == 0 ? w[k] : dadd(r, w[k]);
+    if (w[k] > 0.0) {
+      last = k;
+      if (first < 0 && dmul(dadd(E, r), e) > tau) first = k;
+    }
+  }
+  return first;
+}
+
+// Confidences (see CONFIDENCE) from the row's top two logits, Z and H.
+MDLM_HD void row_confidences(const Top2& t2, double Z, double H, double inv_t, float conf[3]) {
+  const double w2 = t2.x2 == -inf32() ? 0.0 : exp_weight(scaled_gap(t2.x2, t2.x1, inv_t));
+  conf[0] = static_cast<float>(ddiv(1.0, Z));
+  conf[1] = static_cast<float>(ddiv(dsub(1.0, w2), Z));
+  const double ent = dsub(log64(Z), ddiv(H, Z));
   conf[2] = static_cast<float>(ent > 0.0 ? ent : 0.0);
-  if (p.greedy) return static_cast<int64_t>(a.i1);
-  if (s == 0.0f) return static_cast<int64_t>(a.ib);
-  const double lse = dadd(dmul(static_cast<double>(a.x1), p.inv_t), logS);
-  const double ts = dsub(static_cast<double>(t), static_cast<double>(s));
-  const double lhs = dadd(dsub(a.best, lse), log64(ts));
-  const double g_mask = gumbel64(p.seed, p.offset, row_key, static_cast<uint32_t>(p.mask_index));
-  const double rhs = dadd(log64(static_cast<double>(s)), g_mask);
-  return lhs > rhs ? static_cast<int64_t>(a.ib) : p.mask_index;
+}
+
+// Row flags that do not depend on the logits; greedy ignores the times.
+MDLM_HD uint32_t time_flags(float t, float s, int greedy) {
+  return (!greedy && !(s >= 0.0f && s < t && t <= 1.0f)) ? kFlagBadTime : 0u;
+}
+
+MDLM_HD void nan_confidences(float conf[3]) {
+  const float nan = bits_as_float(0x7FC00000u);
+  conf[0] = conf[1] = conf[2] = nan;
+}
+
+// ---- top-k / top-p thresholds: radix descent over the key's digits ----------------------------------
+constexpr int kRadixLevels = 3;
+constexpr int kRadixBins = 2048;  // 11 bits (the last level uses 10)
+
+MDLM_HD int radix_shift(int level) { return level == 0 ? 21 : (level == 1 ? 10 : 0); }
+MDLM_HD uint32_t radix_mask(int level) { return level == 2 ? 0x3FFu : 0x7FFu; }
+MDLM_HD int radix_bins(int level) { return level == 2 ? 1024 : 2048; }
+// bits of the key already fixed before `level` (a prefix that candidates must match)
+MDLM_HD uint32_t radix_prefix_mask(int level) { return level == 0 ? 0u : (level == 1 ? 0xFFE00000u : 0xFFFFFC00u); }
+MDLM_HD uint32_t radix_digit(uint32_t key, int level) { return (key >> radix_shift(level)) & radix_mask(level); }
+
+// Fixed-point mass of a top-p weight (w in [0, 1]): round(w 2^40).
+MDLM_HD uint64_t mass_fixed(double w) { return static_cast<uint64_t>(dadd(dmul(w, 1099511627776.0), 0.5)); }
+
+// top-p weight of a candidate logit (not NaN / +inf): w relative to the row maximum; 0 for -inf.
+MDLM_HD double top_p_weight(float x, float x_max, double inv_t) {
+  if (x == -inf32()) return 0.0;
+  return exp_weight(scaled_gap(x, x_max, inv_t));
 }
 
 // Row id -> Philox row word, flagging ids outside [0, 2^32).
