@@ -26,16 +26,40 @@ Host synchronisation (counted in ``stats["host_syncs"]``; ``return_stats=True``)
 without remasking or time conditioning) and first_hitting read the host once before the loop (ddpm*: the
 trajectory's per-step counts, which size every gather; first hitting: the number of events) and once after
 it (invalid rows: NaN logits stay masked and raise then), never inside it. confidence: with k tokens per
-step one read before the loop and none in it, with a threshold one per model call. Plus the seed read when
-``generator`` lives on an accelerator.
+step one read before the loop and none in it; with a threshold one per model call (the number of steps and
+of masked rows depends on the confidences: the one loop that reads by design). Plus the seed read when
+``generator`` lives on an accelerator. Every deliberate read goes through ``_read``. Nothing inside a loop
+copies host data to the device either (a pageable copy waits for the stream too, and cannot be captured):
+per-step constants are device tables copied once before the loop and indexed on the device, a step's index
+reaches the device as a ``fill_`` argument. tests/test_no_host_traffic.py checks both, on the meta device.
 
-CUDA graphs (``cuda_graph=True``, first_hitting on CUDA): an event is a fixed sequence of kernels on fixed
-shapes that updates x, the event times and an event counter in place; the Philox offsets are read by the
-kernels from that device counter (``offset_tensor``), so after two eager warm-up events the whole event
-(position choice, backbone, row gather, LM head, sampling step, scatter) is captured once and replayed per
-event; the capture itself synchronises the device once (counted); a failed capture warns and runs eagerly,
-the caller's stream restored. Not yet verified on a GPU. ddpm* steps have data-dependent
-row counts (known on the host, but different per step) and are launched eagerly.
+CUDA graphs (``cuda_graph=True``; ddpm, ddpm_cache and first_hitting on CUDA; ``_EventGraph``): a model call
+is made a fixed sequence of kernels on fixed shapes that reads its per-step inputs from the device and
+updates preallocated tensors in place; each such event gets two eager warm-up calls, is captured once and
+then replayed (a capture synchronises the device once, counted; a failed capture warns and that event runs
+eagerly, same tokens, the caller's stream restored). First hitting: one event (position choice, backbone,
+row gather, LM head, sampling step, scatter; Philox offsets from the device event counter). ddpm*: the rows
+that unmask at step i vary in number, so a call is launched with R >= n rows, R = ``_bucket_rows(n)`` (powers
+of two from ``_MIN_BUCKET`` = 128, at most B*L), one graph per bucket, all in one memory pool; padding rows are
+computed and dropped. Eager CUDA calls use the same buckets (same kernels, same shapes, so the same tokens
+as the graphs); eager CPU calls use R = n. Not yet run on a GPU.
+
+Why buckets and not the full-row head with masking (every call computing all B*L rows: one graph, no
+buckets). Figures predicted for the published small model (d = 768, 12 blocks, V = 50258) at B = 16,
+L = 1024 on an H200 (758 TFLOP/s bf16, 4.2 TB/s), not measured:
+  backbone per call   2 * 16384 * 84.9M params + attention 12 * 4 * 16 * 1024^2 * 768 = 3.4 TFLOP -> ~4.5 ms
+  full-row head       GEMM 2 * 16384 * 768 * 50258 = 1.26 TFLOP -> 1.67 ms, + logits 16384 * 50258 * 2 B =
+                      1.65 GB written and read again by the sampling step -> 0.78 ms: ~2.5 ms, +55% per call
+  bucket of R rows    W read once 50258 * 768 * 2 B = 77 MB -> 18 us, + R * (0.10 us GEMM + 0.05 us logits):
+                      R = 128: ~37 us, <1% of the call
+  rows per call       ddpm_cache at 1000 steps: n ~ Binomial(16384, 1e-3), mean 16, P(n > 128) < 1e-60: one
+                      bucket (128), one capture; 100 steps: n ~ 164 -> bucket 256, ~56 us
+Padding to a power of two at most doubles the rows, and a bucket never exceeds B*L, so a call never costs more
+than the full-row head (equal only when n > B*L / 2); at 1000 steps it saves ~2.4 ms of ~7 ms per call.
+``_MIN_BUCKET`` = 128 because below ~128 rows the head is bound by reading W (18 us whatever R), so smaller
+buckets would save nothing measurable and add captures. Host time per call (issue 13, item 5): eager ~230
+launches (~1 ms of CPU at a few us each, about the GPU time), graphed one fill and one replay (predicted
+tens of us); ``bench/bench_sampling.py`` measures both (``timing=True``).
 
 Philox offsets (``sample_step`` and ``philox_uniform`` key the same (seed, offset, row, col) stream, so no two
 draws may share an offset): 0 noise removal (greedy: RNG unused); 1 + i the step / event at grid index
