@@ -164,7 +164,8 @@ def main(argv=None):
         if timed:
             print("# per model call of the loop (timing run: synchronised before each call), median (mean):")
             for r in timed:
-                print(f"  {r['provider']:<26} host {r['host_s_median'] * 1e3:>8.3f} ms ({r['host_s_mean'] * 1e3:.3f})"
+                print(f"  {r['provider']:<26} host {r['host_s_median'] * 1e3:>8.3f} ms "
+                      f"({r['host_s_mean'] * 1e3:.3f})"
                       f"   device {r['device_s_median'] * 1e3:>8.3f} ms ({r['device_s_mean'] * 1e3:.3f})"
                       f"   over {r['timed_calls']} calls")
     if device.type != "cuda":

@@ -466,7 +466,7 @@ def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, i
         work = [(counts[2 * i], counts[2 * i + 1]) for i in range(steps)]
 
         def make_event(R):
-            ar, ones, zeros = bucket_consts(R)
+            _, ones, zeros = bucket_consts(R)
 
             def event():
                 unmask, remask = draws(m)
