@@ -8,8 +8,15 @@
    argmax) vs ``mdlm_kernels.sample_step`` on the masked rows' logits (one read of those rows). Reports ms
    and the fused kernel's read bandwidth against the copy bandwidth measured in the same run.
 2. Generation of B x L tokens from scratch with ``--steps`` ddpm_cache steps: reference sampler
-   (``mdlm.sampling.sample``) vs fused (``mdlm.fast_sample``), plus the first-hitting sampler (fused):
-   wall time, generated tokens/s, model calls. The model is randomly initialised (speed only).
+   (``mdlm.sampling.sample``) vs fused (``mdlm.fast_sample``), plus the first-hitting sampler (fused), each
+   fused sampler eagerly and (CUDA) replayed from CUDA graphs (``cuda_graph=True``; fused ddpm runs the same
+   loop as fused ddpm_cache): wall time, generated tokens/s, model calls, graph replays. The model is randomly
+   initialised (speed only).
+3. Host time per step of the fused samplers, eager and graphed: a second run with ``timing=True``, which
+   synchronises before every model call of the loop and measures with time.perf_counter the CPU time spent
+   issuing it (launches, Python, graph replay) and with CUDA events its device time (from an event recorded
+   before the issue to the end of its work; on the CPU nothing is asynchronous and the two are equal).
+   Medians over the loop's model calls (the warm-up and capture calls of a graph are in the means).
 Writes JSON under bench/results/.
 """
 from __future__ import annotations
@@ -73,7 +80,15 @@ def step_rows(B, L, V, device, iters):
     return res, n
 
 
-def generation_rows(preset, B, L, steps, device):
+def _median(v):
+    v = sorted(v)
+    n = len(v)
+    return None if n == 0 else (v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2]))
+
+
+def generation_rows(preset, B, L, steps, device, timing: bool = True):
+    """Generation rows (see the module docstring); with ``timing`` each fused row also gets the host and device
+    time per model call of its loop (seconds: host_s_median / host_s_mean / device_s_median / device_s_mean)."""
     cfg = mdlm.preset(preset)
     cfg.model.length = L
     torch.manual_seed(0)
@@ -83,13 +98,14 @@ def generation_rows(preset, B, L, steps, device):
             p.normal_(0, 0.02)
     model.validate_inputs = model.backbone.validate_inputs = False
     res = []
-    cases = (("reference ddpm_cache", lambda: mdlm.sampling.sample(model, B, L, steps, "ddpm_cache")),
-             ("fused ddpm_cache", lambda: mdlm.fast_sample(model, B, L, steps, "ddpm_cache", return_stats=True)),
-             ("fused first_hitting", lambda: mdlm.fast_sample(model, B, L, sampler="first_hitting",
-                                                              return_stats=True)))
-    if device.type == "cuda":  # the whole event replayed from one captured CUDA graph
-        cases += (("fused first_hitting graph", lambda: mdlm.fast_sample(model, B, L, sampler="first_hitting",
-                                                                         cuda_graph=True, return_stats=True)),)
+    cases = [("reference ddpm_cache", lambda **kw: mdlm.sampling.sample(model, B, L, steps, "ddpm_cache"))]
+    fused = [("fused ddpm_cache", dict(steps=steps, sampler="ddpm_cache")),
+             ("fused first_hitting", dict(sampler="first_hitting"))]
+    for name, kw in fused:
+        variants = ((name, False), (name + " graph", True)) if device.type == "cuda" else ((name, False),)
+        for label, graph in variants:   # graph: every model call replayed from a captured CUDA graph
+            cases.append((label, lambda kw=kw, graph=graph, **extra: mdlm.fast_sample(
+                model, B, L, cuda_graph=graph, return_stats=True, **kw, **extra)))
     for name, fn in cases:
         # the published sampler runs the plain-PyTorch blocks; the fused samplers the block kernels (on CUDA)
         model.backbone.use_kernels = False if name.startswith("reference") else None
@@ -101,8 +117,15 @@ def generation_rows(preset, B, L, steps, device):
             torch.cuda.synchronize()
         sec = time.perf_counter() - t0
         stats = out[1] if isinstance(out, tuple) else {}
-        res.append({"provider": name, "seconds": sec, "tokens_per_s": B * L / sec,
-                    "model_calls": stats.get("model_calls"), "graph_replays": stats.get("graph_replays")})
+        row = {"provider": name, "seconds": sec, "tokens_per_s": B * L / sec,
+               "model_calls": stats.get("model_calls"), "graph_replays": stats.get("graph_replays")}
+        if timing and not name.startswith("reference"):
+            st = fn(timing=True)[1]
+            host, dev = st.get("host_s", []), st.get("device_s", [])
+            row.update(host_s_median=_median(host), host_s_mean=sum(host) / max(len(host), 1),
+                       device_s_median=_median(dev), device_s_mean=sum(dev) / max(len(dev), 1),
+                       timed_calls=len(host))
+        res.append(row)
     return res
 
 
@@ -135,7 +158,16 @@ def main(argv=None):
         print(f"# generation: {args.preset}, B={args.batch} x L={args.length}, {args.steps} steps")
         for r in gen:
             calls = f"  model calls {r['model_calls']}" if r["model_calls"] is not None else ""
+            calls += f" ({r['graph_replays']} graph replays)" if r.get("graph_replays") is not None else ""
             print(f"  {r['provider']:<26} {r['seconds']:>8.2f} s {r['tokens_per_s']:>10,.0f} tokens/s{calls}")
+        timed = [r for r in gen if r.get("host_s_median") is not None]
+        if timed:
+            print("# per model call of the loop (timing run: synchronised before each call), median (mean):")
+            for r in timed:
+                print(f"  {r['provider']:<26} host {r['host_s_median'] * 1e3:>8.3f} ms "
+                      f"({r['host_s_mean'] * 1e3:.3f})"
+                      f"   device {r['device_s_median'] * 1e3:>8.3f} ms ({r['device_s_mean'] * 1e3:.3f})"
+                      f"   over {r['timed_calls']} calls")
     if device.type != "cuda":
         print("# CPU figures: they show the benchmark runs, not GPU speed.")
     out = Path(args.out)

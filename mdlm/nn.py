@@ -123,7 +123,15 @@ class Rotary(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal frequencies (256) of sigma -> MLP -> (B, hidden_size)."""
+    """Sinusoidal frequencies (256) of sigma -> MLP -> (B, hidden_size).
+
+    The frequencies f_k are a constant of the module: computed once, on the CPU at construction, with the
+    published expression (so the same fp32 numbers as the published code, which recomputes them on the CPU and
+    copies them to t's device on every forward), and kept as a NON-persistent buffer ``freqs`` (frequency
+    size / 2,): it moves with ``module.to(device)`` but is not in the state_dict, whose keys stay the published
+    ones. A forward therefore never copies host data to the device (a pageable host-to-device copy would
+    synchronise the stream on every model call and is an error inside CUDA-graph capture).
+    """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -132,20 +140,35 @@ class TimestepEmbedder(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size, bias=True))
         self.frequency_embedding_size = frequency_embedding_size
+        freqs = self.frequencies(frequency_embedding_size, device="cpu")   # the published numbers, computed once
+        self.register_buffer("freqs", freqs.to(torch.get_default_device()), persistent=False)
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-        """t (B,) -> (B, dim): [cos(t f_k), sin(t f_k)], f_k = max_period^(-k / (dim/2))."""
+    def frequencies(dim: int, max_period: float = 10000, device=None) -> torch.Tensor:
+        """f_k = max_period^(-k / (dim/2)), k < dim // 2: (dim // 2,) fp32 on ``device`` (published expression)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs.to(t.device)[None]
+        return torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=device) / half)
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000,
+                           freqs: torch.Tensor | None = None) -> torch.Tensor:
+        """t (B,) -> (B, dim): [cos(t f_k), sin(t f_k)], f_k = max_period^(-k / (dim/2)) (a zero column
+        appended when dim is odd). ``freqs`` (dim // 2,) fp32 on t's device: the precomputed f_k; by default
+        they are computed on t's device (no host data involved)."""
+        if freqs is None:
+            freqs = TimestepEmbedder.frequencies(dim, max_period, device=t.device)
+        args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        freqs = self.freqs
+        if freqs.dtype != torch.float32 or freqs.device != t.device:
+            # the module was cast (e.g. .half()) or t lives elsewhere: fp32 frequencies computed on t's device
+            freqs = None
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, freqs=freqs))
 
 
 class EmbeddingLayer(nn.Module):

@@ -26,16 +26,40 @@ Host synchronisation (counted in ``stats["host_syncs"]``; ``return_stats=True``)
 without remasking or time conditioning) and first_hitting read the host once before the loop (ddpm*: the
 trajectory's per-step counts, which size every gather; first hitting: the number of events) and once after
 it (invalid rows: NaN logits stay masked and raise then), never inside it. confidence: with k tokens per
-step one read before the loop and none in it, with a threshold one per model call. Plus the seed read when
-``generator`` lives on an accelerator.
+step one read before the loop and none in it; with a threshold one per model call (the number of steps and
+of masked rows depends on the confidences: the one loop that reads by design). Plus the seed read when
+``generator`` lives on an accelerator. Every deliberate read goes through ``_read``. Nothing inside a loop
+copies host data to the device either (a pageable copy waits for the stream too, and cannot be captured):
+per-step constants are device tables copied once before the loop and indexed on the device, a step's index
+reaches the device as a ``fill_`` argument. tests/test_no_host_traffic.py checks both, on the meta device.
 
-CUDA graphs (``cuda_graph=True``, first_hitting on CUDA): an event is a fixed sequence of kernels on fixed
-shapes that updates x, the event times and an event counter in place; the Philox offsets are read by the
-kernels from that device counter (``offset_tensor``), so after two eager warm-up events the whole event
-(position choice, backbone, row gather, LM head, sampling step, scatter) is captured once and replayed per
-event; the capture itself synchronises the device once (counted); a failed capture warns and runs eagerly,
-the caller's stream restored. Not yet verified on a GPU. ddpm* steps have data-dependent
-row counts (known on the host, but different per step) and are launched eagerly.
+CUDA graphs (``cuda_graph=True``; ddpm, ddpm_cache and first_hitting on CUDA; ``_EventGraph``): a model call
+is made a fixed sequence of kernels on fixed shapes that reads its per-step inputs from the device and
+updates preallocated tensors in place; each such event gets two eager warm-up calls, is captured once and
+then replayed (a capture synchronises the device once, counted; a failed capture warns and that event runs
+eagerly, same tokens, the caller's stream restored). First hitting: one event (position choice, backbone,
+row gather, LM head, sampling step, scatter; Philox offsets from the device event counter). ddpm*: the rows
+that unmask at step i vary in number, so a call is launched with R >= n rows, R = ``_bucket_rows(n)`` (powers
+of two from ``_MIN_BUCKET`` = 128, at most B*L), one graph per bucket, all in one memory pool; padding rows are
+computed and dropped. Eager CUDA calls use the same buckets (same kernels, same shapes, so the same tokens
+as the graphs); eager CPU calls use R = n. Not yet run on a GPU.
+
+Why buckets and not the full-row head with masking (every call computing all B*L rows: one graph, no
+buckets). Figures predicted for the published small model (d = 768, 12 blocks, V = 50258) at B = 16,
+L = 1024 on an H200 (758 TFLOP/s bf16, 4.2 TB/s), not measured:
+  backbone per call   2 * 16384 * 84.9M params + attention 12 * 4 * 16 * 1024^2 * 768 = 3.4 TFLOP -> ~4.5 ms
+  full-row head       GEMM 2 * 16384 * 768 * 50258 = 1.26 TFLOP -> 1.67 ms, + logits 16384 * 50258 * 2 B =
+                      1.65 GB written and read again by the sampling step -> 0.78 ms: ~2.5 ms, +55% per call
+  bucket of R rows    W read once 50258 * 768 * 2 B = 77 MB -> 18 us, + R * (0.10 us GEMM + 0.05 us logits):
+                      R = 128: ~37 us, <1% of the call
+  rows per call       ddpm_cache at 1000 steps: n ~ Binomial(16384, 1e-3), mean 16, P(n > 128) < 1e-60: one
+                      bucket (128), one capture; 100 steps: n ~ 164 -> bucket 256, ~56 us
+Padding to a power of two at most doubles the rows, and a bucket never exceeds B*L, so a call never costs more
+than the full-row head (equal only when n > B*L / 2); at 1000 steps it saves ~2.4 ms of ~7 ms per call.
+``_MIN_BUCKET`` = 128 because below ~128 rows the head is bound by reading W (18 us whatever R), so smaller
+buckets would save nothing measurable and add captures. Host time per call (issue 13, item 5): eager ~230
+launches (~1 ms of CPU at a few us each, about the GPU time), graphed one fill and one replay (predicted
+tens of us); ``bench/bench_sampling.py`` measures both (``timing=True``).
 
 Philox offsets (``sample_step`` and ``philox_uniform`` key the same (seed, offset, row, col) stream, so no two
 draws may share an offset): 0 noise removal (greedy: RNG unused); 1 + i the step / event at grid index
@@ -58,6 +82,8 @@ FAST_SAMPLERS = ("ddpm", "ddpm_cache", "first_hitting", "confidence")
 _OFF_UNMASK_STEP = 1 << 42  # ddpm*: the per-position unmask-step uniforms (+ grid index with remasking)
 _OFF_REMASK = 1 << 43       # + grid index: ReMDM remask uniforms
 _MAX_STEPS = 1 << 38        # keeps the offset ranges of the module docstring disjoint
+_MIN_BUCKET = 128           # smallest padded row count of a ddpm* model call (module docstring: CUDA graphs)
+GRAPH_SAMPLERS = ("ddpm", "ddpm_cache", "first_hitting")
 
 
 def masked_row_logits(model, x: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -84,8 +110,8 @@ class _EventGraph:
     capture records nothing and changes no state, so a warning is issued and every later call (this one
     included) runs eagerly with the same results."""
 
-    def __init__(self, event, device, stats, warmup: int = 2):
-        self.event, self.device, self.stats, self.warmup = event, device, stats, warmup
+    def __init__(self, event, device, stats, warmup: int = 2, pool=None):
+        self.event, self.device, self.stats, self.warmup, self.pool = event, device, stats, warmup, pool
         self.graph, self.failed, self.calls = None, False, 0
 
     def __call__(self):
@@ -116,12 +142,15 @@ class _EventGraph:
         graph = torch.cuda.CUDAGraph()
         self.stats["host_syncs"] = self.stats.get("host_syncs", 0) + 1
         try:
-            with torch.cuda.graph(graph, stream=stream):   # records only: the state is not touched until replay
+            # records only: the state is not touched until replay. Graphs of one sampler share ``pool``: they
+            # are replayed one at a time on one stream and keep nothing they allocate beyond their replay (all
+            # state lives in tensors allocated before capture), so their temporaries may share memory.
+            with torch.cuda.graph(graph, stream=stream, pool=self.pool):
                 self.event()
             self.graph = graph
         except Exception as e:  # a kernel or check that cannot be captured: stay correct, run eagerly
             warnings.warn(f"CUDA-graph capture of the sampling event failed ({type(e).__name__}: {e}); "
-                          "running it eagerly")
+                          "running it eagerly", stacklevel=4)
             self.failed = True
 
 
@@ -137,6 +166,41 @@ def _sync(stats) -> None:
     stats["host_syncs"] = stats.get("host_syncs", 0) + 1
 
 
+def _read(stats, t: torch.Tensor):
+    """Every deliberate host read of the fast samplers goes through here (counted in stats["host_syncs"]):
+    the device tensor t as Python numbers (``t.tolist()``)."""
+    _sync(stats)
+    return t.tolist()
+
+
+def _issue(stats, timing: bool, device, fn, *args) -> None:
+    """fn(*args): one model call of a sampler loop. With ``timing`` (measurement only: it synchronises the
+    device twice per call) it appends to stats["host_s"] the host time spent issuing the call
+    (time.perf_counter around fn, started on an idle device) and to stats["device_s"] the time from an event
+    recorded before fn to the end of its work (CUDA events; on the CPU, where nothing runs asynchronously,
+    the host time)."""
+    if not timing:
+        fn(*args)
+        return
+    import time
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+    t0 = time.perf_counter()
+    fn(*args)
+    host = time.perf_counter() - t0
+    dev = host
+    if cuda:
+        e1.record()
+        e1.synchronize()
+        dev = e0.elapsed_time(e1) / 1e3
+        stats["host_syncs"] = stats.get("host_syncs", 0) + 2
+    stats.setdefault("host_s", []).append(host)
+    stats.setdefault("device_s", []).append(dev)
+
+
 def _masked_idx(x: torch.Tensor, mask_index: int) -> torch.Tensor:
     return (x == mask_index).reshape(-1).nonzero().squeeze(1)
 
@@ -148,17 +212,21 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 tokens_per_step: int = 1, confidence_threshold: float | None = None,
                 remask_eta: float = 0.0, progress: bool = False, return_stats: bool = False,
-                cuda_graph: bool = False):
+                cuda_graph: bool = False, timing: bool = False):
     """Generate (B, length) token ids with the fused sampling step.
 
     sampler: "ddpm", "ddpm_cache", "first_hitting" or "confidence" (see the module docstring). steps:
     number of uniform steps (ddpm*; default config.sampling.steps); ignored by first_hitting (one event
     per masked position) and derived from ``tokens_per_step`` for confidence decoding. temperature /
-    top_k / top_p reshape p_theta. x_init (B, L): given tokens are kept. ``cuda_graph`` (first_hitting on
-    CUDA only): replay each whole event from one captured CUDA graph (see the module docstring). With
-    ``return_stats`` also returns {"model_calls": int, "steps": int, "host_syncs": int} (+ "graph_replays"
-    with cuda_graph) (steps: grid steps covered, including the ones without a model call; host_syncs:
-    explicit host reads, see the module docstring).
+    top_k / top_p reshape p_theta. x_init (B, L): given tokens are kept. ``cuda_graph`` (ddpm, ddpm_cache and
+    first_hitting, on CUDA): replay each model call (backbone, LM head on the drawn rows, sampling step,
+    scatter) from a captured CUDA graph: one per row bucket for ddpm*, one for first hitting (see the module
+    docstring); same tokens as without. With ``return_stats`` also returns {"model_calls": int, "steps": int,
+    "host_syncs": int} (+ "graph_replays" with cuda_graph) (steps: grid steps covered, including the ones
+    without a model call; host_syncs: explicit host reads, see the module docstring). ``timing``
+    (measurement only, e.g. bench/bench_sampling.py): synchronise around every model call of the loop and
+    record its host issue time and its device time in stats["host_s"] / stats["device_s"] (lists, seconds,
+    one entry per model call of the loop; see ``_issue``); the syncs are counted in host_syncs.
     """
     import mdlm_kernels as mk
 
@@ -175,8 +243,9 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     if not 0 <= remask_eta <= 1:
         raise ValueError(f"remask_eta must be in [0, 1], got {remask_eta}")
     device = next(model.parameters()).device
-    if cuda_graph and sampler != "first_hitting":
-        raise ValueError(f"cuda_graph=True applies to the first_hitting sampler (fixed shapes), not {sampler!r}")
+    if cuda_graph and sampler not in GRAPH_SAMPLERS:
+        raise ValueError(f"cuda_graph=True applies to the samplers {GRAPH_SAMPLERS}, not {sampler!r} (its "
+                         "per-step row count shrinks every step)")
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
     length = int(length or (x_init.shape[1] if x_init is not None else model.config.model.length))
@@ -204,11 +273,13 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
             if not 1 <= n_steps < _MAX_STEPS:
                 raise ValueError(f"steps must be in [1, 2^38), got {n_steps}")
             grid = torch.linspace(1, eps, n_steps + 1, dtype=torch.float64)  # the published grid
-            x, left = _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid)
+            x, left = _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid,
+                                 cuda_graph, timing)
         elif sampler == "first_hitting":
-            x = _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph)
+            x = _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph, timing)
         else:
-            x = _confidence(model, x, tokens_per_step, confidence_threshold, seed, opts, stats, progress, invalid)
+            x = _confidence(model, x, tokens_per_step, confidence_threshold, seed, opts, stats, progress, invalid,
+                            timing=timing)
         if noise_removal and sampler in ("ddpm", "ddpm_cache"):
             idx = left  # the trajectory's masked positions: their number is known without a sync
             if idx.numel():
@@ -218,8 +289,7 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
                 tok = mk.sample_step(logits, None, None, seed, 0, greedy=True, **opts).tokens
                 x.view(-1).index_copy_(0, idx, _sanitize(tok, M, invalid))
         if invalid:
-            _sync(stats)  # one sync, after the loop
-            if bool(torch.stack(invalid).any()):
+            if any(_read(stats, torch.stack(invalid).any().view(1))):   # one read, after the loop
                     raise ValueError("the model produced logits with NaN/inf (or nothing left after top-k/top-p) for "
                                  "some masked positions; those positions were left masked")
     finally:
@@ -257,22 +327,6 @@ def _unmask_steps(u: torch.Tensor, t_i: float, neg_grid: torch.Tensor, i: int) -
     return (m - 1).clamp_min(i)
 
 
-def _step_draws(m, given, seed, i, t, s_eff, sig):
-    """The model-independent part of ancestral step i (t -> s) with ReMDM remasking, from the masked set m
-    (B, L) bool at t: (unmask, remask) bool masks. A masked row stays masked with probability s_eff / t
-    (uniform at offset 2^42 + i: unmask iff u t >= s_eff); a decoded, non-given row is re-masked with
-    probability sig (uniform at offset 2 steps + 2 + i, float32 as before)."""
-    import mdlm_kernels as mk
-    B, L = m.shape
-    u = mk.philox_uniform(B, L, seed, offset=_OFF_UNMASK_STEP + i, dtype=torch.float64, device=m.device)
-    unmask = m & (u * t >= s_eff)
-    remask = None
-    if sig > 0:
-        r = mk.philox_uniform(B, L, seed, offset=_OFF_REMASK + i, dtype=torch.float32, device=m.device)
-        remask = ~m & ~given & (r < sig)
-    return unmask, remask
-
-
 def _remask_schedule(grid, remask_eta):
     """Per step i: (t, s, sig, s_eff) with sig = min(eta, s / (1 - t)) (0 at t = 1) and the unmask target
     s_eff = max(0, s - sig (1 - t)) (alpha = 1 - t: the ReMDM posterior with remasking probability sig)."""
@@ -285,9 +339,22 @@ def _remask_schedule(grid, remask_eta):
     return out
 
 
-def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid):
+def _bucket_rows(n: int, BL: int, pad: bool) -> int:
+    """Rows R >= n a step's model call is launched with: n itself when nothing is padded (eager on the CPU);
+    padded (CUDA, eager or graphed): the next power of two >= max(n, _MIN_BUCKET), at most B * L. Padding
+    is what lets one captured graph serve every step of a bucket; eager CUDA steps use the same buckets so
+    that a graphed run launches the same kernels on the same shapes as an eager one (same tokens)."""
+    if not pad:
+        return n
+    r = max(n, _MIN_BUCKET)
+    return min(1 << (r - 1).bit_length(), BL)
+
+
+def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid, cuda_graph=False,
+               timing=False, pad=None):
     """ddpm / ddpm_cache: ancestral steps t = grid[i] -> s = grid[i + 1] (fast_sample passes the published
-    uniform grid 1 -> eps), with no host read inside the loop. Returns (x, masked flat positions left).
+    uniform grid 1 -> eps), with no host read and no host-to-device copy inside the loop. Returns (x, masked
+    flat positions left).
 
     Under the loglinear SUBS step a masked row stays masked with probability s / t whatever the logits (the
     kernel's race: whether MASK loses is independent of which token wins), and ReMDM re-masking is decided
@@ -295,8 +362,7 @@ def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, i
     of the model: it is drawn first, on the device, and its per-step counts are read ONCE; then the loop visits
     only the steps at which a token unmasks (or is re-masked), calls the model there on the current x at that
     step's time, applies the LM head to the unmasking rows only, and draws their tokens from p_theta (kernel
-    with t = 1, s = 0: no MASK option). The gathers are sized from the counts (``nonzero_static`` / slices),
-    so nothing in the loop waits for the device.
+    with t = 1, s = 0: no MASK option).
 
     Same process as the published ddpm and ddpm_cache: a model call whose output cannot change any token
     (no row unmasks in that step) is skipped — for ddpm_cache this is its cache (x unchanged -> the same
@@ -304,75 +370,143 @@ def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, i
     for time-conditioned models, so both call the model at the time of the step that uses it.)
 
     Without remasking each masked row's first unmask step comes from one uniform (``_unmask_steps`` from
-    t = 1, offset 2^42) and the rows are grouped by step with one stable sort. With remasking (eta > 0) the
-    trajectory is simulated step by step (``_step_draws``) in a pre-pass and replayed with the same draws.
+    t = 1, offset 2^42) and the rows are grouped by step with one stable sort (per-step counts and start
+    offsets by ``searchsorted`` on the sorted steps: static shapes, no atomics). With remasking (eta > 0) the
+    trajectory is simulated step by step in a pre-pass and replayed with the same draws.
+
+    The step as data (what makes it capturable): every per-step quantity lives on the device — the time grid
+    and the remasking schedule in tables copied once before the loop, the step index in ``i_dev`` (set by
+    ``fill_`` before each call: a kernel argument, not a copy), the Philox offsets read by the kernels from
+    ``i_dev`` (``offset_tensor``). A step with n unmasking rows runs the event of its row bucket R =
+    ``_bucket_rows(n)``: rows gathered at fixed size R (padding rows have ``valid`` False: their logits are
+    computed and dropped, their writes go to the spare slot B * L of x's buffer), so with ``cuda_graph`` each
+    bucket's event is captured once (``_EventGraph``, all buckets in one memory pool) and replayed. ``pad``
+    (default: with graphs or on CUDA) pads to the buckets; unpadded, R = n (eager on the CPU).
     """
     import mdlm_kernels as mk
     B, L = x.shape
+    BL = B * L
     M = opts["mask_index"]
     device = x.device
     steps = grid.numel() - 1
     sched = _remask_schedule(grid, remask_eta)
-    flat = x.view(-1)
+    pad = (cuda_graph or device.type == "cuda") if pad is None else pad
+    buf = torch.full((BL + 1,), M, dtype=torch.int64, device=device)  # slot BL takes the padded rows' writes
+    buf[:BL].copy_(x.reshape(-1))
+    x = buf[:BL].view(B, L)
+    # the loop's constants in one table and ONE copy, before it: t_i (grid), s_eff_i, sigma_i
+    tab = torch.zeros(steps + 1, 3, dtype=torch.float64)
+    tab[:, 0] = grid
+    if remask_eta > 0:
+        tab[:steps, 1] = torch.tensor([s_eff for _, _, _, s_eff in sched], dtype=torch.float64)
+        tab[:steps, 2] = torch.tensor([sig for _, _, sig, _ in sched], dtype=torch.float64)
+    tab = tab.to(device)
+    t64 = tab[:, 0].contiguous()
+    t32 = t64.float()            # the model's time: float32(grid[i]), as torch.full((B,), grid[i]) gives
+    i_dev = torch.zeros(1, dtype=torch.int64, device=device)   # the current step's grid index
+    bad = torch.zeros((), dtype=torch.bool, device=device)     # some row had invalid logits
+    pool = torch.cuda.graph_pool_handle() if cuda_graph else None
+    invalid.append(bad)
 
-    def draw(idx, i):
-        """Tokens for the unmasking flat positions idx at step i: the model at t = grid[i] on the current x."""
-        sigma_t = model.noise(torch.full((B,), sched[i][0], device=device))[0]
-        logits = masked_row_logits(model, x, sigma_t, idx)
-        stats["model_calls"] += 1
-        n = idx.numel()
-        tok = mk.sample_step(logits, torch.ones(n, device=device), torch.zeros(n, device=device), seed, 1 + i,
-                             row_ids=idx, **opts).tokens
-        flat.index_copy_(0, idx, _sanitize(tok, M, invalid))  # invalid rows stay MASK, raise after the loop
+    def draw_rows(idx, valid, ones, zeros):
+        """The model call of step i_dev for the flat positions idx (R,); valid (R,) marks the real rows (the
+        others are padding: gathered from position 0, drawn and dropped, written to the spare slot BL)."""
+        gidx = torch.where(valid, idx, 0)
+        sigma = model.noise(t32.index_select(0, i_dev).expand(B))[0]
+        logits = masked_row_logits(model, x, sigma, gidx)
+        tok = mk.sample_step(logits, ones, zeros, seed, 1, row_ids=gidx, offset_tensor=i_dev, **opts).tokens
+        bad_row = (tok < 0) & valid            # NaN logits etc.: the position stays masked, raise after the loop
+        bad.logical_or_(bad_row.any())
+        buf.index_copy_(0, torch.where(valid, idx, BL), torch.where(bad_row, M, tok))
 
-    stats["steps"] += steps
+    def bucket_consts(R):
+        return (torch.arange(R, device=device), torch.ones(R, device=device), torch.zeros(R, device=device))
+
     if remask_eta == 0:
         u = mk.philox_uniform(B, L, seed, offset=_OFF_UNMASK_STEP, dtype=torch.float64, device=device).view(-1)
-        j = _unmask_steps(u, 1.0, (-grid).to(device), 0)
-        j = torch.where(flat == M, j, steps + 1)            # given tokens: never drawn
-        order = torch.argsort(j, stable=True)                # by unmask step, positions ascending within one
-        counts = torch.bincount(j, minlength=steps + 2).tolist()  # the one host read
-        _sync(stats)
-        start = 0
-        for i in _progress(range(steps), progress, "sampling (fused)"):
-            n = counts[i]
-            if n:
-                draw(order[start:start + n], i)
-                start += n
-        return x, order[start:start + counts[steps]]
+        j = _unmask_steps(u, 1.0, -t64, 0)
+        j = torch.where(buf[:BL] == M, j, steps + 1)        # given tokens: never drawn
+        js, order = torch.sort(j, stable=True)               # by unmask step, positions ascending within one
+        bounds = torch.searchsorted(js, torch.arange(steps + 3, device=device))
+        starts, counts_dev = bounds[:-1], bounds[1:] - bounds[:-1]   # (steps + 2,) each
+        counts = _read(stats, counts_dev)                     # the one host read
 
-    m = flat.view(B, L) == M
-    hits = []
-    for i, (t, s, sig, s_eff) in enumerate(sched):          # pre-pass: the masked-set trajectory
-        unmask, remask = _step_draws(m, given, seed, i, t, s_eff, sig)
-        hits.append(unmask.sum())
-        m = m & ~unmask
-        if remask is not None:
-            hits.append(remask.sum())
-            m = m | remask
-    n_left = m.sum()
-    counts = torch.stack(hits + [n_left]).tolist()          # the one host read
-    _sync(stats)
-    m = x == M
-    c = 0
+        def make_event(R):
+            ar, ones, zeros = bucket_consts(R)
+
+            def event():
+                pos = (starts.index_select(0, i_dev) + ar).clamp_max(BL - 1)
+                draw_rows(order.index_select(0, pos), ar < counts_dev.index_select(0, i_dev), ones, zeros)
+            return event
+
+        work = [(counts[i], 0) for i in range(steps)]
+    else:
+        seff64, sig32 = tab[:, 1].contiguous(), tab[:, 2].float()
+
+        def draws(m):
+            """(unmask, remask) of step i_dev from the masked set m (B, L) at t: a masked row stays masked
+            with probability s_eff / t (uniform at 2^42 + i: unmask iff u t >= s_eff); a decoded, non-given
+            row is re-masked with probability sigma (float32 uniform at 2^43 + i)."""
+            u = mk.philox_uniform(B, L, seed, offset=_OFF_UNMASK_STEP, dtype=torch.float64, device=device,
+                                  offset_tensor=i_dev)
+            unmask = m & (u * t64.index_select(0, i_dev) >= seff64.index_select(0, i_dev))
+            r = mk.philox_uniform(B, L, seed, offset=_OFF_REMASK, dtype=torch.float32, device=device,
+                                  offset_tensor=i_dev)
+            return unmask, ~m & ~given & (r < sig32.index_select(0, i_dev))
+
+        m = x == M
+        mm = m.clone()
+        hits = []
+        for i in _progress(range(steps), False, ""):          # pre-pass: the masked-set trajectory
+            i_dev.fill_(i)
+            unmask, remask = draws(mm)
+            hits += [unmask.sum(), remask.sum()]
+            mm.logical_and_(~unmask).logical_or_(remask)
+        counts = _read(stats, torch.stack(hits + [mm.sum()]))   # the one host read
+        work = [(counts[2 * i], counts[2 * i + 1]) for i in range(steps)]
+
+        def make_event(R):
+            _, ones, zeros = bucket_consts(R)
+
+            def event():
+                unmask, remask = draws(m)
+                idx = torch.nonzero_static(unmask.view(-1), size=R, fill_value=BL).view(R)
+                draw_rows(idx, idx < BL, ones, zeros)
+                m.logical_and_(~unmask)
+                x.masked_fill_(remask, M)
+                m.logical_or_(remask)
+            return event
+
+        def remask_only():                                     # a step where nothing unmasks: no model call
+            _, remask = draws(m)
+            x.masked_fill_(remask, M)
+            m.logical_or_(remask)
+
+    runs = {}
+
+    def step(i, run):
+        i_dev.fill_(i)
+        run()
+
+    stats["steps"] += steps
     for i in _progress(range(steps), progress, "sampling (fused)"):
-        t, s, sig, s_eff = sched[i]
-        n_hit, n_rem = counts[c], counts[c + 1] if sig > 0 else 0
-        c += 2 if sig > 0 else 1
-        if n_hit == 0 and n_rem == 0:
-            continue
-        unmask, remask = _step_draws(m, given, seed, i, t, s_eff, sig)
+        n_hit, n_rem = work[i]
         if n_hit:
-            draw(torch.nonzero_static(unmask.view(-1), size=n_hit).squeeze(1), i)
-            m = m & ~unmask
-        if n_rem:
-            x = torch.where(remask, M, x)
-            flat = x.view(-1)
-            m = m | remask
-    return x, torch.nonzero_static(m.view(-1), size=counts[c]).squeeze(1)
+            R = _bucket_rows(n_hit, BL, pad)
+            if R not in runs:
+                ev = make_event(R)
+                runs[R] = _EventGraph(ev, device, stats, pool=pool) if cuda_graph else ev
+            _issue(stats, timing, device, step, i, runs[R])
+            stats["model_calls"] += 1
+        elif n_rem:
+            step(i, remask_only)   # a few elementwise kernels, no model call (not timed)
+    if remask_eta == 0:
+        start = sum(counts[:steps])
+        return x, order[start:start + counts[steps]]
+    return x, torch.nonzero_static(m.view(-1), size=counts[-1]).squeeze(1)
 
 
-def _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph=False):
+def _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph=False, timing=False):
     """Each event: per sequence, one uniformly chosen masked position gets a token drawn from p_theta
     (s = 0: MASK cannot be drawn). All B rows go through every event with fixed shapes (sequences that are
     done keep their tokens) and the event counter k lives on the device (the Philox offsets 2^40 + k,
@@ -382,12 +516,11 @@ def _first_hitting(model, x, seed, opts, stats, progress, invalid, cuda_graph=Fa
     replayed (``_EventGraph``). The event times t_{k+1} = t_k u^(1/n) only matter with time conditioning;
     they are tracked for it."""
     M = opts["mask_index"]
-    n_events = int((x == M).sum(1).max())  # one sync before the loop
-    _sync(stats)
+    n_events = _read(stats, (x == M).sum(1).max().view(1))[0]  # one read before the loop
     event, bad = _first_hitting_event(model, x, seed, opts)
     run = _EventGraph(event, x.device, stats) if cuda_graph else event
     for _ in _progress(range(n_events), progress, "sampling (first hitting)"):
-        run()
+        _issue(stats, timing, x.device, run)
         stats["model_calls"] += 1
         stats["steps"] += 1
     invalid.append(bad)
@@ -431,7 +564,8 @@ def _first_hitting_event(model, x, seed, opts):
     return event, bad
 
 
-def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, static_gather: bool = True):
+def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, static_gather: bool = True,
+                timing: bool = False):
     """Confidence-ordered parallel decoding (LLaDA-style low-confidence remasking): per step, the most
     probable token of every masked position, committed at the k positions per sequence where that
     probability is highest (or at all positions above ``threshold``, at least one per sequence).
@@ -454,24 +588,11 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, st
     step = 0
     max_steps = L if threshold is not None else -(-L // k)
     static = static_gather and threshold is None
-    if static:
-        counts = (x == M).sum(1).tolist()   # the loop's only host read
-        _sync(stats)
-    for step in _progress(range(max_steps), progress, "sampling (confidence)"):
-        if static:
-            n_masked = sum(counts)
-            if n_masked == 0:
-                break
-            idx = torch.nonzero_static((x == M).reshape(-1), size=n_masked).squeeze(1)
-            counts = [max(0, c - k) for c in counts]
-        else:
-            idx = _masked_idx(x, M)
-            _sync(stats)
-            if idx.numel() == 0:
-                break
+
+    def decode(idx, step):
+        """One model call on the masked rows idx: commit the chosen positions' most probable tokens."""
+        nonlocal x
         logits = masked_row_logits(model, x, zero, idx)
-        stats["model_calls"] += 1
-        stats["steps"] += 1
         out = mk.sample_step(logits, None, None, seed, 1 + step, row_ids=idx, greedy=True, **opts)
         tok = _sanitize(out.tokens, M, invalid)
         conf = torch.full((B * L,), -1.0, device=device)
@@ -485,6 +606,24 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, st
             best = conf.argmax(1, keepdim=True)  # at least the most confident position of each sequence
             commit = (conf >= threshold).scatter_(1, best, conf.gather(1, best) >= 0)
         x = torch.where(commit & (x == M), cand, x)
+
+    if static:
+        counts = _read(stats, (x == M).sum(1))   # the loop's only host read
+    for step in _progress(range(max_steps), progress, "sampling (confidence)"):
+        if static:
+            n_masked = sum(counts)
+            if n_masked == 0:
+                break
+            idx = torch.nonzero_static((x == M).reshape(-1), size=n_masked).squeeze(1)
+            counts = [max(0, c - k) for c in counts]
+        else:
+            idx = _masked_idx(x, M)
+            _sync(stats)
+            if idx.numel() == 0:
+                break
+        _issue(stats, timing, device, decode, idx, step)
+        stats["model_calls"] += 1
+        stats["steps"] += 1
     return x
 
 

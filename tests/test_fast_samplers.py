@@ -189,7 +189,8 @@ def test_samplers_read_the_host_twice_whatever_the_step_count(kw):
 
 def test_time_conditioned_ancestral_calls_the_model_at_the_time_of_its_step(monkeypatch):
     """With time conditioning each model call gets sigma(t_i) of the grid step i whose tokens it draws (the
-    published ddpm and ddpm_cache both recompute every step then); i is read from the step's Philox offset."""
+    published ddpm and ddpm_cache both recompute every step then); i is read from the step's Philox offset
+    (host offset + the device-side offset_tensor the kernel reads)."""
     import mdlm.samplers as ms
     m = _model(**{"time_conditioning": True})
     steps, eps = 30, 1e-3
@@ -197,7 +198,12 @@ def test_time_conditioned_ancestral_calls_the_model_at_the_time_of_its_step(monk
     log = []
     real_logits, real_step = ms.masked_row_logits, mk.sample_step
     monkeypatch.setattr(ms, "masked_row_logits", lambda *a: (log.append(("sigma", a[2].clone())), real_logits(*a))[1])
-    monkeypatch.setattr(mk, "sample_step", lambda *a, **k: (log.append(("offset", a[4])), real_step(*a, **k))[1])
+    def step(*a, **k):
+        off = a[4] + (int(k["offset_tensor"]) if k.get("offset_tensor") is not None else 0)
+        log.append(("offset", off))
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(mk, "sample_step", step)
     fast_sample(m, 2, steps=steps, eps=eps, sampler="ddpm_cache", noise_removal=False,
                 generator=torch.Generator().manual_seed(0))
     assert len(log) >= 2 and len(log) % 2 == 0
@@ -388,8 +394,11 @@ def test_cuda_graph_option_needs_a_cuda_model():
     m = _model()
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
         fast_sample(m, 1, sampler="first_hitting", cuda_graph=True)
-    with pytest.raises(ValueError, match="applies to the first_hitting sampler"):
-        fast_sample(m, 1, sampler="ddpm_cache", cuda_graph=True)
+    for sampler in ("ddpm", "ddpm_cache"):
+        with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+            fast_sample(m, 1, sampler=sampler, cuda_graph=True)
+    with pytest.raises(ValueError, match="applies to the samplers"):
+        fast_sample(m, 1, sampler="confidence", cuda_graph=True)
 
 
 def _cuda_tiny_model(**over):
@@ -582,11 +591,31 @@ def test_first_hitting_event_has_no_data_dependent_host_read(use_kernels):
             _first_hitting_event(m, x, 5, opts)[0]()
 
 
+def _closure_tensors(fn, seen=None):
+    """Every tensor a function closes over, through the closures of the functions it closes over."""
+    seen = set() if seen is None else seen
+    out = []
+    for cell in fn.__closure__ or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:   # an empty cell
+            continue
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif callable(v) and getattr(v, "__closure__", None):
+            out += _closure_tensors(v, seen)
+    return out
+
+
 def _fake_cuda_graphs(monkeypatch, fail_capture=False):
     """CPU stand-ins for the torch.cuda pieces _EventGraph uses, with CUDA-graph semantics: capture records the
     event without changing any state (here: runs it under FakeTensorMode, so any host read would raise, and
-    restores every tensor the event closes over afterwards: FakeTensorMode still runs in-place ops whose inputs
-    are all real) and replay runs it for real on the live tensors."""
+    restores every tensor the event reaches through its closures afterwards: FakeTensorMode still runs
+    in-place ops whose inputs are all real) and replay runs it for real on the live tensors. Returns a log:
+    "captures" (the captured _EventGraph objects, in order) and "pools" (the pool passed to each capture)."""
     import contextlib
     from torch._subclasses.fake_tensor import FakeTensorMode
     import mdlm.samplers as ms
@@ -598,21 +627,30 @@ def _fake_cuda_graphs(monkeypatch, fail_capture=False):
         def wait_stream(self, other):
             pass
 
-    owners = []
+    log = {"captures": [], "pools": []}
+    capturing = []
 
     class EventGraph(ms._EventGraph):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            owners.append(self)
+        def _capture(self, stream):
+            capturing.append(self)
+            try:
+                super()._capture(stream)
+            finally:
+                capturing.pop()
 
     class Graph:
+        def __init__(self):
+            self.owner = capturing[-1]
+
         def replay(self):
-            owners[-1].event()
+            self.owner.event()
 
     @contextlib.contextmanager
-    def graph(g, stream=None):
-        cells = [c.cell_contents for c in owners[-1].event.__closure__]
-        saved = [(v, v.clone()) for v in cells if isinstance(v, torch.Tensor)]
+    def graph(g, stream=None, pool=None):
+        owner = capturing[-1]
+        saved = [(v, v.clone()) for v in _closure_tensors(owner.event)]
+        log["captures"].append(owner)
+        log["pools"].append(pool)
         with FakeTensorMode(allow_non_fake_inputs=True):
             if fail_capture:
                 raise RuntimeError("operation not permitted when stream is capturing")
@@ -627,6 +665,8 @@ def _fake_cuda_graphs(monkeypatch, fail_capture=False):
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", id(log)))
+    return log
 
 
 @pytest.mark.parametrize("fail_capture", [False, True])
@@ -653,3 +693,132 @@ def test_event_graph_warms_up_captures_once_and_replays_the_eager_tokens(monkeyp
     assert st_b["model_calls"] == st_a["model_calls"] == L
     assert st_b.get("graph_replays", 0) == (0 if fail_capture else L - 2)
     assert st_b["host_syncs"] == st_a["host_syncs"] + 1   # the capture's device synchronisation
+
+
+def _ancestral_run(m, x_init, steps, eta, seed, cuda_graph=False, pad=None, **kw):
+    """One ddpm* loop (no noise removal) through _ancestral directly, so that the CPU can run the graphed path
+    with stand-in graphs. Returns (tokens, masked positions left, stats, invalid flags)."""
+    from mdlm.samplers import _ancestral
+    opts = dict(mask_index=MASK, temperature=1.0, top_k=0, top_p=1.0, validate=False, **kw)
+    stats = {"model_calls": 0, "steps": 0, "host_syncs": 0}
+    invalid = []
+    grid = torch.linspace(1, 1e-5, steps + 1, dtype=torch.float64)
+    x, left = _ancestral(m, x_init.clone(), x_init != MASK, grid, eta, seed, opts, stats, False, invalid,
+                         cuda_graph=cuda_graph, pad=pad)
+    return x.clone(), left.clone(), stats, invalid
+
+
+@pytest.mark.parametrize("eta,fail_capture", [(0.0, False), (0.05, False), (0.0, True)])
+def test_ancestral_graphs_capture_once_per_bucket_and_replay_the_eager_tokens(monkeypatch, eta, fail_capture):
+    """ddpm* with stand-in CUDA graphs on the CPU: each row bucket (here every power of two: _MIN_BUCKET = 1)
+    gets two eager warm-up calls and one capture (all captures into one pool), then one replay per call; the
+    tokens equal those of the eager loop with the same padding AND without padding (padding rows never reach
+    x: their writes go to the spare slot). A failed capture warns, and every call of that bucket runs eagerly:
+    same tokens, no replay."""
+    import mdlm.samplers as ms
+    m = _model()
+    m.backbone.validate_inputs = False
+    monkeypatch.setattr(ms, "_MIN_BUCKET", 1)
+    B, steps = 16, 24
+    x_init = torch.full((B, L), MASK)
+    x_init[3, :4] = 2                     # some given tokens
+    sizes = []
+    real_bucket = ms._bucket_rows
+    monkeypatch.setattr(ms, "_bucket_rows", lambda n, BL, pad: (sizes.append(real_bucket(n, BL, pad)), sizes[-1])[1])
+    a, left_a, st_a, inv_a = _ancestral_run(m, x_init, steps, eta, 9, pad=True)
+    buckets = list(sizes)        # the padded eager run's bucket per model call
+    uses = {R: buckets.count(R) for R in set(buckets)}
+    assert len(uses) >= 2 and sum(u >= 3 for u in uses.values()) >= 2, uses   # the test exercises >= 2 captures
+    c, left_c, st_c, _ = _ancestral_run(m, x_init, steps, eta, 9, pad=False)
+    log = _fake_cuda_graphs(monkeypatch, fail_capture)
+    if fail_capture:
+        with pytest.warns(UserWarning, match="CUDA-graph capture of the sampling event failed"):
+            b, left_b, st_b, inv_b = _ancestral_run(m, x_init, steps, eta, 9, cuda_graph=True)
+    else:
+        b, left_b, st_b, inv_b = _ancestral_run(m, x_init, steps, eta, 9, cuda_graph=True)
+    assert torch.equal(a, b) and torch.equal(a, c), (a, b, c)
+    assert torch.equal(left_a, left_b) and torch.equal(left_a, left_c)
+    assert torch.all(a[3, :4] == 2) and not bool(torch.stack(inv_a + inv_b).any())
+    assert st_a["model_calls"] == st_b["model_calls"] == st_c["model_calls"] == len(buckets)
+    captured = sum(u >= 3 for u in uses.values())
+    assert len(log["captures"]) == len({id(g) for g in log["captures"]}) == captured   # once per bucket
+    assert log["pools"] and all(p == log["pools"][0] and p is not None for p in log["pools"])   # one pool
+    want = 0 if fail_capture else sum(max(0, u - 2) for u in uses.values())
+    assert st_b.get("graph_replays", 0) == want and (fail_capture or want > 0)
+    assert st_b["host_syncs"] == st_a["host_syncs"] + captured == 1 + captured   # the counts read + captures
+
+
+def test_bucket_rows_are_powers_of_two_from_the_minimum_up_to_all_rows():
+    from mdlm.samplers import _MIN_BUCKET, _bucket_rows
+    assert _MIN_BUCKET == 128
+    assert [_bucket_rows(n, 16384, True) for n in (1, 16, 128, 129, 300, 8193, 16384)] == \
+        [128, 128, 128, 256, 512, 16384, 16384]
+    assert _bucket_rows(5, 24, True) == 24 and _bucket_rows(5, 24, False) == 5   # capped at B*L; unpadded: n
+
+
+def test_timing_records_host_and_device_time_per_model_call_of_the_loop():
+    m = _model()
+    for sampler in ("ddpm_cache", "first_hitting", "confidence"):
+        _, st = fast_sample(m, 2, steps=20, sampler=sampler, noise_removal=False, timing=True, return_stats=True,
+                            generator=torch.Generator().manual_seed(0))
+        assert len(st["host_s"]) == len(st["device_s"]) == st["model_calls"] >= 1, (sampler, st)
+        assert all(h > 0 for h in st["host_s"]) and st["device_s"] == st["host_s"]   # CPU: nothing is async
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sampler,over,kw,min_bucket", [
+    ("ddpm_cache", {}, {}, None),
+    ("ddpm", {"time_conditioning": True}, {"temperature": 0.8, "top_k": 40}, None),
+    ("ddpm_cache", {}, {"remask_eta": 0.05, "top_p": 0.9}, None),
+    ("ddpm_cache", {}, {}, 1)])
+def test_ancestral_cuda_graph_replays_give_the_eager_tokens(monkeypatch, sampler, over, kw, min_bucket):
+    """GPU: ddpm* with cuda_graph gives bit-identical tokens to the eager loop (which pads to the same row
+    buckets), no capture-failure warning, one capture per bucket (with _MIN_BUCKET = 1: several buckets, one
+    memory pool), every later call of a bucket one replay, and the caller's stream restored."""
+    import warnings
+    import mdlm.samplers as ms
+    if min_bucket is not None:
+        monkeypatch.setattr(ms, "_MIN_BUCKET", min_bucket)
+    m, x_init = _cuda_tiny_model(**over)
+    run = dict(steps=64, sampler=sampler, x_init=x_init, noise_removal=False, return_stats=True, **kw)
+    a, st_a = fast_sample(m, 4, generator=torch.Generator().manual_seed(3), **run)
+    sizes = []
+    real_bucket = ms._bucket_rows
+    monkeypatch.setattr(ms, "_bucket_rows", lambda n, BL, pad: (sizes.append(real_bucket(n, BL, pad)), sizes[-1])[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b, st_b = fast_sample(m, 4, cuda_graph=True, generator=torch.Generator().manual_seed(3), **run)
+    failed = [str(w.message) for w in caught if "CUDA-graph capture" in str(w.message)]
+    assert not failed, failed
+    assert torch.equal(a, b)
+    uses = {R: sizes.count(R) for R in set(sizes)}
+    captures = sum(u >= 3 for u in uses.values())
+    assert st_b["model_calls"] == st_a["model_calls"] == len(sizes) and captures >= 1
+    assert st_b.get("graph_replays", 0) == sum(max(0, u - 2) for u in uses.values())
+    assert st_b["host_syncs"] == st_a["host_syncs"] + captures
+    if min_bucket is not None:
+        assert len(uses) >= 2, uses
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+@pytest.mark.cuda
+def test_ancestral_failed_capture_warns_keeps_the_tokens_and_the_stream(monkeypatch):
+    """GPU: a host read slipped into the model call makes every capture fail: a warning, the eager tokens, no
+    replay, the caller's stream restored, the device usable."""
+    import mdlm.samplers as ms
+    m, x_init = _cuda_tiny_model()
+    run = dict(steps=32, sampler="ddpm_cache", x_init=x_init, noise_removal=False)
+    a = fast_sample(m, 4, generator=torch.Generator().manual_seed(3), **run)
+    real = ms.masked_row_logits
+
+    def with_host_read(model, x, sigma, idx):
+        float(sigma.sum())   # not permitted while a stream is capturing
+        return real(model, x, sigma, idx)
+
+    monkeypatch.setattr(ms, "masked_row_logits", with_host_read)
+    with pytest.warns(UserWarning, match="CUDA-graph capture of the sampling event failed"):
+        b, st = fast_sample(m, 4, cuda_graph=True, return_stats=True, generator=torch.Generator().manual_seed(3),
+                            **run)
+    assert torch.equal(a, b) and st.get("graph_replays", 0) == 0
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.cuda.synchronize()
