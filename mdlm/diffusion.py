@@ -67,10 +67,11 @@ def subs_parameterization(logits: torch.Tensor, xt: torch.Tensor, mask_index: in
     logits = logits.float().clone()
     logits[:, :, mask_index] += NEG_INFINITY
     logits = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    unmasked = xt != mask_index
-    logits[unmasked] = NEG_INFINITY
-    logits[unmasked, xt[unmasked]] = 0
-    return logits
+    # carry-over without boolean indexing (a data-dependent gather would read the device every call)
+    unmasked = (xt != mask_index)[..., None]
+    own = xt[..., None]
+    carried = torch.where(unmasked, 0.0, logits.gather(-1, own))      # 0 at the own token of unmasked rows
+    return logits.masked_fill(unmasked, NEG_INFINITY).scatter(-1, own, carried)
 
 
 def d3pm_parameterization(logits: torch.Tensor, mask_index: int, subs_masking: bool = False) -> torch.Tensor:
@@ -84,7 +85,8 @@ def sedd_parameterization(logits: torch.Tensor, xt: torch.Tensor, sigma: torch.T
     """SEDD log-score: logits - log(e^sigma - 1) - log(V - 1), with 0 at the input token."""
     logits = logits.float()
     esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log().to(logits.dtype)
-    logits = logits - esigm1_log[:, None, None] - torch.log(torch.tensor(logits.shape[-1] - 1.0))
+    log_v1 = float(torch.log(torch.tensor(logits.shape[-1] - 1.0)))   # the published fp32 constant, on the host
+    logits = logits - esigm1_log[:, None, None] - log_v1
     return torch.scatter(logits, -1, xt[..., None], torch.zeros_like(logits[..., :1]))
 
 

@@ -465,7 +465,7 @@ def _sampling_precision(model, sampler: str, impl: str) -> str:
     fusable = (sampler in FAST_SAMPLERS and model.parameterization == "subs" and model.noise.name == "loglinear"
                and hasattr(model.backbone, "hidden_states"))
     if impl == "fused" or (impl == "auto" and fusable):
-        return "exact inversion (fused sampler: 53-bit uniforms, float64 cumulative weights)"
+        return "fp64-exact inversion (fused sampler: 53-bit uniforms, float64 cumulative weights)"
     return "fp32 Gumbel (published reference sampler)"
 
 

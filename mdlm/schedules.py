@@ -70,12 +70,20 @@ class LinearNoise(Noise):
     def __init__(self, sigma_min: float = 0.0, sigma_max: float = 10.0, dtype=torch.float32):
         self.sigma_min = torch.tensor(sigma_min, dtype=dtype)
         self.sigma_max = torch.tensor(sigma_max, dtype=dtype)
+        self._on_device = {}
+
+    def _consts(self, device):
+        """(sigma_min, sigma_max - sigma_min) on ``device``, copied once per device (not once per call)."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.sigma_min.to(device), (self.sigma_max - self.sigma_min).to(device))
+        return self._on_device[device]
 
     def rate_noise(self, t):
-        return (self.sigma_max - self.sigma_min).to(t.device) + torch.zeros_like(t)
+        return self._consts(t.device)[1] + torch.zeros_like(t)
 
     def total_noise(self, t):
-        return self.sigma_min.to(t.device) + t * (self.sigma_max - self.sigma_min).to(t.device)
+        smin, span = self._consts(t.device)
+        return smin + t * span
 
     def importance_sampling_transformation(self, t):
         f_T = torch.log1p(-torch.exp(-self.sigma_max))
@@ -91,13 +99,20 @@ class GeometricNoise(Noise):
 
     def __init__(self, sigma_min: float = 1e-3, sigma_max: float = 1.0):
         self.sigmas = 1.0 * torch.tensor([sigma_min, sigma_max])
+        self._on_device = {}
+
+    def _sigmas(self, device):
+        """sigmas on ``device``, copied once per device (not once per call)."""
+        if device not in self._on_device:
+            self._on_device[device] = self.sigmas.to(device)
+        return self._on_device[device]
 
     def rate_noise(self, t):
-        s = self.sigmas.to(t.device)
+        s = self._sigmas(t.device)
         return s[0] ** (1 - t) * s[1] ** t * (s[1].log() - s[0].log())
 
     def total_noise(self, t):
-        s = self.sigmas.to(t.device)
+        s = self._sigmas(t.device)
         return s[0] ** (1 - t) * s[1] ** t
 
 

@@ -252,6 +252,22 @@ def test_model_forward_moves_no_host_data(use_kernels, time_conditioning):
     assert logits.shape == (3, L, V) and rows.shape == (5, V) and g.checked > 20
 
 
+@pytest.mark.parametrize("noise", ["loglinear", "linear", "geometric"])
+def test_published_forward_moves_no_host_data(noise):
+    """MDLM.forward (the published path the reference samplers call): DIT + the SUBS parameterization (carry-over
+    without boolean indexing) and the noise schedules (their constants copied to a device once, then reused)."""
+    m = _model(**{"noise.type": noise}).to("meta")
+    m.validate_inputs = m.backbone.validate_inputs = False
+    x = torch.full((2, L), MASK, device="meta")
+    x[:, ::3] = 1
+    t = torch.rand(2, device="meta")
+    m.noise(t)                                     # first use on the device: the constants move once, here
+    with torch.no_grad(), HostTrafficGuard() as g:
+        sigma, _ = m.noise(t)
+        out = m.forward(x, sigma[:, None])
+    assert out.shape == (2, L, V) and g.checked > 20
+
+
 @pytest.mark.parametrize("impl", ["masked", "fused"])
 def test_statically_gathered_loss_moves_no_host_data(impl):
     """The SUBS loss from hidden states with a static row bound (the trainer's sync-free path), forward and
