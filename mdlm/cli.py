@@ -10,9 +10,10 @@ __all__ = ["main", "sample_main"]
 _USAGE = """usage: mdlm <command> [options]
 
 commands:
-  train    train an MDLM (published recipe, fused kernels, resumable; torchrun for several processes)
+  train    train an MDLM (published recipe, fused kernels, resumable; torchrun for several processes);
+           `mdlm train --quick`: a CPU-sized run that finishes in minutes
   eval     validation / zero-shot perplexity (NELBO), BPD, generative perplexity of samples
-  sample   generate text from a checkpoint
+  sample   generate text from a checkpoint (a file, a run folder or a Hugging Face snapshot folder)
 
 `mdlm <command> --help` for the options of each."""
 

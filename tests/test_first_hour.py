@@ -226,9 +226,10 @@ def test_a_checkpoint_without_config_loads_from_the_flags_as_before(text_run, tm
     model = mdlm.from_pretrained(text_run / "run", use_ema=False)
     old = tmp_path / "old.ckpt"
     mdlm.save_published_checkpoint(model, old)           # weights only: no config, no model_meta
-    assert sample_main(["--checkpoint", str(old), "--num", "1", "--steps", "2", "--no-ema"]) == 2
+    # without flags: the small preset (here with the text8 tokenizer, whose files need no data folder)
+    assert sample_main(["--checkpoint", str(old), "--num", "1", "--steps", "2", "--no-ema", "data.tokenizer=text8"]) == 2
     err = capsys.readouterr().err
-    assert "holds no model config" in err and "--preset" in err
+    assert "holds no model config" in err and "--preset" in err and "hidden 768" in err, err
     flags = ["--preset", "tiny", "--data", f"text:{text_run / 'corpus.txt'}",
              *[t for t in TINY[2:] if t.startswith(("model.", "data."))]]
     assert sample_main(["--checkpoint", str(old), "--num", "1", "--steps", "2", "--no-ema", "--device", "cpu",
@@ -393,6 +394,23 @@ def test_a_cuda_fallback_for_a_missing_or_cpu_only_build_is_announced_once(monke
         warnings.simplefilter("error")                   # once per device
         assert kb.resolve("other_op", None, "cuda:0", every) == "triton"
         assert kb.resolve("some_op", None, "cpu", {"reference": None}) == "reference"   # CPU: nothing to say
+
+
+@pytest.mark.cuda
+def test_on_a_gpu_an_op_falling_back_from_a_cpu_only_build_says_so_once(monkeypatch):
+    """The same on a real device: a real op's automatic dispatch on CUDA tensors (owed: no GPU here)."""
+    import mdlm_kernels as mk
+    from mdlm_kernels import _ext
+    from mdlm_kernels import backend as kb
+    monkeypatch.setattr(kb, "_WARNED", set())
+    monkeypatch.delenv(kb.ENV_VAR, raising=False)
+    monkeypatch.setattr(_ext, "cuda_compiled", lambda: False)       # as a build without nvcc
+    with pytest.warns(RuntimeWarning, match="not used on cuda:.*built without CUDA"):
+        u = mk.philox_uniform(2, 8, seed=1, device="cuda")
+    assert u.is_cuda and kb.last_used["philox_uniform"] in ("triton", "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mk.philox_uniform(2, 8, seed=2, device="cuda")
 
 
 # ------------------------------------------------------------------------------------------------ small points
