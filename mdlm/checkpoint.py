@@ -187,13 +187,25 @@ def read_checkpoint(checkpoint, weights_only: bool = True, map_location="cpu") -
 
 
 def checkpoint_config(obj) -> Any:
-    """The ``mdlm.Config`` stored in a checkpoint object (``config`` entry), or None when it holds none."""
-    from .config import Config
+    """The ``mdlm.Config`` stored in a checkpoint object (``config`` entry), or None when it holds none. It is laid
+    over today's defaults (``mdlm.preset("small")``), so a file written before a config key existed still gets
+    that key (with its default) and every stored value wins."""
+    from .config import Config, preset
     cfg = obj.get("config") if isinstance(obj, Mapping) else None
     if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping) and "hidden_size" in cfg["model"]:
         import copy
-        return Config(copy.deepcopy(dict(cfg)))
+        return _overlay(preset("small"), Config(copy.deepcopy(dict(cfg))))
     return None
+
+
+def _overlay(base, saved):
+    """``base`` with every value of ``saved`` written over it, recursively (sections merge, leaves replace)."""
+    for k, v in saved.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), Mapping):
+            _overlay(base[k], v)
+        else:
+            base[k] = v
+    return base
 
 
 def resolve_config(obj, source: str, preset_name: str | None = None, data: str | None = None,

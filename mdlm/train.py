@@ -19,12 +19,13 @@ an older checkpoint if the newest is corrupt). SIGTERM / SIGINT finish the curre
 second signal (a second Ctrl-C) stops at once without saving (exit 128 + signal; the last checkpoint stays).
 Checkpoints describe themselves: the config tree and ``model_meta`` (vocabulary, MASK id, tokenizer, data
 settings) are stored with the weights, so ``mdlm eval`` / ``mdlm sample`` need no ``--preset``.
+A non-finite loss or gradient skips the step (counted, logged); ``trainer.max_nonfinite`` in a row stop
+the run with an error naming the step, without writing a checkpoint.
 
 Progress: a bar on a terminal; otherwise plain lines on stderr at step 1, every ``trainer.log_every`` steps,
 at the last step and at least every ``_Progress.interval_s`` seconds, each with loss, tokens/s, LR, elapsed
-time and an estimate of the time left. ``--quick`` is a CPU-sized run (``mdlm.config.QUICK``).
-A non-finite loss or gradient skips the step (counted, logged); ``trainer.max_nonfinite`` in a row stop
-the run with an error naming the step, without writing a checkpoint.
+time and an estimate of the time left (on a CPU, an estimate over an hour points once to ``--quick``).
+``--quick`` is a CPU-sized run (``mdlm.config.QUICK``).
 
 Distributed: under ``torchrun`` the strategy is DDP (``trainer.strategy=ddp``) or FSDP2 ``fully_shard``
 (``trainer.strategy=fsdp``), NCCL on GPUs and gloo on CPUs. Rank 0 writes logs and checkpoints.

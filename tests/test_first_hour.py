@@ -206,6 +206,21 @@ def test_sample_and_eval_need_no_preset(text_run, capsys, tmp_path):
     capsys.readouterr()
 
 
+def test_an_earlier_training_checkpoint_without_model_meta_or_newer_keys_loads(text_run, tmp_path, capsys):
+    """Training checkpoints written before this change hold ``config`` but no ``model_meta``, and a config
+    written before a key existed lacks that key: both rebuild from the file (the vocabulary from its tokenizer,
+    missing keys at today's defaults)."""
+    from mdlm.cli import sample_main
+    obj, _ = load_training_checkpoint(text_run / "run" / "checkpoints")
+    del obj["model_meta"]
+    del obj["config"]["loss_impl"], obj["config"]["sampling"]["steps"]
+    torch.save(obj, tmp_path / "v1.ckpt")
+    assert sample_main(["--checkpoint", str(tmp_path / "v1.ckpt"), "--num", "1", "--steps", "2", "--device", "cpu"]) == 0
+    model, info = mdlm.load_model(tmp_path / "v1.ckpt")
+    assert info["config_from_checkpoint"] and model.vocab_size == 35 and model.config.loss_impl == "auto"
+    capsys.readouterr()
+
+
 def test_a_contradicting_preset_names_both_configs(text_run, capsys):
     from mdlm.cli import sample_main
     from mdlm.eval import main as eval_main
