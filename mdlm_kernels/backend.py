@@ -74,7 +74,7 @@ def unavailable_reason(backend: str, device: Union[torch.device, str]) -> Option
         if device.type not in ("cpu", "cuda"):
             return f"the compiled extension supports cpu and cuda tensors, not {device.type}"
         if not _ext.available():
-            return f"the compiled extension mdlm_kernels._C is not available ({_ext.error()}); {_ext.BUILD_HINT}"
+            return f"the compiled extension mdlm_kernels._C is not available ({_ext.error()})"
         if device.type == "cuda" and not _ext.cuda_compiled():
             return ("the extension was built without CUDA (nvcc not found at build time or "
                     "MDLM_SKIP_CUDA=1); rebuild with nvcc available")
@@ -174,6 +174,8 @@ def _announce_fallback(op_name: str, backend: str, device: torch.device, reason:
     if key in _WARNED:
         return
     _WARNED.add(key)
+    if not _ext.available():
+        reason = f"{reason}; {_ext.BUILD_HINT}"
     import warnings
     warnings.warn(f"mdlm_kernels: the compiled CUDA kernels are not used on cuda:{index} ({reason}); ops fall back to "
                   f"Triton or PyTorch (first seen in {op_name}; said once per device)", RuntimeWarning, stacklevel=3)

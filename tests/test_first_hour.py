@@ -403,8 +403,9 @@ def test_a_cuda_fallback_for_a_missing_or_cpu_only_build_is_announced_once(monke
         monkeypatch.setattr(_ext, "available", lambda: True)
         monkeypatch.setattr(_ext, "cuda_compiled", lambda: False)
     every = {"cpp": None, "triton": None, "reference": None}
-    with pytest.warns(RuntimeWarning, match=f"not used on cuda:0 .*{what}"):
+    with pytest.warns(RuntimeWarning, match=f"not used on cuda:0 .*{what}") as said:
         assert kb.resolve("some_op", None, "cuda:0", every) == "triton"
+    assert ("pip install --no-build-isolation -e ." in str(said[0].message)) == (build == "missing")
     with warnings.catch_warnings():
         warnings.simplefilter("error")                   # once per device
         assert kb.resolve("other_op", None, "cuda:0", every) == "triton"
