@@ -440,6 +440,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or f"throughput_{device.type}_{args.preset}"
+    earlier = [p for p in (out / f"{stem}.json", out / f"{stem}.png") if p.exists()]
+    if earlier:
+        print(f"# replacing the results of an earlier run: {', '.join(str(p) for p in earlier)} (--tag NAME or "
+              "--out DIR keeps both)")
     result = {"benchmark": "throughput", "preset": args.preset, "batch": args.batch, "length": args.length,
               "vocab": VOCAB, "dtype": str(dtype), "matmul_ceiling_flops": ceiling,
               "model_flops_per_token": flops_tok, "environment": env, "kernel_backends": backends,
@@ -447,27 +451,50 @@ def main(argv=None):
     if args.sampling:
         result["sampling"] = sampling
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    _plot(ok, out / f"{stem}.png", f"{args.preset} B={args.batch} L={args.length} on {env.get('gpu', device.type)}")
     print(f"# wrote {out / (stem + '.json')}")
+    png = _plot(ok, out / f"{stem}.png", f"{args.preset} B={args.batch} L={args.length} on {env.get('gpu', device.type)}")
+    print(f"# wrote {png}" if png else "# no chart: matplotlib is not installed (pip install matplotlib)"
+          if ok else "# no chart: every provider failed")
     return 0 if ok and not sampling_failed else 1
 
 
+def _chart_data(rows):
+    """(providers, median tokens/s, error below, error above, value labels) of the chart: the error bar runs
+    from tokens/s at the step-time third quartile (tokens per step / q3) to tokens/s at the first (/ q1)."""
+    names = [r["provider"] for r in rows]
+    tps = [r["tokens_per_s"] for r in rows]
+    per_step = [r["tokens_per_s"] * r["median_s"] for r in rows]      # tokens per step
+    lo = [max(0.0, t - n / r["q3_s"]) for t, n, r in zip(tps, per_step, rows)]
+    hi = [max(0.0, n / r["q1_s"] - t) for t, n, r in zip(tps, per_step, rows)]
+    return names, tps, lo, hi, [f"{t:,.0f}" for t in tps]
+
+
 def _plot(rows, path, title):
+    """Bar chart of tokens/s per provider -> ``path``; returns the path, or None (no matplotlib, no rows).
+
+    Each bar is the median step's tokens/s, labelled with its value; the error bar spans the tokens/s of the
+    step-time quartiles (tokens per step / q3 below, / q1 above: the slower and faster quartile steps)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return None
     if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar([r["provider"] for r in rows], [r["tokens_per_s"] for r in rows], color="#4c72b0")
-    ax.set_ylabel("tokens / s")
+        return None
+    names, tps, lo, hi, labels = _chart_data(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, tps, color="#4c72b0", yerr=[lo, hi], capsize=4, ecolor="#333333")
+    for i, (t, h, text) in enumerate(zip(tps, hi, labels)):      # the value, above the error bar's cap
+        ax.annotate(text, (i, t + h), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_ylabel("tokens / s (median step; bars: quartiles)")
+    ax.set_ylim(0, max(t + h for t, h in zip(tps, hi)) * 1.18)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

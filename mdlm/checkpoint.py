@@ -5,6 +5,13 @@ Published checkpoints are PyTorch Lightning ``.ckpt`` files: ``{"state_dict": {"
 ``shadow_params`` lists the EMA weights in the order of ``backbone.parameters()`` (the noise schedules
 of the published code have no parameters). Plain state dicts (``{"<key>": tensor}``, with or without
 the ``backbone.`` prefix) load too.
+
+Self-describing checkpoints: the trainer's checkpoints (and ``save_published_checkpoint(..., config=...)``)
+also hold ``config`` (the whole config tree as plain data: model, noise, parameterization, data settings) and
+``model_meta`` (vocabulary size, MASK id, tokenizer name, block length and data settings), so ``mdlm eval`` /
+``mdlm sample --checkpoint X`` rebuild the model from the file itself (``resolve_config``); flags are
+overrides, and a flag that contradicts the file's model is an error naming both configs. Files without these
+entries (published Lightning checkpoints, older files) load as before, from the flags.
 """
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["CheckpointError", "load_published_checkpoint", "save_published_checkpoint", "extract_state_dict",
-           "save_training_checkpoint", "load_training_checkpoint", "list_training_checkpoints"]
+           "save_training_checkpoint", "load_training_checkpoint", "list_training_checkpoints", "read_checkpoint",
+           "checkpoint_config", "model_meta", "resolve_config", "open_checkpoint", "load_model"]
 
 
 class CheckpointError(RuntimeError):
@@ -112,8 +120,13 @@ def load_published_checkpoint(model: nn.Module, checkpoint, use_ema: bool = True
 
 
 def save_published_checkpoint(model: nn.Module, path, ema_shadow: list[torch.Tensor] | None = None,
-                              global_step: int = 0, ema_decay: float = 0.9999) -> None:
+                              global_step: int = 0, ema_decay: float = 0.9999, config=None,
+                              tokenizer: str | None = None) -> None:
     """Write ``model``'s backbone in the published Lightning layout (``backbone.`` prefix, optional EMA).
+
+    ``config`` (e.g. ``model.config`` of an ``MDLM``) makes the file self-describing: it is stored as plain data
+    with ``model_meta`` (vocabulary, MASK id, ``tokenizer`` -- default ``config.data.tokenizer``), so
+    ``mdlm eval`` / ``mdlm sample`` need no ``--preset`` for it.
 
     The file holds the weights and EMA entries only (no Lightning loop/optimizer state): it loads with
     ``load_published_checkpoint`` here and with ``load_state_dict`` in the published code, not with the
@@ -129,6 +142,10 @@ def save_published_checkpoint(model: nn.Module, path, ema_shadow: list[torch.Ten
     if ema_shadow is not None:
         obj["ema"] = {"decay": ema_decay, "num_updates": int(global_step),
                       "shadow_params": [p.detach().cpu() for p in ema_shadow], "collected_params": None}
+    if config is not None:
+        import json
+        obj["config"] = json.loads(json.dumps(config))
+        obj["model_meta"] = model_meta(model, config, tokenizer)
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -136,6 +153,158 @@ def save_published_checkpoint(model: nn.Module, path, ema_shadow: list[torch.Ten
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Self-describing checkpoints: the model's config travels with its weights.
+META_VERSION = 1
+
+
+def model_meta(model: nn.Module, config, tokenizer: str | None = None) -> dict:
+    """What rebuilding ``model`` needs besides ``config``: ``{"version", "vocab_size", "mask_index",
+    "tokenizer", "length", "parameterization", "data": {"train", "valid", "mode"}}`` (plain data)."""
+    data = config.get("data", {}) if hasattr(config, "get") else {}
+    backbone = _backbone(model)
+    V = getattr(model, "vocab_size", None) or getattr(backbone, "vocab_size", None)
+    return {"version": META_VERSION, "vocab_size": None if V is None else int(V),
+            "mask_index": None if getattr(model, "mask_index", None) is None else int(model.mask_index),
+            "tokenizer": tokenizer or data.get("tokenizer"), "length": int(config["model"]["length"]),
+            "parameterization": config.get("parameterization", "subs"),
+            "data": {k: data.get(k) for k in ("train", "valid", "mode")}}
+
+
+def read_checkpoint(checkpoint, weights_only: bool = True, map_location="cpu") -> tuple[Any, str]:
+    """``(object, path)`` of a checkpoint given as a file, a run folder (``<out_dir>``: its
+    ``checkpoints/``) or a checkpoint folder (its ``latest``, verified against its manifest)."""
+    target = os.fspath(checkpoint)
+    if os.path.isdir(target):
+        sub = os.path.join(target, "checkpoints")
+        folder = sub if os.path.isdir(sub) else target
+        if not list_training_checkpoints(folder):
+            raise CheckpointError(f"{target!r} is a folder without training checkpoints (step_*.ckpt)")
+        return load_training_checkpoint(folder, map_location=map_location)
+    return _read(target, weights_only, map_location), target
+
+
+def checkpoint_config(obj) -> Any:
+    """The ``mdlm.Config`` stored in a checkpoint object (``config`` entry), or None when it holds none. It is laid
+    over today's defaults (``mdlm.preset("small")``), so a file written before a config key existed still gets
+    that key (with its default) and every stored value wins."""
+    from .config import Config, preset
+    cfg = obj.get("config") if isinstance(obj, Mapping) else None
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("model"), Mapping) and "hidden_size" in cfg["model"]:
+        import copy
+        return _overlay(preset("small"), Config(copy.deepcopy(dict(cfg))))
+    return None
+
+
+def _overlay(base, saved):
+    """``base`` with every value of ``saved`` written over it, recursively (sections merge, leaves replace)."""
+    for k, v in saved.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), Mapping):
+            _overlay(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def resolve_config(obj, source: str, preset_name: str | None = None, data: str | None = None,
+                   overrides=(), default_preset: str = "small", check_data: bool = True):
+    """The config to build a checkpoint's model with: ``(config, stored)`` where ``stored`` says whether it came
+    from the checkpoint.
+
+    With a stored config: that config, then ``overrides`` (key=value) on top. ``preset_name`` / ``data`` given
+    as well are checked, not applied: a preset whose model differs from the stored one, or a dataset whose
+    tokenizer differs from the stored tokenizer, is a ``CheckpointError`` naming both configs (``check_data``
+    False: ``data`` is only the fallback for checkpoints without a config -- ``mdlm eval`` scores any dataset
+    with the model's own tokenizer). Without one (a
+    published Lightning file, an older checkpoint): ``mdlm.preset(preset_name or default_preset, data=data)``
+    plus ``overrides``, as before.
+    """
+    from .config import apply_overrides, describe_model, model_differences, preset
+    saved = checkpoint_config(obj)
+    if saved is None:
+        return apply_overrides(preset(preset_name or default_preset, data=data), list(overrides)), False
+    if preset_name is not None:
+        asked = preset(preset_name)
+        diff = [d for d in model_differences(saved, asked)
+                if d.split(":")[0].startswith("model.") and not d.startswith("model.length")]
+        if diff:
+            raise CheckpointError(
+                f"{source} holds a model with {describe_model(saved)}; --preset {preset_name} describes "
+                f"{describe_model(asked)} ({'; '.join(diff)}). The checkpoint describes its own model: drop "
+                f"--preset (key=value overrides still apply)")
+    if data is not None and check_data:
+        asked = preset("small", data=data)
+        want, have = asked.data.tokenizer, saved.get_path("data.tokenizer")
+        if have is not None and want != have:
+            raise CheckpointError(f"{source} holds a model trained on {have!r} tokens (data {saved.get_path('data.train')!r}); "
+                                  f"--data {data} uses the {want!r} tokenizer")
+    return apply_overrides(saved, list(overrides)), True
+
+
+def open_checkpoint(checkpoint, preset_name: str | None = None, data: str | None = None, overrides=(),
+                    weights_only: bool = True, map_location="cpu", check_data: bool = True) -> dict:
+    """Everything needed to rebuild a checkpoint's model, for a checkpoint file, a run folder, a checkpoint
+    folder or a Hugging Face snapshot folder (``mdlm.hf``): ``{"obj", "path", "config", "stored", "meta"}`` --
+    the loaded object (for ``load_published_checkpoint``), the resolved path, the config (``resolve_config``),
+    whether it came from the checkpoint, and ``model_meta`` (vocab_size, mask_index, tokenizer) when known."""
+    from . import hf
+    target = os.fspath(checkpoint)
+    if not os.path.exists(target):
+        raise CheckpointError(f"checkpoint {target!r} does not exist")
+    if hf.is_snapshot(target):
+        cfg, V, mask, sd = hf.read_snapshot(target)
+        obj = {"state_dict": sd, "config": json_plain(cfg),
+               "model_meta": {"vocab_size": V, "mask_index": mask, "tokenizer": cfg.get_path("data.tokenizer")}}
+        path = target
+    else:
+        obj, path = read_checkpoint(target, weights_only, map_location)
+    cfg, stored = resolve_config(obj, path, preset_name, data, overrides, check_data=check_data)
+    meta = obj.get("model_meta") if isinstance(obj, Mapping) else None
+    return {"obj": obj, "path": path, "config": cfg, "stored": stored, "meta": meta if isinstance(meta, Mapping) else None}
+
+
+def json_plain(cfg) -> dict:
+    """A config tree as plain JSON data."""
+    import json
+    return json.loads(json.dumps(cfg))
+
+
+def load_model(checkpoint, preset_name: str | None = None, data: str | None = None, overrides=(),
+               use_ema: bool = True, weights_only: bool = True, map_location="cpu"):
+    """Rebuild an ``MDLM`` from a checkpoint (file, run folder, checkpoint folder or Hugging Face snapshot folder)
+    and load its weights (the EMA weights when present and ``use_ema``); eval mode. Self-describing checkpoints
+    need nothing else; others need the ``preset_name`` / ``data`` / ``overrides`` they were trained with
+    (default: the small preset, vocabulary from ``data.tokenizer``). Returns ``(model, info)`` with
+    ``info = {"path", "config_from_checkpoint", "tokenizer", "ema", "global_step"}``."""
+    from .diffusion import MDLM
+    c = open_checkpoint(checkpoint, preset_name, data, overrides, weights_only, map_location)
+    cfg, meta = c["config"], c["meta"] or {}
+    tok_name = meta.get("tokenizer") or cfg.get_path("data.tokenizer")
+    if meta.get("vocab_size"):
+        V, mask = int(meta["vocab_size"]), meta.get("mask_index")
+    else:
+        from .data import get_tokenizer
+        tok = get_tokenizer(tok_name)
+        V, mask = int(tok.model_vocab_size), int(tok.mask_id)
+    model = MDLM(cfg, V, mask_index=mask)
+    try:
+        report = load_published_checkpoint(model, c["obj"], use_ema=use_ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{c['path']}: {e}{_hint(c['stored'], cfg)}") from e
+    model.eval()
+    return model, {"path": c["path"], "config_from_checkpoint": c["stored"], "tokenizer": tok_name,
+                   "ema": report["ema"], "global_step": report["global_step"]}
+
+
+def _hint(stored: bool, cfg) -> str:
+    """What to do when a checkpoint does not fit the model built for it."""
+    from .config import describe_model
+    if stored:
+        return f" (the model was built from the checkpoint's own config: {describe_model(cfg)}; check the overrides)"
+    return (f" (the checkpoint holds no model config, so the model was built from the flags: {describe_model(cfg)}; "
+            "pass the --preset, --data and key=value overrides it was trained with)")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -10,26 +10,34 @@ __all__ = ["main", "sample_main"]
 _USAGE = """usage: mdlm <command> [options]
 
 commands:
-  train    train an MDLM (published recipe, fused kernels, resumable; torchrun for several processes)
+  train    train an MDLM (published recipe, fused kernels, resumable; torchrun for several processes);
+           `mdlm train --quick`: a CPU-sized run that finishes in minutes
   eval     validation / zero-shot perplexity (NELBO), BPD, generative perplexity of samples
-  sample   generate text from a checkpoint
+  sample   generate text from a checkpoint (a file, a run folder or a Hugging Face snapshot folder)
 
 `mdlm <command> --help` for the options of each."""
 
 
 def sample_main(argv: list[str] | None = None) -> int:
-    """``mdlm sample``: generate from a checkpoint (published Lightning layout or a training checkpoint)."""
+    """``mdlm sample``: generate from a checkpoint -- a training checkpoint or run folder of this library (it
+    describes its model: no --preset needed), a Hugging Face snapshot folder (kuleshov-group/mdlm-owt layout), or
+    a published Lightning file (give --preset / --data / overrides as trained)."""
     import torch
 
-    from .checkpoint import CheckpointError, load_published_checkpoint
-    from .config import apply_overrides, preset
-    from .diffusion import MDLM
+    from .checkpoint import CheckpointError, load_model
     from .samplers import sample
 
     p = argparse.ArgumentParser(prog="mdlm sample", description=sample_main.__doc__)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--data", default=None, help="dataset preset (sets the tokenizer and length)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint file, a training run folder (its newest checkpoint), or a Hugging Face "
+                        "snapshot folder in the kuleshov-group/mdlm-owt layout")
+    p.add_argument("--preset", default=None,
+                   help="only for checkpoints that do not describe their model (published Lightning files): the "
+                        "model preset it was trained with (default small)")
+    p.add_argument("--data", default=None,
+                   help="likewise: the dataset preset it was trained with (sets the tokenizer and length)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow pickled non-tensor objects (published Lightning .ckpt files hold a config)")
     p.add_argument("--num", type=int, default=4, help="number of samples")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default config.sampling.steps)")
     p.add_argument("--sampler", default=None, help="ddpm | ddpm_cache | first_hitting | confidence | analytic")
@@ -60,11 +68,17 @@ def sample_main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        cfg = apply_overrides(preset(args.preset, data=args.data), args.overrides)
-        tok = get_tokenizer(cfg.data.tokenizer)
-        model = MDLM(cfg, tok.model_vocab_size, mask_index=tok.mask_id)
-        load_published_checkpoint(model, args.checkpoint, use_ema=not args.no_ema)
-    except (CheckpointError, OSError, ImportError, ValueError, KeyError) as e:
+        from .config import apply_overrides, preset
+        apply_overrides(preset(args.preset or "small"), args.overrides)     # unknown keys / bad values first
+        model, info = load_model(args.checkpoint, args.preset, args.data, args.overrides, use_ema=not args.no_ema,
+                                 weights_only=not args.trust_checkpoint)
+        cfg = model.config
+        if not info["tokenizer"]:
+            return fail(f"{info['path']} does not name its tokenizer: samples cannot be decoded")
+        tok = get_tokenizer(info["tokenizer"])
+    except KeyError as e:
+        return fail(e.args[0] if e.args else e)
+    except (CheckpointError, OSError, ImportError, ValueError) as e:
         return fail(e)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()

@@ -524,9 +524,12 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="mdlm eval", description="Validation NELBO / perplexity / bits per token of an MDLM checkpoint, "
         "and optionally sample entropy and generative perplexity of its samples.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.length=128")
-    p.add_argument("--checkpoint", required=True, help="published Lightning .ckpt, a training checkpoint of this "
-                   "library or a plain state dict")
-    p.add_argument("--preset", default="small", choices=["tiny", "small", "medium"])
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint or run folder of this library (it "
+                   "describes its model: no --preset needed), a Hugging Face snapshot folder (kuleshov-group/mdlm-owt "
+                   "layout), a published Lightning .ckpt or a plain state dict")
+    p.add_argument("--preset", default=None, choices=["tiny", "small", "medium"],
+                   help="only for checkpoints that do not describe their model: the preset it was trained with "
+                   "(default small); with a self-describing checkpoint it must agree with it")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary incl. MASK, MASK = last id (default: from the config's tokenizer, else "
                    "GPT-2 + MASK = 50258)")
@@ -626,59 +629,102 @@ def _print_table(res: dict, file=None) -> None:
         print(f"{k:<{w}}  {v}", file=file)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mdlm eval``: build the model from ``--preset`` + overrides, load ``--checkpoint``, evaluate.
+class _UsageError(Exception):
+    """A user mistake: ``main`` prints it as one line and exits with status 2."""
 
-    User errors (missing files, bad overrides, a checkpoint that does not fit) exit with status 2 and a
-    one-line message (argparse's ``error``).
+
+def _fail(msg) -> None:
+    raise _UsageError(str(msg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mdlm eval``: rebuild the model from ``--checkpoint`` (its own config when it has one, else ``--preset``
+    + overrides), load the weights, evaluate.
+
+    User errors (missing files, bad overrides, a checkpoint that does not fit) print one line,
+    ``mdlm eval: error: ...``, and exit with status 2 (SystemExit), as ``mdlm sample`` does; argparse's own
+    errors (unknown options) keep argparse's usage line.
     """
     parser = _build_parser()
     args = parser.parse_intermixed_args(argv)
-    from .checkpoint import CheckpointError, load_published_checkpoint
+    try:
+        return _main(args)
+    except _UsageError as e:
+        print(f"mdlm eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(args) -> int:
+    from .checkpoint import CheckpointError, _hint, load_published_checkpoint, open_checkpoint
     from .config import apply_overrides, preset
     from .diffusion import MDLM
 
-    if not os.path.isfile(args.checkpoint):
-        parser.error(f"checkpoint {args.checkpoint!r} does not exist")
+    if not os.path.exists(args.checkpoint):
+        _fail(f"checkpoint {args.checkpoint!r} does not exist")
     if args.data and args.data_tensor:
-        parser.error("give --data or --data-tensor, not both")
+        _fail("give --data or --data-tensor, not both")
     if not (args.data or args.data_tensor) and args.samples <= 0:
-        parser.error("nothing to evaluate: give --data NAME (and --split) and/or --samples N")
+        _fail("nothing to evaluate: give --data NAME (and --split) and/or --samples N")
     if args.num_t < 1 or args.draws < 1 or args.batch_size < 1:
-        parser.error("--num-t, --draws and --batch-size must be >= 1")
+        _fail("--num-t, --draws and --batch-size must be >= 1")
+    cfg_data = None
+    if args.data:
+        try:  # the dataset's preset (length, tokenizer) where mdlm.config knows it
+            preset("small", data=args.data)
+            cfg_data = args.data
+        except (TypeError, ValueError):
+            cfg_data = None
     try:
-        cfg = None
-        if args.data:
-            try:  # the dataset's preset (length, tokenizer) where mdlm.config knows it
-                cfg = preset(args.preset, data=args.data)
-            except (TypeError, ValueError):
-                cfg = None
-        cfg = apply_overrides(cfg if cfg is not None else preset(args.preset), list(args.overrides))
+        apply_overrides(preset(args.preset or "small"), list(args.overrides))   # unknown keys / bad values first
     except (KeyError, ValueError) as e:
-        parser.error(f"bad config override: {e}")
-    vocab_size, mask_index, tok, tok_note = _resolve_vocab(cfg, args.vocab_size)
+        _fail(f"bad config override: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    try:
+        # --data is the dataset to score (with the model's tokenizer); it sets the model's config only for
+        # checkpoints that do not carry one
+        c = open_checkpoint(args.checkpoint, args.preset, cfg_data, list(args.overrides),
+                            weights_only=not args.trust_checkpoint, check_data=False)
+    except (KeyError, ValueError) as e:
+        _fail(f"bad config override: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    except (CheckpointError, ImportError) as e:
+        _fail(e)
+    cfg, meta = c["config"], c["meta"] or {}
+    if meta.get("vocab_size") and (args.vocab_size is None or int(args.vocab_size) == int(meta["vocab_size"])):
+        vocab_size, mask_index = int(meta["vocab_size"]), meta.get("mask_index")
+        tok, tok_note = None, None
+        name = meta.get("tokenizer")
+        if name:
+            try:
+                from .data import get_tokenizer
+                tok = get_tokenizer(name)
+            except Exception as e:  # tokenizer files absent: NELBO still works, samples are not decoded
+                tok_note = f"tokenizer {name!r} unavailable ({type(e).__name__}: {e})"
+        else:
+            tok_note = "the checkpoint names no tokenizer: cannot decode samples into text"
+    elif meta.get("vocab_size"):
+        _fail(f"--vocab-size {args.vocab_size} contradicts the checkpoint's vocabulary {meta['vocab_size']}")
+    else:
+        vocab_size, mask_index, tok, tok_note = _resolve_vocab(cfg, args.vocab_size)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = MDLM(cfg, vocab_size, mask_index=mask_index)
     try:
-        report = load_published_checkpoint(model, args.checkpoint, use_ema=not args.no_ema,
-                                           weights_only=not args.trust_checkpoint)
+        report = load_published_checkpoint(model, c["obj"], use_ema=not args.no_ema)
     except CheckpointError as e:
-        parser.error(str(e))
+        _fail(f"{c['path']}: {e}{_hint(c['stored'], cfg)}")
     model.to(device)
 
     data = None
     if args.data_tensor:
         if not os.path.isfile(args.data_tensor):
-            parser.error(f"data file {args.data_tensor!r} does not exist")
+            _fail(f"data file {args.data_tensor!r} does not exist")
         try:
             data = _load_tensor_data(args.data_tensor)
         except Exception as e:  # not a torch file, an unsafe pickle, the wrong layout
-            parser.error(f"cannot read --data-tensor {args.data_tensor!r}: {type(e).__name__}: {e}")
+            _fail(f"cannot read --data-tensor {args.data_tensor!r}: {type(e).__name__}: {e}")
     elif args.data:
         try:
             from .data import prepare_dataset
         except ImportError as e:
-            parser.error(f"--data needs mdlm.data.prepare_dataset, which is not available: {e}")
+            _fail(f"--data needs mdlm.data.prepare_dataset, which is not available: {e}")
         from .data import DATASETS
         if args.split is None:
             spec = DATASETS.get(args.data)
@@ -689,10 +735,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = prepare_dataset(args.data, args.split, tokenizer=cfg.data.tokenizer, mode=cfg.data.mode,
                                    length=int(cfg.model.length), cache_dir=cfg.data.cache_dir)
         except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
-            parser.error(f"cannot prepare dataset {args.data!r} split {args.split!r}: {e}")
+            _fail(f"cannot prepare dataset {args.data!r} split {args.split!r}: {e}")
         meta = getattr(data, "meta", {}) or {}
         if meta.get("model_vocab_size") is not None and int(meta["model_vocab_size"]) != vocab_size:
-            parser.error(f"dataset {args.data!r} was tokenised with {meta.get('tokenizer')!r} (vocabulary "
+            _fail(f"dataset {args.data!r} was tokenised with {meta.get('tokenizer')!r} (vocabulary "
                          f"{meta['model_vocab_size']} with MASK), the model has vocabulary {vocab_size}")
 
     decode = None
@@ -705,11 +751,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        limit=args.max_blocks, samples=args.samples, steps=args.steps, sampler=args.sampler,
                        evaluator=args.evaluator, decode=decode)
     except ValueError as e:
-        parser.error(str(e))
+        _fail(str(e))
     g = res["generation"]
     if g is not None and decode is None and tok_note:
         g["gen_ppl_skipped"] = tok_note
-    res["checkpoint"] = {"path": args.checkpoint, "ema": report["ema"], "global_step": report["global_step"]}
+    res["checkpoint"] = {"path": c["path"], "ema": report["ema"], "global_step": report["global_step"],
+                         "config_from_checkpoint": c["stored"]}
     res["config"] = {"preset": args.preset, "overrides": list(args.overrides), "vocab_size": vocab_size,
                      "mask_index": model.mask_index, "length": int(cfg.model.length),
                      "data": args.data or args.data_tensor, "split": args.split if args.data else None,

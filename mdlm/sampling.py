@@ -139,7 +139,10 @@ def sample(model, batch_size: int = 1, length: int | None = None, steps: int | N
     cfg = model.config.sampling
     sampler = sampler or cfg.predictor
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        from .samplers import FAST_SAMPLERS   # the message lists every name mdlm.sample takes
+        names = tuple(dict.fromkeys(FAST_SAMPLERS + SAMPLERS))
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {names} (analytic: reference samplers only; "
+                         "first_hitting, confidence: fused samplers only)")
     if model.parameterization == "ar":
         raise ValueError("use an autoregressive decoder for parameterization 'ar' (not part of the reference)")
     if sampler == "ddpm_cache" and model.noise.name != "loglinear":

@@ -15,9 +15,17 @@ one process with accumulation sees the same micro-batches and draws as several p
 Fault tolerance: checkpoints (``mdlm.checkpoint.save_training_checkpoint``) hold the model, EMA, optimizer,
 LR schedule, step, data position, every RNG state and the trainer's counters, written atomically with the
 last good checkpoint kept; the run resumes from ``<out_dir>/checkpoints`` automatically (falling back to
-an older checkpoint if the newest is corrupt). SIGTERM / SIGINT finish the current step, save and exit.
+an older checkpoint if the newest is corrupt). SIGTERM / SIGINT finish the current step, save and exit; a
+second signal (a second Ctrl-C) stops at once without saving (exit 128 + signal; the last checkpoint stays).
+Checkpoints describe themselves: the config tree and ``model_meta`` (vocabulary, MASK id, tokenizer, data
+settings) are stored with the weights, so ``mdlm eval`` / ``mdlm sample`` need no ``--preset``.
 A non-finite loss or gradient skips the step (counted, logged); ``trainer.max_nonfinite`` in a row stop
 the run with an error naming the step, without writing a checkpoint.
+
+Progress: a bar on a terminal; otherwise plain lines on stderr at step 1, every ``trainer.log_every`` steps,
+at the last step and at least every ``_Progress.interval_s`` seconds, each with loss, tokens/s, LR, elapsed
+time and an estimate of the time left (on a CPU, an estimate over an hour points once to ``--quick``).
+``--quick`` is a CPU-sized run (``mdlm.config.QUICK``).
 
 Distributed: under ``torchrun`` the strategy is DDP (``trainer.strategy=ddp``) or FSDP2 ``fully_shard``
 (``trainer.strategy=fsdp``), NCCL on GPUs and gloo on CPUs. Rank 0 writes logs and checkpoints.
@@ -49,10 +57,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, list_training_checkpoints, load_training_checkpoint, save_training_checkpoint
-from .config import Config, apply_overrides, preset
+from .checkpoint import (CheckpointError, list_training_checkpoints, load_training_checkpoint, model_meta,
+                         save_training_checkpoint)
+from .config import QUICK, Config, apply_overrides, describe_model, model_differences, preset
 
-__all__ = ["Trainer", "EMA", "DeviceAdamW", "NonFiniteError", "global_grad_norm", "clip_scale",
+__all__ = ["Trainer", "EMA", "DeviceAdamW", "NonFiniteError", "ForcedStop", "global_grad_norm", "clip_scale",
            "optimizer_step_on_device", "lr_factor", "micro_seed", "main"]
 
 _MASK62 = (1 << 62) - 1
@@ -60,6 +69,14 @@ _MASK62 = (1 << 62) - 1
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient; the message names the step."""
+
+
+class ForcedStop(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM during a run: stop now, without finishing the step or saving."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 def micro_seed(seed: int, g: int, stream: int = 0) -> int:
@@ -346,25 +363,76 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _duration(seconds: float) -> str:
+    """45s, 2m05s, 3h20m."""
+    s = int(round(max(0.0, float(seconds))))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class _Progress:
-    """A one-line progress bar on a terminal (rewritten in place), plain log lines otherwise."""
+    """Progress of a run: a one-line bar rewritten in place on a terminal; plain lines through ``log``
+    otherwise -- at the first step, every ``every`` steps, at the last step, and at least every ``interval_s``
+    seconds, so a log file shows progress even when steps are slow. Each says loss, tokens/s, LR, elapsed
+    time and the time left at the pace since the first step (which also pays for warm-up and compilation).
 
-    def __init__(self, total: int, enabled, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.tty = bool(enabled) if enabled != "auto" else stream.isatty()
+    ``enabled``: "auto" (bar on a terminal, lines otherwise), True (bar), False (lines), None (nothing)."""
+
+    interval_s = 30.0
+
+    def __init__(self, total: int, enabled, log, every: int = 10, start: int = 0, tokens: int = 0,
+                 stream=sys.stderr):
+        self.total, self.stream, self.log = total, stream, log
+        self.quiet = enabled is None
+        self.tty = (stream.isatty() if enabled == "auto" else bool(enabled)) and not self.quiet
+        self.every = max(1, int(every))
         self.t0 = time.perf_counter()
+        self.start = start
+        self.t_first = None          # time after the first step of this process
+        self.step_first = start
+        self.mark(tokens)
 
-    def update(self, step: int, text: str) -> None:
-        elapsed = time.perf_counter() - self.t0
+    def mark(self, tokens: int) -> None:
+        """Start the tokens/s window now (after a validation, say), at ``tokens`` consumed."""
+        self.t_line, self.tok_line = time.perf_counter(), tokens
+
+    def eta(self, step: int, now: float) -> float | None:
+        """Seconds left at the pace since the end of the first step (None before there is a pace)."""
+        if self.t_first is None or step <= self.step_first:
+            return None
+        return (now - self.t_first) / (step - self.step_first) * (self.total - step)
+
+    def update(self, step: int, rec: dict) -> None:
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first, self.step_first = now, step
+        elapsed = now - self.t0
+        eta = self.eta(step, now)
+        left = f", ~{_duration(eta)} left" if eta is not None else ""
+        if self.quiet:
+            return
+        due = (step == self.start + 1 or step % self.every == 0 or step == self.total
+               or now - self.t_line >= self.interval_s)
+        if not self.tty and not due:
+            return
+        tps = (rec["tokens"] - self.tok_line) / max(now - self.t_line, 1e-9)
+        text = f"loss {rec['loss']:.4f} | {tps:,.0f} tok/s | lr {rec['lr']:.2e} | {_duration(elapsed)} elapsed{left}"
         if self.tty:
             frac = step / max(1, self.total)
-            bar = "#" * int(24 * frac)
-            self.stream.write(f"\r[{bar:<24}] {step}/{self.total} {text} {elapsed:.0f}s ")
+            self.stream.write(f"\r[{'#' * int(24 * frac):<24}] {step}/{self.total} {text} ")
             self.stream.flush()
+        else:
+            self.log(f"step {step}/{self.total} {text}")
+        if due:
+            self.t_line, self.tok_line = now, rec["tokens"]
 
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")
+            self.stream.flush()
 
 
 def _read_log(path) -> list[tuple[str, dict]]:
@@ -601,6 +669,9 @@ class Trainer:
                 "optimizer": osd, "lr_scheduler": self.scheduler.state_dict(),
                 "data": self.sampler.state_dict(), "rng": _rng_state(), "trainer": asdict(self.state),
                 "config": _plain(self.cfg), "world_size": self.world_size,
+                # what rebuilding the model needs besides the config (mdlm eval / sample need no --preset)
+                "model_meta": model_meta(self.model, self.cfg,
+                                         getattr(self.tokenizer, "name", None) or self.cfg.data.tokenizer),
             }
             hook = None
             if self._fault and self._fault.startswith(f"save:{self.state.step}:"):
@@ -651,8 +722,14 @@ class Trainer:
             try:
                 self.model.backbone.load_state_dict(sd)
             except RuntimeError as e:
+                saved = obj.get("config")
+                both = ""
+                if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+                    saved = Config(saved)
+                    both = (f" (checkpoint: {describe_model(saved)}; this run: {describe_model(self.cfg)}; differing: "
+                            f"{'; '.join(model_differences(saved, self.cfg)) or 'see below'})")
                 raise CheckpointError(f"the checkpoint in {self.ckpt_dir} was written by a model with a different "
-                                      f"configuration (use a new trainer.out_dir, or --resume never): {e}") from e
+                                      f"configuration{both} (use a new trainer.out_dir, or --resume never): {e}") from e
             self.optimizer.load_state_dict(obj["optimizer"])
         self.scheduler.load_state_dict(obj["lr_scheduler"])
         if self.ema is not None and obj.get("ema") is not None:
@@ -757,6 +834,10 @@ class Trainer:
         optimizer_step_on_device(self.optimizer, self.ema, norm, flags[:2], float(self.cfg.trainer.grad_clip))
         return flags
 
+    def _val_count(self) -> int:
+        cap = int(self.cfg.trainer.val_blocks)
+        return min(len(self.val_data), cap) if cap > 0 else len(self.val_data)
+
     @torch.no_grad()
     def validate(self) -> dict:
         """Validation NELBO (published Monte Carlo estimate, antithetic t per batch) with the EMA weights;
@@ -818,8 +899,15 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- run
     def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:
+            # a second signal (a second Ctrl-C): stop where we are. Checkpoint files are written to a temporary
+            # name and renamed, so an interrupted save leaves the previous checkpoint as it was.
+            self.log(f"received signal {signum} again: stopping now, without finishing the step or saving "
+                     f"(the newest complete checkpoint in {self.ckpt_dir} is kept; rerun the command to resume)")
+            raise ForcedStop(signum)
         self._stop_signal = signum
-        self.log(f"received signal {signum}: finishing this step, then saving a checkpoint")
+        self.log(f"received signal {signum}: finishing this step, then saving a checkpoint "
+                 "(send it again, e.g. a second Ctrl-C, to stop at once without saving)")
 
     def fit(self) -> dict:
         """Train to ``trainer.max_steps``; returns a summary. Resumes are handled at construction."""
@@ -831,7 +919,9 @@ class Trainer:
                 old[s] = signal.signal(s, self._on_signal)
             except ValueError:    # not the main thread
                 pass
-        bar = _Progress(max_steps, tr.progress if self.is_main else False)
+        bar = _Progress(max_steps, tr.progress if self.is_main else None, self.log, every=int(tr.log_every),
+                        start=self.state.step, tokens=self.state.tokens)
+        hinted = False
         self.log(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
                  f"{self.world_size} x {self.device.type}, strategy {self.strategy}, micro-batch {self.micro_batch} "
                  f"x {self.accum} accumulation x {self.world_size} = {self.cfg.loader.global_batch_size} sequences "
@@ -841,9 +931,11 @@ class Trainer:
         last_val = None
         try:
             if int(tr.val_every) > 0 and self.state.step == 0:     # the starting point of the curve
+                self.log(f"step 0: validating on {self._val_count()} blocks (EMA weights)")
                 last_val = self.validate()
                 self._record(last_val)
                 self.log(f"step 0: val NELBO {last_val['val_nelbo']:.4f}, PPL {last_val['val_ppl']:.2f}")
+            bar.mark(self.state.tokens)            # tokens/s of the progress lines: training time only
             while self.state.step < max_steps:
                 t0 = time.perf_counter()
                 rec = self.train_step()
@@ -854,14 +946,18 @@ class Trainer:
                     rec["tok_per_s"] = (self.state.tokens - tok_last) / max(now - t_last, 1e-9)
                     t_last, tok_last = now, self.state.tokens
                     self._record(rec)
-                    text = f"loss {rec['loss']:.4f} | {rec['tok_per_s']:,.0f} tok/s | lr {rec['lr']:.2e}"
-                    bar.update(step, text)
-                    if not bar.tty:
-                        self.log(f"step {step}/{max_steps} {text}")
+                bar.update(step, rec)
+                eta = bar.eta(step, time.perf_counter())
+                if not hinted and eta is not None and self.device.type == "cpu" and eta > 3600:
+                    hinted = True
+                    self.log(f"at this pace the run needs ~{_duration(eta)} more on this CPU ({self.cfg.loader.global_batch_size} "
+                             f"sequences of {self.train_data.length} tokens per step, {max_steps} steps). For a "
+                             "CPU-sized run that finishes in minutes: mdlm train --quick (see the README)")
                 if int(tr.val_every) > 0 and step % int(tr.val_every) == 0 and step < max_steps:
                     last_val = self.validate()
                     self._record(last_val)
                     self.log(f"step {step}: val NELBO {last_val['val_nelbo']:.4f}, PPL {last_val['val_ppl']:.2f}")
+                    bar.mark(self.state.tokens)
                 if int(tr.sample_every) > 0 and step % int(tr.sample_every) == 0:
                     self._write_samples(self.generate())
                 if (int(tr.save_every) > 0 and step % int(tr.save_every) == 0) or self._stop_agreed:
@@ -920,13 +1016,21 @@ class Trainer:
 
 def build_config(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="mdlm train", description="Train an MDLM with the published recipe.")
-    p.add_argument("--preset", default="small", help="model preset: tiny | small | medium (default small)")
+    p.add_argument("--preset", default=None,
+                   help="model preset: tiny | small | medium (default small; tiny with --quick)")
     p.add_argument("--data", default=None,
-                   help="dataset preset: openwebtext | lm1b | text8 | wikitext103 | wikitext2 | tinyshakespeare")
+                   help="dataset preset: openwebtext | lm1b | text8 | wikitext103 | wikitext2 | tinyshakespeare | "
+                        "text:<path> (local UTF-8 files; default tinyshakespeare with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="a CPU-sized run that finishes in minutes: " + " ".join(f"{k}={v}" for k, v in QUICK.items())
+                        + " (key=value overrides still win)")
     p.add_argument("--resume", default="auto", help="auto (from out_dir/checkpoints) | never | a checkpoint path")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. trainer.max_steps=200")
     args = p.parse_args(argv)
-    cfg = preset(args.preset, data=args.data)
+    cfg = preset(args.preset or ("tiny" if args.quick else "small"),
+                 data=args.data or ("tinyshakespeare" if args.quick else None))
+    if args.quick:
+        apply_overrides(cfg, QUICK)
     apply_overrides(cfg, args.overrides)
     return cfg, args
 
@@ -943,6 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"mdlm train: {e}", file=sys.stderr)
         return 3
+    except ForcedStop as e:
+        print(f"mdlm train: stopped by a second signal {e.signum}, without saving", file=sys.stderr)
+        return 128 + e.signum
     except KeyError as e:
         print(f"mdlm train: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

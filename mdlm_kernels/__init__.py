@@ -1,7 +1,9 @@
 """mdlm-kernels: fused CUDA/C++ and Triton kernels for masked diffusion language models.
 
 Imports without the compiled extension (``mdlm_kernels._C``) and without triton; ``available()``
-reports what this process can use. Backends: see :mod:`mdlm_kernels.backend`.
+reports what this process can use. Backends: see :mod:`mdlm_kernels.backend`. Imported from a source
+checkout that has no built extension, it warns once and says how to build it (``_ext.warn_if_unbuilt_source_tree``);
+on a CUDA device, automatic dispatch announces once per device when it cannot use the compiled kernels.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_ext.warn_if_unbuilt_source_tree()
 
 
 def available() -> dict:

@@ -9,9 +9,12 @@ Backends (in auto order):
 Forcing: the per-call ``backend=`` argument wins, else the environment variable MDLM_BACKEND
 ("auto" or empty = automatic). A forced backend that cannot run raises BackendUnavailableError
 with the reason; automatic mode falls back along the order above, and says so once per device (a
-RuntimeWarning) when an extension built with CUDA cannot run on a CUDA device: a GPU whose architecture has
-no image in the build (e.g. a V100 or T4 with the default "80;90"), or a driver older than the toolkit
-(``cuda_image_reason``, decided once per device).
+RuntimeWarning, ``_announce_fallback``) whenever it passes over the compiled kernels on a CUDA device for a
+reason of the build: the extension is missing (a source tree without a build) or was built without CUDA, or
+it cannot run on this GPU -- an architecture with no image in the build (e.g. a V100 or T4 with the default
+"80;90"), or a driver older than the toolkit (``cuda_image_reason``, decided once per device). A fallback on a
+GPU is therefore never silent. (Op-specific limits, e.g. a dtype the CUDA kernel does not take, are not
+announced: they are per call, not a property of the build.)
 
 How an op uses it::
 
@@ -164,12 +167,15 @@ def cuda_image_reason(device: Union[torch.device, str]) -> Optional[str]:
 
 
 def _announce_fallback(op_name: str, backend: str, device: torch.device, reason: str) -> None:
-    """Automatic selection skipped the compiled CUDA kernels on a CUDA device: say so once per device."""
+    """Automatic selection skipped the compiled CUDA kernels on a CUDA device for a reason of the build (missing,
+    built without CUDA, no image for this GPU, driver too old): say so once per device, with the reason."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (backend, index)
     if key in _WARNED:
         return
     _WARNED.add(key)
+    if not _ext.available():
+        reason = f"{reason}; {_ext.BUILD_HINT}"
     import warnings
     warnings.warn(f"mdlm_kernels: the compiled CUDA kernels are not used on cuda:{index} ({reason}); ops fall back to "
                   f"Triton or PyTorch (first seen in {op_name}; said once per device)", RuntimeWarning, stacklevel=3)
@@ -233,8 +239,8 @@ def resolve(op_name: str, requested: Optional[str], device: Union[torch.device, 
         if reason is None:
             last_used[op_name] = b
             return b
-        if b == "cpp" and device.type == "cuda" and generic is not None and _ext.cuda_compiled():
-            _announce_fallback(op_name, b, device, generic)   # built with CUDA, but not runnable here
+        if b == "cpp" and device.type == "cuda" and generic is not None:
+            _announce_fallback(op_name, b, device, generic)   # missing, CPU-only build, or not runnable here
         reasons.append(f"{b}: {reason}")
     raise BackendUnavailableError(f"no backend can run {op_name} on {device}: " + "; ".join(reasons))
 

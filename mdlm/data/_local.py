@@ -1,8 +1,12 @@
 """Local data: where the shipped corpora/tokenizers are, the GPT-2 tokenizer, and the published ``wrap`` chunking.
 
-The original ``mdlm/data.py`` helpers, kept as they were (``mdlm.data`` re-exports them). No network is used.
-The data folder is ``$MDLM_DATA_DIR`` if set, else ``../shared/data`` next to the source checkout or the
-current directory, whichever exists.
+The original ``mdlm/data.py`` helpers (``mdlm.data`` re-exports them). No network is used.
+
+The data folder (``data_dir``) is ``$MDLM_DATA_DIR`` when it is set (a path that is not a folder is an error,
+never silently replaced); otherwise, only when ``mdlm`` is imported from a source checkout (an editable install
+or Python started in the checkout), the ``shared/data`` folder next to that checkout (``<checkout>/../shared/
+data``); otherwise there is none, and code that needs it says to set ``MDLM_DATA_DIR``. An installed package
+therefore never depends on the working directory or on where it was installed.
 """
 from __future__ import annotations
 
@@ -17,20 +21,33 @@ GPT2_EOS = 50256      # <|endoftext|>, also used as BOS in the published wrap mo
 GPT2_VOCAB = 50257    # MASK is appended as id 50257 -> model vocab 50258
 
 
+def source_checkout() -> Path | None:
+    """The source checkout this package is imported from (``<checkout>/mdlm/data/_local.py`` with
+    ``<checkout>/pyproject.toml`` and ``<checkout>/csrc``), or None for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "csrc").is_dir() else None
+
+
 def data_dir(required: bool = True) -> Path | None:
-    """The shipped data folder; ``None`` (or a FileNotFoundError if ``required``) when it is absent."""
-    candidates = []
-    if os.environ.get("MDLM_DATA_DIR"):
-        candidates.append(Path(os.environ["MDLM_DATA_DIR"]))
-    # this file is <checkout>/mdlm/data/_local.py: parents[3] is the folder holding the checkout
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
-    candidates.append(Path.cwd().parent / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
+    """The data folder (tokenizers/, corpora/): ``$MDLM_DATA_DIR``, else ``<checkout>/../shared/data`` when
+    imported from a source checkout (see the module docstring). ``MDLM_DATA_DIR`` set to a path that is not a
+    folder raises FileNotFoundError even when not ``required``; without a folder: None, or FileNotFoundError
+    if ``required``."""
+    env = os.environ.get("MDLM_DATA_DIR")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"MDLM_DATA_DIR={env} is not a folder; point it to the folder holding "
+                                    "tokenizers/ and corpora/, or unset it")
+        return path
+    checkout = source_checkout()
+    if checkout is not None and (checkout.parent / "shared" / "data").is_dir():
+        return checkout.parent / "shared" / "data"
     if required:
-        raise FileNotFoundError("no data folder found: set MDLM_DATA_DIR to a folder holding tokenizers/ and "
-                                f"corpora/ (looked in: {[str(c) for c in candidates]})")
+        where = (f"; the checkout's default {checkout.parent / 'shared' / 'data'} does not exist" if checkout
+                 else " (an installed package has no default data folder)")
+        raise FileNotFoundError("no data folder: set MDLM_DATA_DIR to the folder holding tokenizers/ and corpora/"
+                                + where)
     return None
 
 

@@ -12,8 +12,9 @@ Local (no network, no ``datasets`` package):
 - ``text:<path>[<os.pathsep><path>...]`` (globs allowed): local UTF-8 text files; "train" = the first 90%
   of each file's bytes (cut after a newline), "validation" = the rest, "all" = everything.
 - ``text8``: the published 90M / 5M / 5M character split of ``text8`` cut into ``length``-character
-  documents (the published ``get_text8_dataset``), read from ``<data_dir>/corpora/text8/text8[.zip]`` or the
-  cache, else downloaded from the published URL. The published run validates on "test".
+  documents (the published ``get_text8_dataset``), read from ``<data_dir>/corpora/text8/text8[.zip]`` or
+  ``<cache_dir>/text8/``. Nothing is downloaded: without the file a one-line FileNotFoundError says where to
+  put it (the published loader fetches ``TEXT8_URL`` itself). The published run validates on "test".
 
 Through Hugging Face ``datasets`` (imported only when a shard has to be built; a clear ImportError without
 it): openwebtext (train = all but the last 100k documents, validation = the last 100k), lm1b (BERT, pad
@@ -41,7 +42,7 @@ from .detokenizers import get_detokenizer
 from .shards import BlockDataset, TextFile, build_shards
 from .tokenizers import Tokenizer, get_tokenizer
 
-__all__ = ["DATASETS", "DatasetSpec", "prepare_dataset", "default_cache_dir"]
+__all__ = ["DATASETS", "DatasetSpec", "prepare_dataset", "default_cache_dir", "offline_datasets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,34 +207,38 @@ def _text8_text(cache_root: Path) -> str:
     roots, places = _text8_places(cache_root)
     found = next((p for p in places if p.is_file()), None)
     if found is None:
-        found = cache_root / "text8" / "text8.zip"
-        found.parent.mkdir(parents=True, exist_ok=True)
-        tmp = found.with_name(f"text8.zip.tmp-{os.getpid()}")
-        try:
-            import urllib.request
-            with urllib.request.urlopen(TEXT8_URL, timeout=60) as r, open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-            os.replace(tmp, found)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"text8 not found locally and the download from {TEXT8_URL} failed ({e}); put "
-                               f"text8 or text8.zip in one of: {[str(r) for r in roots]}") from e
+        # nothing is downloaded by this library (the published loader fetches TEXT8_URL itself): one line, and
+        # the CLI exits with status 2
+        raise FileNotFoundError(f"text8 is not available offline: download {TEXT8_URL} yourself and put text8.zip "
+                                f"(or the unzipped text8) in one of: {', '.join(str(r) for r in roots)}")
     if found.suffix == ".zip":
         with zipfile.ZipFile(found) as z:
             return z.read("text8").decode("utf-8")
     return found.read_text(encoding="utf-8")
 
 
+def offline_datasets() -> list[str]:
+    """Names that build without ``datasets`` and without a download, given the files present: the shipped
+    corpora found in the data folder, text8 when its file is in place, and ``text:<path>``."""
+    root = data_dir(required=False)
+    out = []
+    if root is not None and (root / "corpora" / "tinyshakespeare" / "input.txt").is_file():
+        out.append("tinyshakespeare")
+    if root is not None and (root / "corpora" / "wikitext-2").is_dir():
+        out.append("wikitext2 (validation, test)")
+    if _text8_source_stamp(default_cache_dir()) != "none":
+        out.append("text8")
+    return out + ["text:<path>"]
+
+
 def _require_datasets(spec: DatasetSpec, split: str):
     try:
         import datasets
     except ImportError as e:
-        local = [n for n, s in DATASETS.items() if s.local_splits] + ["text:<path>"]
         extra = (f"; split(s) {list(spec.local_splits)} are available locally" if spec.local_splits else "")
-        raise ImportError(f"dataset {spec.name!r} split {split!r} needs the Hugging Face 'datasets' package, which "
-                          f"is not installed (pip install datasets){extra}. Datasets that work without it: "
-                          f"{local}") from e
+        raise ImportError(f"dataset {spec.name!r} split {split!r} needs the Hugging Face 'datasets' package (which "
+                          f"downloads it), and it is not installed (pip install datasets){extra}. Datasets that work "
+                          f"offline here: {', '.join(offline_datasets())}") from e
     return datasets
 
 

@@ -213,6 +213,8 @@ def _load(name: str, root: str | None) -> Tokenizer:
     if name == "text8":
         return Tokenizer("text8", _Text8Backend(), vocab_size=35, model_vocab_size=35, mask_id=4, bos_id=2,
                          eos_id=3, pad_id=5, fingerprint="text8-chars-v1")
+    if name not in TOKENIZERS:      # before any file is looked for: the name is wrong, not the data folder
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {TOKENIZERS}")
     try:
         import tokenizers
     except ImportError as e:
