@@ -354,6 +354,21 @@ void sample_threshold_cpu(std::uintptr_t logits, int dtype, std::uintptr_t keys,
   for (int64_t i = 0; i < rows; ++i) out[i] = static_cast<int64_t>(k[static_cast<size_t>(i)]);
 }
 
+// The chunk choice of the inverse CDF (tests): G (ng + 1), S (ng * 32) float64, M (nc) float32 host buffers.
+py::tuple sample_pick_chunk(std::uintptr_t G, std::uintptr_t S, std::uintptr_t M, int64_t ng, int64_t nc, float m,
+                            double inv_t, double target) {
+  const char* op = "sample_pick_chunk";
+  if (ng < 1 || nc < 1 || nc > ng * mdlm::kWarpLanes || ng * mdlm::kWarpLanes - nc >= mdlm::kWarpLanes) {
+    throw std::invalid_argument("sample_pick_chunk: need 1 <= nc, ng = ceil(nc / 32)");
+  }
+  const double* pg = static_cast<const double*>(as_ptr(op, G, true));
+  const double* ps = static_cast<const double*>(as_ptr(op, S, true));
+  const float* pm = static_cast<const float*>(as_ptr(op, M, true));
+  double tau = 0.0;
+  const int64_t c = mdlm::sample_pick_chunk_cpu(pg, ps, pm, ng, nc, m, inv_t, target, &tau);
+  return py::make_tuple(c, tau);
+}
+
 // Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight.
 void sample_math(int fn, std::uintptr_t in, std::uintptr_t out, int64_t n) {
   const char* op = "sample_math";
@@ -448,6 +463,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("keys_ptr"), py::arg("rows"), py::arg("vocab"), py::arg("mask_index"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"),
         "Keep threshold (uint32 key of mdlm/sampling.h, 0 = keep all) of each row into an int64 host buffer (tests).");
+  m.def("sample_pick_chunk", &sample_pick_chunk, py::arg("G_ptr"), py::arg("S_ptr"), py::arg("M_ptr"),
+        py::arg("ng"), py::arg("nc"), py::arg("row_max"), py::arg("inv_t"), py::arg("target"),
+        "The inverse CDF's chunk choice of mdlm/sampling.h (pick_chunk) on host buffers (tests): (chunk, tau).");
   m.def("sample_math", &sample_math, py::arg("fn"), py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"),
         "Header transcendentals of mdlm/sampling.h on float64 host buffers (tests): 0 log64, 1 exp64, 2 expf32, "
         "3 exp_weight.");

@@ -854,3 +854,84 @@ def test_cpp_matches_reference_diverse_scales(dtype):
         r = mk.sample_step(x2, t2, s2, 5, 6, mask_index=50257, backend="reference", **kw)
         assert torch.equal(c.tokens, r.tokens), kw
         assert _conf_close(c.confidence, r.confidence), kw
+
+
+# ---------------------------------------------------------------------------------------------
+# (10) the chunk choice (pick_chunk): rounded chunk prefixes are not monotone; the drawn chunk must be live
+# ---------------------------------------------------------------------------------------------
+def _hs_scan(x):
+    """The header's inclusive Hillis-Steele scan over 32 lanes (Python floats: IEEE float64, as dadd)."""
+    x = list(x)
+    o = 1
+    while o < 32:
+        x = [x[l] + x[l - o] if l >= o else x[l] for l in range(32)]
+        o <<= 1
+    return x
+
+
+def _pick(G, S, M, m, target, inv_t=1.0):
+    g = torch.tensor(G, dtype=torch.float64)
+    s = torch.tensor(S, dtype=torch.float64)
+    mm = torch.tensor(M, dtype=torch.float32)
+    return _ext.load().sample_pick_chunk(g.data_ptr(), s.data_ptr(), mm.data_ptr(), len(G) - 1, len(M), m, inv_t,
+                                         target)
+
+
+@needs_ext
+def test_drawn_chunk_is_live_where_rounded_prefixes_are_not_monotone():
+    """A row whose chunk maxima are [0, x1, x1, -inf, -inf] (V = 640: one class in each of chunks 0-2, chunks 3-4
+    empty) with exp(x1) = 0.6 * 2^-52: the chunks' scaled sums are S = [1, a, a, 0, 0], a = 0.6 ulp(1), and the
+    header's Hillis-Steele scan rounds them to P = [1, 1+u, 1+u, 1+2u, 1+u] (u = 2^-52): the EMPTY chunk 3 has the
+    first prefix above a target in [1+u, 1+2u), which the two largest uniforms (u2 = 1 - 2^-53, 1 - 2^-52) give.
+    The earlier walk drew chunk 3 there, whose pass 2 finds no kept column: token -1 for a valid row (and the
+    samplers' "invalid logits" error). The choice must be a live chunk."""
+    u = 2.0 ** -52
+    x1 = float(torch.tensor(math.log(0.6 * u), dtype=torch.float32))
+    a = float(_math(3, [x1])[0])                               # exp_weight(scaled_gap(x1, 0, 1)): the chunk scale
+    assert 0.5 * u < a < 0.75 * u
+    M = [0.0, x1, x1, float("-inf"), float("-inf")]
+    scan = _hs_scan([1.0, a, a] + [0.0] * 29)
+    G = [0.0, 0.0 + scan[31]]
+    assert [0.0 + p for p in scan[:5]] == [1.0, 1 + u, 1 + u, 1 + 2 * u, 1 + u]   # not monotone: the trap
+    Z = G[1]
+    for k in range(1, 65):                                     # the 64 largest uniform53 values, then the rest
+        target = (1.0 - k * 2.0 ** -53) * Z
+        c, tau = _pick(G, scan, M, 0.0, target)
+        assert c in (0, 1, 2), (k, target, c)
+        assert math.isfinite(tau) or c == 2                    # no live prefix above: the last live chunk
+    assert _pick(G, scan, M, 0.0, 0.5)[0] == 0 and _pick(G, scan, M, 0.0, Z)[0] == 2   # >= Z: the last live chunk
+
+
+@needs_ext
+def test_pick_chunk_random_tables_choose_live_chunks():
+    """Random chunk tables with empty chunks (and dead ones: finite maxima whose scale underflows to 0), scanned
+    in the header's order: every target in [0, Z] picks a live chunk; the first live chunk whose prefix exceeds the
+    target, else the last live chunk with tau = +inf."""
+    g = torch.Generator().manual_seed(4)
+    for trial in range(300):
+        nc = int(torch.randint(1, 100, (1,), generator=g))
+        ng = (nc + 31) // 32
+        live = torch.rand(nc, generator=g) < 0.5
+        live[int(torch.randint(0, nc, (1,), generator=g))] = True
+        M = torch.where(live, -torch.rand(nc, generator=g) * 40, torch.tensor(float("-inf"))).tolist()
+        dead = [c for c in range(nc) if not live[c] and bool(torch.rand(1, generator=g) < 0.3)]
+        for c in dead:
+            M[c] = -800.0                                       # finite, but exp_weight(-800) = 0: S_c = 0
+        e = _math(3, [m if m != float("-inf") else -1e9 for m in M]).tolist()
+        S = [e[c] if live[c] else 0.0 for c in range(nc)] + [0.0] * (ng * 32 - nc)
+        scan, G = [], [0.0]
+        for gi in range(ng):
+            sc = _hs_scan(S[32 * gi:32 * gi + 32])
+            scan += sc
+            G.append(G[-1] + sc[31])
+        Z = G[-1]
+        targets = torch.rand(50, dtype=torch.float64, generator=g).mul(Z).tolist() + [0.0, Z, Z * (1 - 2.0 ** -53)]
+        last_live = max(c for c in range(nc) if live[c])
+        for target in targets:
+            c, tau = _pick(G, scan[:ng * 32], M, 0.0, target)
+            assert 0 <= c < nc and live[c], (trial, target, c)
+            first = [d for d in range(nc) if live[d] and G[d // 32] + scan[d] > target]
+            if first:
+                assert c == first[0], (trial, target, c, first[0])
+            else:
+                assert c == last_live and tau == float("inf")

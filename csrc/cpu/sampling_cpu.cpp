@@ -200,37 +200,10 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   row_uniforms(p.seed, p.offset, row_key, u1, u2);
   if (draws_mask(u1, t, s)) return p.mask_index;
   const double target = dmul(u2, Z);
-  // the chunk: the first c with P_c = G_g + scan_c > target (rounding can leave none: then the last chunk whose
-  // prefix increased, and its last kept column)
-  int64_t cs = -1;
-  double prev = 0.0;
-  for (int64_t g = 0; g < ng && cs < 0; ++g) {
-    if (!(sc.G[g + 1] > target)) continue;
-    for (int l = 0; l < kWarpLanes; ++l) {
-      const double P = dadd(sc.G[g], sc.s[g * kWarpLanes + l]);
-      if (P > target) {
-        cs = g * kWarpLanes + l;
-        prev = l == 0 ? sc.G[g] : dadd(sc.G[g], sc.s[g * kWarpLanes + l - 1]);
-        break;
-      }
-    }
-  }
+  // the chunk (pick_chunk: the first live c with P_c > target, else the last live chunk with tau = +inf)
   double tau = 0.0;
-  if (cs < 0) {
-    double Pnext = Z;
-    for (int64_t c = nc - 1; c >= 0; --c) {
-      const int64_t g = c / kWarpLanes, l = c % kWarpLanes;
-      const double P = l == 0 ? sc.G[g] : dadd(sc.G[g], sc.s[g * kWarpLanes + l - 1]);  // P_{c-1}
-      if (Pnext > P) {
-        cs = c;
-        break;
-      }
-      Pnext = P;
-    }
-    tau = inf64();
-  } else {
-    tau = dsub(target, prev);
-  }
+  const int64_t cs = pick_chunk(sc.G.data(), sc.s.data(), sc.m.data(), ng, nc, mrow, p.inv_t, target, tau);
+  if (cs < 0) return -1;  // no live chunk: not reached for a valid row (the maximum's chunk is live)
   // pass 2: the chosen chunk's columns
   const float mc = sc.m[cs];
   const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t));
@@ -309,6 +282,12 @@ void sample_threshold_cpu(const void* logits, int dtype, int64_t rows, const Sam
       default: throw std::invalid_argument("sample_threshold_cpu: unsupported dtype");
     }
   }
+}
+
+// Test hook for the chunk choice (pick_chunk): G (ng + 1), S (ng * 32), M (nc) as the row pass leaves them.
+int64_t sample_pick_chunk_cpu(const double* G, const double* S, const float* M, int64_t ng, int64_t nc, float m,
+                              double inv_t, double target, double* tau) {
+  return pick_chunk(G, S, M, ng, nc, m, inv_t, target, *tau);
 }
 
 // Test hook for the header transcendentals: fn 0 = log64, 1 = exp64, 2 = expf32 (input rounded to float32,

@@ -352,35 +352,9 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
           rs.token = p.mask_index;
         } else {
           const double target = dmul(u2, Z);
-          int64_t cs = -1;
-          double prev = 0.0;
-          for (int64_t g = 0; g < ng && cs < 0; ++g) {
-            if (!(G[g + 1] > target)) continue;
-            for (int l = 0; l < kWarpLanes; ++l) {
-              const double P = dadd(G[g], S[g * kWarpLanes + l]);
-              if (P > target) {
-                cs = g * kWarpLanes + l;
-                prev = l == 0 ? G[g] : dadd(G[g], S[g * kWarpLanes + l - 1]);
-                break;
-              }
-            }
-          }
-          if (cs < 0) {
-            double Pnext = Z;
-            for (int64_t c = nc - 1; c >= 0; --c) {
-              const int64_t g = c / kWarpLanes, l = c % kWarpLanes;
-              const double P = l == 0 ? G[g] : dadd(G[g], S[g * kWarpLanes + l - 1]);
-              if (Pnext > P) {
-                cs = c;
-                break;
-              }
-              Pnext = P;
-            }
-            rs.tau = inf64();
-          } else {
-            rs.tau = dsub(target, prev);
-          }
-          rs.chunk = cs;
+          double tau = 0.0;
+          rs.chunk = pick_chunk(G, S, M, ng, nc, mrow, p.inv_t, target, tau);  // the CPU twin's call
+          rs.tau = tau;
         }
       }
     }

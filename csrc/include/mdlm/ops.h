@@ -33,6 +33,9 @@ void sample_step_cpu(const void* logits, int dtype, const float* t, const float*
                      int64_t* tokens, float* conf, int64_t rows, const SampleParams& params, int64_t* loads = nullptr);
 // Test hook: the keep threshold kappa of each row (top-k / top-p passes; 0 = keep all); keys (rows,).
 void sample_threshold_cpu(const void* logits, int dtype, int64_t rows, const SampleParams& params, uint32_t* keys);
+// Test hook: the chunk choice of the inverse CDF (mdlm/sampling.h pick_chunk); returns the chunk, *tau out.
+int64_t sample_pick_chunk_cpu(const double* G, const double* S, const float* M, int64_t ng, int64_t nc, float m,
+                              double inv_t, double target, double* tau);
 // Test hook: header transcendentals on host (fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight).
 void sample_math_cpu(int fn, const double* in, double* out, int64_t n);
 

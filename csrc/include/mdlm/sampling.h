@@ -21,7 +21,10 @@
 //   float64 accumulations in the fixed order below. The row then scales each chunk by e_c = exp((m_c - m)
 //   inv_t), takes the prefix sums P_c of S_c = s_c e_c, picks the chunk with P_{c-1} <= u2 Z < P_c, and pass
 //   2 re-reads THAT chunk only to find the column (the prefix within the chunk, times e_c, against
-//   tau = u2 Z - P_{c-1}; if rounding leaves no column above tau, the chunk's last kept column).
+//   tau = u2 Z - P_{c-1}; if rounding leaves no column above tau, the chunk's last kept column). The chunk
+//   must be LIVE (S_c > 0, see pick_chunk): the rounded P_c are not monotone in c (the Hillis-Steele sums of
+//   neighbouring lanes associate differently), so an empty chunk can carry a P_c above its predecessor's.
+//   When rounding leaves no live chunk with P_c > u2 Z, the last live chunk (its last kept column).
 //   Memory traffic: V logits + 128 per row (no top-k / top-p), versus one Philox block, two logs and a
 //   compare per element in the earlier Gumbel race (that stream is not reproduced: same law, new draws).
 //
@@ -438,6 +441,39 @@ MDLM_HD void row_uniforms(uint64_t seed, uint64_t offset, uint32_t row_key, doub
   const U32x4 w = philox_for_element(seed, offset, row_key, kRowDrawCol);
   u1 = uniform53(w.x, w.y);
   u2 = uniform53(w.z, w.w);
+}
+
+// A chunk is LIVE iff it holds a kept column whose weight relative to the row maximum m is > 0, i.e. its scaled
+// sum S_c = s_c e_c > 0 (s_c >= 1: the chunk maximum's own weight is exp_weight(0) = 1; e_c > 0 iff
+// exp_weight of the chunk's gap is). m_c: the chunk maximum (-inf: no kept column).
+MDLM_HD bool chunk_live(float m_c, float m, double inv_t) {
+  return m_c != -inf32() && exp_weight(scaled_gap(m_c, m, inv_t)) > 0.0;
+}
+
+// The chunk of the draw (see INVERSE CDF): the first live chunk c (column order) with P_c = G_g + scan_c > target,
+// and tau = target - P_{c-1} (the within-chunk threshold of pass 2); when rounding leaves none, the last live
+// chunk with tau = +inf (pass 2 then takes its last kept column, as the reference takes the last class with
+// w > 0). G (ng + 1): the group prefixes; S (ng * 32): the group-local inclusive scans of the S_c; M (nc): the
+// chunk maxima; m: the row maximum. Returns -1 only when no chunk is live (not a valid row). The CPU twin and
+// the CUDA kernel (thread 0) both call this: same operations, same bits.
+MDLM_HD int64_t pick_chunk(const double* G, const double* S, const float* M, int64_t ng, int64_t nc, float m,
+                           double inv_t, double target, double& tau) {
+  for (int64_t g = 0; g < ng; ++g) {
+    if (!(G[g + 1] > target)) continue;  // G is monotone (sequential sums of S_c >= 0)
+    for (int l = 0; l < kWarpLanes; ++l) {
+      const int64_t c = g * kWarpLanes + l;
+      if (c >= nc) break;
+      if (dadd(G[g], S[c]) > target && chunk_live(M[c], m, inv_t)) {
+        tau = dsub(target, l == 0 ? G[g] : dadd(G[g], S[c - 1]));
+        return c;
+      }
+    }
+  }
+  tau = inf64();
+  for (int64_t c = nc - 1; c >= 0; --c) {
+    if (chunk_live(M[c], m, inv_t)) return c;
+  }
+  return -1;
 }
 
 // MASK stays: s > 0 and u1 < s / t (t, s valid times).
