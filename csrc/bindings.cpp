@@ -373,8 +373,9 @@ py::tuple sample_pick_chunk(std::uintptr_t G, std::uintptr_t S, std::uintptr_t M
 void sample_math(int fn, std::uintptr_t in, std::uintptr_t out, int64_t n) {
   const char* op = "sample_math";
   if (n < 0) throw std::invalid_argument("sample_math: n must be >= 0");
-  if (fn < 0 || fn > 3) {
-    throw std::invalid_argument("sample_math: fn must be 0 (log64), 1 (exp64), 2 (expf32) or 3 (exp_weight)");
+  if (fn < 0 || fn > 4) {
+    throw std::invalid_argument(
+        "sample_math: fn must be 0 (log64), 1 (exp64), 2 (expf32), 3 (exp_weight) or 4 (weight32)");
   }
   const double* pin = static_cast<const double*>(as_ptr(op, in, n > 0));
   double* pout = static_cast<double*>(as_ptr(op, out, n > 0));
@@ -468,7 +469,7 @@ PYBIND11_MODULE(_C, m) {
         "The inverse CDF's chunk choice of mdlm/sampling.h (pick_chunk) on host buffers (tests): (chunk, tau).");
   m.def("sample_math", &sample_math, py::arg("fn"), py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"),
         "Header transcendentals of mdlm/sampling.h on float64 host buffers (tests): 0 log64, 1 exp64, 2 expf32, "
-        "3 exp_weight.");
+        "3 exp_weight, 4 weight32 (the per-element weight: weight32(d, 0, 1)).");
   m.attr("SCHEDULE_CODES") = py::dict(py::arg("loglinear") = int(mdlm::kLogLinear), py::arg("linear") = int(mdlm::kLinear),
                                       py::arg("geometric") = int(mdlm::kGeometric), py::arg("cosine") = int(mdlm::kCosine),
                                       py::arg("cosinesqr") = int(mdlm::kCosineSqr));

@@ -11,9 +11,10 @@ Tolerances and bounds:
 - confidences vs the float64 reference / the exact softmax: |cpp - ref| <= CONF_ATOL + CONF_RTOL |ref|
   with CONF_RTOL = 1e-5, CONF_ATOL = 4e-6 (float32 outputs of float64 sums of 2^-22-accurate weights).
 - exp_weight vs math.exp: relative error <= 2^-22 on d in [-708, 0].
-- logits read per row (the CPU twin's load counter; the CUDA kernel reads the same columns): V - 1 + 128 with
-  no filter (one pass, then the chosen 128-column chunk), + 3 (V - 1) with top-k, + 4 (V - 1) with top-p
-  (row maximum + 3 radix passes), + 6 (V - 1) with both; V - 1 when greedy or when MASK is drawn.
+- logits read per row (the CPU twin's load counter; the CUDA kernel reads the same columns): V - 1 + 2 x 512
+  with no filter (one pass, then the 512-column chunk of the row maximum and the chosen chunk), + 3 (V - 1) with
+  top-k, + 4 (V - 1) with top-p (row maximum + 3 radix passes), + 6 (V - 1) with both; V - 1 + 512 when greedy
+  or when MASK is drawn (fewer where a chunk is the short last one or holds MASK).
 - header log64 / exp64 / expf32 vs the C library (Python's math.log / math.exp, correctly rounded
   float32 exp for expf32): at most 1 ulp (measured maximum: 1 ulp for each).
 - distribution: chi-square goodness of fit over the non-zero cells, critical value = the chi-square
@@ -785,22 +786,79 @@ def _cpu_loads(x, t, s, mask, **kw):
 
 
 @needs_ext
+def test_weight32_accuracy():
+    """The per-element weight of pass 1 / pass 2 (float32 range reduction, degree-6 minimax polynomial): relative
+    error <= 2^-22 against exp of the same float32 d over [-86.4, 0] (measured 2^-23.4 on a 200k grid); exactly 1 at
+    d = +-0; exactly 0 at and below the floor -86.5, at -inf and for NaN (which flags the row elsewhere)."""
+    g = torch.Generator().manual_seed(11)
+    d = torch.cat([torch.empty(100000, dtype=torch.float64).uniform_(-86.4, 0, generator=g),
+                   torch.empty(50000, dtype=torch.float64).uniform_(-1, 0, generator=g),
+                   -torch.rand(5000, dtype=torch.float64, generator=g) * 1e-6,
+                   torch.tensor([-0.34657359, -0.34657360, -86.49, -1e-30], dtype=torch.float64)])
+    d = d.float().double()                                       # the kernel's d is a float32
+    got = _math(4, d.tolist())
+    ref = torch.tensor([math.exp(v) for v in d.tolist()], dtype=torch.float64)
+    rel = ((got - ref).abs() / ref).max()
+    assert float(rel) <= 2.0 ** -22, float(rel)
+    assert _math(4, [0.0, -0.0]).tolist() == [1.0, 1.0]
+    assert _math(4, [-86.5, -87.0, -1e30, float("-inf"), float("nan")]).tolist() == [0.0] * 5
+
+
+@needs_ext
+@pytest.mark.parametrize("V", [511, 512, 513, 1025, 1536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_matches_reference_chunk_edges(V, dtype):
+    """Chunk edges of the 512-column chunks: V one short of / at / past a multiple of 512, MASK first, last, at a
+    chunk's first and last column; full chunks (no per-element checks) holding -0, -inf runs and ties at the
+    maximum in several chunks (the argmax is the lowest index; the second largest counts ties)."""
+    N = 24
+    x, t, s = _inputs(N, V, dtype, seed=V)
+    x[0, :] = -0.0                                               # a full chunk of -0: ties everywhere
+    x[1, 3:500] = float("-inf")
+    x[2, ::7] = float("-inf")
+    x[3, :] = 1.0
+    x[3, [5, 600 % V, V - 2]] = 4.0                              # ties at the maximum in different chunks
+    x[4, :] = -30.0
+    x[4, V - 2] = 0.0                                            # the maximum in the last chunk
+    x[5, 0] = 40.0                                               # one class takes (almost) all
+    for mask_index in sorted({0, V - 1, 511 % V, min(512, V - 1)}):
+        for kw in (dict(), dict(greedy=True), dict(temperature=0.3), dict(top_k=7), dict(top_p=0.8)):
+            c = mk.sample_step(x, t, s, 21, 3, mask_index=mask_index, backend="cpp", **kw)
+            r = mk.sample_step(x, t, s, 21, 3, mask_index=mask_index, backend="reference", **kw)
+            ctx = (V, dtype, mask_index, kw)
+            assert torch.equal(c.tokens, r.tokens), ctx
+            assert _conf_close(c.confidence, r.confidence), ctx
+            assert not bool((c.tokens[s == 0] == mask_index).any()), ctx
+            if kw.get("greedy"):
+                assert int(c.tokens[3]) == (5 if mask_index != 5 else min(600 % V, V - 2)), ctx
+
+
+def _chunk_cols(c, V, mask, chunk=512):
+    """Columns of chunk c (tensor) that exist and are not MASK."""
+    return torch.clamp(V - chunk * c, max=chunk) - (c == mask // chunk).long()
+
+
+@needs_ext
 @pytest.mark.parametrize("V", [300, 50258])
-def test_logits_are_read_once_plus_one_chunk(V):
-    """The sampling step reads each row's logits once, plus the 128 columns of the chunk its draw falls in
-    (the issue's bound: at most twice); top-k / top-p add a fixed number of passes (no bisection)."""
+def test_logits_are_read_once_plus_two_chunks(V):
+    """The sampling step reads each row's logits once, plus the 512 columns of the chunk holding the row maximum
+    (pass 1b: the top two and the argmax) and those of the chunk its draw falls in (pass 2): the issue's bound of
+    two reads; top-k / top-p add a fixed number of passes (no bisection)."""
     N, mask = 6, V - 1
     x, t, s = _inputs(N, V, torch.float32, seed=V)
     s[:3] = 0.0                                                  # never MASK: these rows re-read a chunk
+    xm = x.clone()
+    xm[:, mask] = float("-inf")
+    cmax = xm.argmax(1) // 512                                   # the first chunk holding the maximum
     passes = {(): 1, ("top_k",): 4, ("top_p",): 5, ("top_k", "top_p"): 7, ("greedy",): 1}
     for kw in (dict(), dict(top_k=20), dict(top_p=0.9), dict(top_k=20, top_p=0.9), dict(greedy=True)):
         loads, tok = _cpu_loads(x, t, s, mask, **kw)
-        want = passes[tuple(sorted(kw))] * (V - 1)
+        want = passes[tuple(sorted(kw))] * (V - 1) + _chunk_cols(cmax, V, mask)
         reread = (tok != mask) & (not kw.get("greedy", False))
-        c = tok // 128                                   # the chunk of the drawn class: its non-MASK columns
-        cols = torch.clamp(V - 128 * c, max=128) - (c == mask // 128).long()
+        cols = _chunk_cols(tok // 512, V, mask)                  # the chunk of the drawn class
         assert torch.equal(loads, want + torch.where(reread, cols, 0)), (kw, loads, tok)
-        assert bool((loads <= want + 128).all()) and (kw.get("greedy", False) or bool(reread[:3].all()))
+        assert bool((loads <= passes[tuple(sorted(kw))] * (V - 1) + 1024).all())
+        assert kw.get("greedy", False) or bool(reread[:3].all())
 
 
 @needs_ext

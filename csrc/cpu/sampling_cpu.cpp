@@ -1,7 +1,8 @@
 // CPU twin of csrc/cuda/sampling_cuda.cu: the same header functions (mdlm/sampling.h) in the same order --
-// chunks of 128 columns as 32 lanes x 4 columns, the Hillis-Steele lane scan and the xor butterfly emulated on
-// arrays, chunk groups of 32 scanned the same way, the radix threshold descent with exact integer histograms --
-// so its tokens and confidences are bit-identical to the CUDA kernel's. OpenMP over rows.
+// chunks of 512 columns as 32 interleaved lanes x 16 columns, the float32 xor butterflies (max, sums) and the
+// float64 Hillis-Steele lane scans emulated on arrays, chunk groups of 32 scanned the same way, the radix
+// threshold descent with exact integer histograms -- so its tokens and confidences are bit-identical to the
+// CUDA kernel's. OpenMP over rows.
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -29,6 +30,14 @@ float load_logit(const CountedRow<T>& r, int64_t v) {
   return load_logit(r.p, v);
 }
 
+using mdlm::load_logit_raw;
+
+template <typename T>
+float load_logit_raw(const CountedRow<T>& r, int64_t v) {
+  ++*r.loads;
+  return load_logit_raw(r.p, v);
+}
+
 // Inclusive Hillis-Steele scan over 32 lanes, as the warp runs it (each step reads the previous step's values).
 void lane_scan(double x[kWarpLanes]) {
   for (int o = 1; o < kWarpLanes; o <<= 1) {
@@ -36,16 +45,21 @@ void lane_scan(double x[kWarpLanes]) {
   }
 }
 
-// The xor-butterfly total over 32 lanes (every lane ends with it; lane 0's is returned).
-double lane_butterfly(const double in[kWarpLanes]) {
-  double x[kWarpLanes], y[kWarpLanes];
+// The xor-butterfly total over 32 lanes (every lane ends with it; lane 0's is returned), as the warp runs it.
+template <typename F, typename Op>
+F lane_butterfly(const F in[kWarpLanes], Op op) {
+  F x[kWarpLanes], y[kWarpLanes];
   std::memcpy(x, in, sizeof(x));
   for (int o = kWarpLanes / 2; o > 0; o >>= 1) {
-    for (int l = 0; l < kWarpLanes; ++l) y[l] = dadd(x[l], x[l ^ o]);
+    for (int l = 0; l < kWarpLanes; ++l) y[l] = op(x[l], x[l ^ o]);
     std::memcpy(x, y, sizeof(x));
   }
   return x[0];
 }
+
+double butterfly_sum64(const double in[kWarpLanes]) { return lane_butterfly(in, [](double a, double b) { return dadd(a, b); }); }
+float butterfly_sum32(const float in[kWarpLanes]) { return lane_butterfly(in, [](float a, float b) { return fadd_nc(a, b); }); }
+float butterfly_max32(const float in[kWarpLanes]) { return lane_butterfly(in, [](float a, float b) { return max_nan(a, b); }); }
 
 // ---- thresholds -------------------------------------------------------------------------------------
 // Radix descent (mdlm/sampling.h, TOP-K / TOP-P): the keep key of the row (0 keeps everything), flags bad logits.
@@ -141,9 +155,35 @@ struct RowScratch {
   std::vector<double> G;     // per group: exclusive prefix of the group totals
 };
 
+// One chunk's 32 lanes (loaded by lane_load), as the warp holds them.
+struct ChunkLanes {
+  float x[kWarpLanes][kLaneCols];
+  float w[kWarpLanes][kLaneCols];
+  float s[kWarpLanes], h[kWarpLanes], m[kWarpLanes];
+};
+
+template <typename Row>
+void load_chunk(const Row& x, int64_t c, int64_t V, uint32_t mask, uint32_t keep, ChunkLanes& ch) {
+  const bool full = chunk_full(c, V, mask, keep);
+  for (int l = 0; l < kWarpLanes; ++l) lane_load(x, c, l, V, mask, keep, full, ch.x[l]);
+}
+
+// The chunk's weights relative to m and its float32 sums (the warp's butterflies).
+void chunk_weights(ChunkLanes& ch, float m, float inv_t32, float& s, float& h) {
+  for (int l = 0; l < kWarpLanes; ++l) lane_weights(ch.x[l], m, inv_t32, ch.w[l], ch.s[l], ch.h[l]);
+  s = butterfly_sum32(ch.s);
+  h = butterfly_sum32(ch.h);
+}
+
+// Float64 inclusive scan over the lanes of the k-th weights (one step of pass 2's column-order prefix).
+void column_scan(const ChunkLanes& ch, int k, double incl[kWarpLanes]) {
+  for (int l = 0; l < kWarpLanes; ++l) incl[l] = static_cast<double>(ch.w[l][k]);
+  lane_scan(incl);
+}
+
 template <typename Row>
 int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t flags, const SampleParams& p,
-                   float conf[3], RowScratch& sc) {
+                   float conf[3], RowScratch& sc, ChunkLanes& ch) {
   const int64_t V = p.vocab;
   const uint32_t mask = static_cast<uint32_t>(p.mask_index);
   const uint32_t keep = (use_top_k(p) || use_top_p(p)) ? threshold_key(x, V, mask, p, flags) : 0u;
@@ -153,31 +193,45 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   sc.s.assign(static_cast<size_t>(ng * kWarpLanes), 0.0);
   sc.h.assign(static_cast<size_t>(ng * kWarpLanes), 0.0);
   sc.G.assign(static_cast<size_t>(ng + 1), 0.0);
-  // pass 1: chunk statistics
-  Top2 top2 = top2_init();
-  Lane4 lanes[kWarpLanes];
-  double sw[kWarpLanes], swd[kWarpLanes], w[kLaneCols];
+  // pass 1: chunk statistics; the top two over the chunk maxima
+  Top2 chunks = top2_init();
   for (int64_t c = 0; c < nc; ++c) {
-    float m = -inf32();
-    for (int l = 0; l < kWarpLanes; ++l) {
-      lanes[l] = lane_load(x, c, l, V, mask, keep, flags, &top2);
-      const float lm = lane_max(lanes[l]);
-      m = lm > m ? lm : m;
-    }
+    load_chunk(x, c, V, mask, keep, ch);
+    for (int l = 0; l < kWarpLanes; ++l) ch.m[l] = lane_max(ch.x[l]);
+    const float m = fadd_nc(butterfly_max32(ch.m), 0.0f);  // -0 -> +0
+    float sw, hw;
+    chunk_weights(ch, m, p.inv_t32, sw, hw);
     sc.m[c] = m;
-    for (int l = 0; l < kWarpLanes; ++l) lane_weights(lanes[l], m, p.inv_t, w, sw[l], swd[l]);
-    lane_scan(sw);
-    sc.s[c] = sw[kWarpLanes - 1];
-    sc.h[c] = lane_butterfly(swd);
+    sc.s[c] = static_cast<double>(sw);
+    sc.h[c] = static_cast<double>(hw);
+    if (bad_logit(m)) flags |= kFlagBadLogit;
+    top2_add(chunks, m, static_cast<uint32_t>(c));
   }
   flags |= time_flags(t, s, p.greedy);
-  if (top2.x1 == -inf32()) flags |= kFlagEmpty;
+  if (chunks.x1 == -inf32()) flags |= kFlagEmpty;
   if (flags != 0u) {
     nan_confidences(conf);
     return -1;
   }
+  // pass 1b: the first chunk holding the maximum: its top two and its float64 mass
+  const float mrow = chunks.x1;
+  const int64_t cm = static_cast<int64_t>(chunks.i1);
+  load_chunk(x, cm, V, mask, keep, ch);
+  Top2 in_chunk = top2_init();
+  for (int l = 0; l < kWarpLanes; ++l) {
+    Top2 tl = top2_init();
+    lane_top2(ch.x[l], cm, l, tl);
+    in_chunk = top2_combine(in_chunk, tl);
+  }
+  const Top2 row = row_top2(chunks, in_chunk);
+  double incl[kWarpLanes];
+  {
+    float sw, hw;
+    chunk_weights(ch, mrow, p.inv_t32, sw, hw);
+    for (int l = 0; l < kWarpLanes; ++l) incl[l] = lane_total64(ch.w[l]);
+    sc.s[cm] = butterfly_sum64(incl);
+  }
   // chunks scaled to the row maximum; groups of 32 chunks scanned; group totals summed in order
-  const float mrow = top2.x1;
   double Hrow = 0.0;
   for (int64_t g = 0; g < ng; ++g) {
     double S[kWarpLanes], H[kWarpLanes];
@@ -185,42 +239,47 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
       const int64_t c = g * kWarpLanes + l;
       double e = 0.0;
       S[l] = H[l] = 0.0;
-      if (c < nc) chunk_scaled(sc.m[c], sc.s[c], sc.h[c], mrow, p.inv_t, e, S[l], H[l]);
+      if (c < nc) chunk_scaled(sc.m[c], sc.s[c], sc.h[c], mrow, p.inv_t_w, e, S[l], H[l]);
     }
-    const double hg = lane_butterfly(H);
+    const double hg = butterfly_sum64(H);
     lane_scan(S);
     for (int l = 0; l < kWarpLanes; ++l) sc.s[g * kWarpLanes + l] = S[l];  // now the group-local scan
     sc.G[g + 1] = dadd(sc.G[g], S[kWarpLanes - 1]);
     Hrow = g == 0 ? hg : dadd(Hrow, hg);
   }
   const double Z = sc.G[ng];
-  row_confidences(top2, Z, Hrow, p.inv_t, conf);
-  if (p.greedy) return static_cast<int64_t>(top2.i1);
+  row_confidences(row, Z, Hrow, p.inv_t_w, conf);
+  if (p.greedy) return static_cast<int64_t>(row.i1);
   double u1, u2;
   row_uniforms(p.seed, p.offset, row_key, u1, u2);
   if (draws_mask(u1, t, s)) return p.mask_index;
   const double target = dmul(u2, Z);
   // the chunk (pick_chunk: the first live c with P_c > target, else the last live chunk with tau = +inf)
   double tau = 0.0;
-  const int64_t cs = pick_chunk(sc.G.data(), sc.s.data(), sc.m.data(), ng, nc, mrow, p.inv_t, target, tau);
+  const int64_t cs = pick_chunk(sc.G.data(), sc.s.data(), sc.m.data(), ng, nc, mrow, p.inv_t_w, target, tau);
   if (cs < 0) return -1;  // no live chunk: not reached for a valid row (the maximum's chunk is live)
-  // pass 2: the chosen chunk's columns
+  // pass 2: the chosen chunk's columns, their float64 prefix in column order (k-major, lanes within k)
   const float mc = sc.m[cs];
-  const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t));
-  double wl[kWarpLanes][kLaneCols];
-  for (int l = 0; l < kWarpLanes; ++l) {
-    lanes[l] = lane_load(x, cs, l, V, mask, keep, flags, nullptr);
-    lane_weights(lanes[l], mc, p.inv_t, wl[l], sw[l], swd[l]);
+  const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t_w));
+  load_chunk(x, cs, V, mask, keep, ch);
+  float sw, hw;
+  chunk_weights(ch, mc, p.inv_t32, sw, hw);
+  for (int l = 0; l < kWarpLanes; ++l) incl[l] = lane_total64(ch.w[l]);
+  const double T = butterfly_sum64(incl);
+  const double Sc = dmul(chunk_mass(sw, T, cs == cm), e);
+  const double thr = chunk_threshold(tau, Sc, T);
+  double C = 0.0;
+  int64_t last = -1;
+  for (int k = 0; k < kLaneCols; ++k) {
+    column_scan(ch, k, incl);
+    for (int l = 0; l < kWarpLanes; ++l) {
+      if (!(ch.w[l][k] > 0.0f)) continue;
+      if (dadd(C, incl[l]) > thr) return lane_col(cs, l, k);
+      last = lane_col(cs, l, k);
+    }
+    C = dadd(C, incl[kWarpLanes - 1]);
   }
-  lane_scan(sw);
-  int64_t fallback = -1;
-  for (int l = 0; l < kWarpLanes; ++l) {
-    int last = -1;
-    const int k = lane_pick(wl[l], l == 0 ? 0.0 : sw[l - 1], e, tau, last);
-    if (k >= 0) return cs * kChunkCols + int64_t(l) * kLaneCols + k;
-    if (last >= 0) fallback = cs * kChunkCols + int64_t(l) * kLaneCols + last;
-  }
-  return fallback;
+  return last;
 }
 
 template <typename T>
@@ -232,6 +291,7 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
 #endif
   {
     RowScratch sc;
+    ChunkLanes ch;
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -242,9 +302,10 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
       const float si = p.greedy ? 0.0f : s[i];
       if (loads != nullptr) {
         loads[i] = 0;
-        tokens[i] = sample_row(CountedRow<T>{logits + i * V, loads + i}, ti, si, row_key, flags, p, conf + 3 * i, sc);
+        tokens[i] =
+            sample_row(CountedRow<T>{logits + i * V, loads + i}, ti, si, row_key, flags, p, conf + 3 * i, sc, ch);
       } else {
-        tokens[i] = sample_row(logits + i * V, ti, si, row_key, flags, p, conf + 3 * i, sc);
+        tokens[i] = sample_row(logits + i * V, ti, si, row_key, flags, p, conf + 3 * i, sc, ch);
       }
     }
   }
@@ -255,7 +316,7 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
 void sample_step_cpu(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
                      int64_t* tokens, float* conf, int64_t rows, const SampleParams& params, int64_t* loads) {
   if (rows == 0) return;
-  const SampleParams p = resolve_offset(params);  // reads *params.offset_ptr (if any) once, as the kernel does
+  const SampleParams p = resolve_params(params);  // reads *params.offset_ptr (if any) once, as the kernel does
   switch (dtype) {
     case kFloat32:
       sample_rows(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, p, loads);
@@ -291,7 +352,7 @@ int64_t sample_pick_chunk_cpu(const double* G, const double* S, const float* M, 
 }
 
 // Test hook for the header transcendentals: fn 0 = log64, 1 = exp64, 2 = expf32 (input rounded to float32,
-// result widened to double), 3 = exp_weight.
+// result widened to double), 3 = exp_weight, 4 = weight32 (d rounded to float32: weight32(d, 0, 1)).
 void sample_math_cpu(int fn, const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     switch (fn) {
@@ -299,6 +360,11 @@ void sample_math_cpu(int fn, const double* in, double* out, int64_t n) {
       case 1: out[i] = exp64(in[i]); break;
       case 2: out[i] = static_cast<double>(expf32(static_cast<float>(in[i]))); break;
       case 3: out[i] = exp_weight(in[i]); break;
+      case 4: {
+        float d = 0.0f;
+        out[i] = static_cast<double>(weight32(static_cast<float>(in[i]), 0.0f, 1.0f, d));
+        break;
+      }
       default: throw std::invalid_argument("sample_math_cpu: unknown function code");
     }
   }

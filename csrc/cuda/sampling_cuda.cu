@@ -1,14 +1,17 @@
 // CUDA launcher for the fused categorical sampling step (mdlm/sampling.h): one block of 8 warps per row
-// (grid-stride over rows). Pass 1: warp w takes chunks c = w, w + 8, ... (lane l: columns 128c + 4l .. + 3,
-// coalesced), reduces each chunk to (m_c, s_c, h_c) with warp shuffles in the header's order and keeps them in
-// shared memory; the row maximum, the chunk scaling, the group scans over chunks, the two uniforms and the
-// choice of the chunk follow (thread 0 walks the group totals: n_chunks / 32 steps); pass 2: warp 0 re-reads the
-// chosen chunk (128 columns) and picks the column. Top-k / top-p: the radix descent with shared-memory
-// histograms (integer atomics: exact, order-free), the bin picked by warp 0. Exactly the CPU twin's arithmetic
-// (csrc/cpu/sampling_cpu.cpp) -> bit-identical tokens and confidences. Reads a row's logits once plus one chunk
-// (plus the threshold passes when top-k / top-p are on); writes only tokens and confidences; queued on the
-// caller's stream, never synchronises. The device-side offset (params.offset_ptr) is read by every thread at
-// the kernel's start (resolve_offset), so a CUDA graph replay uses the value current at replay time.
+// (grid-stride over rows). Pass 1: warp w takes chunks c = w, w + 8, ... (lane l: columns 512c + 32k + l,
+// k = 0..15: each load instruction of the warp reads 32 consecutive columns), computes the chunk maximum (float32
+// butterfly, NaN-propagating: it also flags bad logits), the lanes' float32 weights and sums, and the chunk sums
+// (float32 butterflies) into shared memory; the row maximum, the top two and the float64 mass of the maximum's
+// chunk (pass 1b, warp 0: 512 columns), the chunk scaling, the group scans over chunks, the two uniforms and the
+// choice of the chunk follow (thread 0 walks the group totals: n_chunks / 32 steps); pass 2: warp 0 re-reads the chosen chunk (512
+// columns) and picks the column by its float64 prefix in column order. Top-k / top-p: the radix descent with
+// shared-memory histograms (integer atomics: exact, order-free; 32-bit counts for top-k, 64-bit fixed-point
+// masses for top-p), the bin picked by warp 0. Exactly the CPU twin's arithmetic (csrc/cpu/sampling_cpu.cpp) ->
+// bit-identical tokens and confidences. Reads a row's logits once plus two chunks (plus the threshold passes when
+// top-k / top-p are on); writes only tokens and confidences; queued on the caller's stream, never synchronises.
+// The device-side offset (params.offset_ptr) is read by every thread at the kernel's start (resolve_params), so a
+// CUDA graph replay uses the value current at replay time.
 #include <cuda_runtime.h>
 
 #include "mdlm/ops.h"
@@ -38,12 +41,24 @@ __device__ __forceinline__ double warp_butterfly(double x) {  // as lane_butterf
   return x;
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+__device__ __forceinline__ float warp_max(float x) {  // the threshold passes' row maximum (no NaN there)
 #pragma unroll
   for (int o = kWarpLanes / 2; o > 0; o >>= 1) {
     const float y = __shfl_xor_sync(kFull, x, o);
     x = y > x ? y : x;
   }
+  return x;
+}
+
+__device__ __forceinline__ float warp_max_nan(float x) {  // as butterfly_max32 of the CPU twin
+#pragma unroll
+  for (int o = kWarpLanes / 2; o > 0; o >>= 1) x = max_nan(x, __shfl_xor_sync(kFull, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum32(float x) {  // as butterfly_sum32 of the CPU twin
+#pragma unroll
+  for (int o = kWarpLanes / 2; o > 0; o >>= 1) x = fadd_nc(x, __shfl_xor_sync(kFull, x, o));
   return x;
 }
 
@@ -62,6 +77,8 @@ __device__ __forceinline__ Top2 warp_top2(Top2 a) {
 // Shared state of one row (static part); the chunk tables / histograms live in dynamic shared memory.
 struct RowShared {
   Top2 top2[kWarps];
+  Top2 row;                // the row's top two (pass 1b)
+  float w2[kChunkCols];     // pass 2: the chosen chunk's weights, w2[32 k + l] (keeps them out of registers)
   uint32_t flags[kWarps];
   uint32_t prefix;
   uint64_t above;
@@ -74,8 +91,8 @@ struct RowShared {
 
 // Warp 0 picks the radix bin: the highest bin b with above + sum_{b' > b} hist <= ... (see threshold_key of the CPU
 // twin: the descending walk stops at the first b with above + hist[b] >= need). Integer sums: any order is exact.
-template <bool MASS>
-__device__ void pick_bin(const uint64_t* hist, int bins, uint64_t& above, double need_d, uint64_t need_k, int lane,
+template <bool MASS, typename Hist>
+__device__ void pick_bin(const Hist* hist, int bins, uint64_t& above, double need_d, uint64_t need_k, int lane,
                          int& pick) {
   // lane l owns bins [hi_l - per + 1, hi_l] counted from the top: lane 0 the highest
   const int per = bins / kWarpLanes;
@@ -118,7 +135,9 @@ __device__ void pick_bin(const uint64_t* hist, int bins, uint64_t& above, double
 
 template <typename T>
 __device__ uint32_t threshold_key(const T* __restrict__ x, int64_t V, uint32_t mask, const SampleParams& p,
-                                  uint64_t* hist, RowShared& rs, uint32_t& flags) {
+                                  void* hist_mem, RowShared& rs, uint32_t& flags) {
+  uint32_t* counts = static_cast<uint32_t*>(hist_mem);  // top-k: exact counts (< 2^19)
+  uint64_t* hist = static_cast<uint64_t*>(hist_mem);    // top-p: fixed-point masses
   const int j = threadIdx.x, lane = j % kWarpLanes, warp = j / kWarpLanes;
   uint32_t keep = 0u;
   float x_max = -inf32();
@@ -128,7 +147,7 @@ __device__ uint32_t threshold_key(const T* __restrict__ x, int64_t V, uint32_t m
     uint32_t prefix = 0u;
     if (j == 0) rs.above = 0u;
     for (int level = 0; level < kRadixLevels; ++level) {
-      for (int b = j; b < kRadixBins; b += kThreads) hist[b] = 0u;
+      for (int b = j; b < kRadixBins; b += kThreads) counts[b] = 0u;
       __syncthreads();
       const uint32_t pm = radix_prefix_mask(level);
       uint32_t f = 0u;
@@ -142,7 +161,7 @@ __device__ uint32_t threshold_key(const T* __restrict__ x, int64_t V, uint32_t m
         if (level == 0) x_max = xv > x_max ? xv : x_max;
         const uint32_t key = float_key(xv);
         if ((key & pm) != prefix) continue;
-        atomicAdd(reinterpret_cast<unsigned long long*>(&hist[radix_digit(key, level)]), 1ull);
+        atomicAdd(&counts[radix_digit(key, level)], 1u);
       }
       f = __reduce_or_sync(kFull, f);
       if (lane == 0) rs.flags[warp] = f;
@@ -158,7 +177,7 @@ __device__ uint32_t threshold_key(const T* __restrict__ x, int64_t V, uint32_t m
       if (warp == 0) {
         uint64_t above = rs.above;
         int b = 0;
-        pick_bin<false>(hist, radix_bins(level), above, 0.0, k, lane, b);
+        pick_bin<false>(counts, radix_bins(level), above, 0.0, k, lane, b);
         if (lane == 0) {
           rs.above = above;
           rs.prefix = prefix | (static_cast<uint32_t>(b) << radix_shift(level));
@@ -247,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, const float* __restrict__ s,
                    const int64_t* __restrict__ row_ids, int64_t* __restrict__ tokens, float* __restrict__ conf,
                    int64_t N, SampleParams params) {
-  const SampleParams p = resolve_offset(params);  // the effective offset, as the CPU twin computes it
+  const SampleParams p = resolve_params(params);  // the effective offset and inv_t32, as the CPU twin computes them
   extern __shared__ unsigned char dyn[];          // chunk tables (or the radix histogram before them)
   __shared__ RowShared rs;
   const int j = threadIdx.x, lane = j % kWarpLanes, warp = j / kWarpLanes;
@@ -260,50 +279,49 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
   double* H = S + ng * kWarpLanes;
   double* G = H + ng * kWarpLanes;
   float* M = reinterpret_cast<float*>(G + ng + 1);
-  uint64_t* hist = reinterpret_cast<uint64_t*>(dyn);  // threshold passes only (before the tables are written)
   const bool filter = use_top_k(p) || use_top_p(p);
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     const T* x = logits + i * V;
     uint32_t flags = 0u;
     const uint32_t row_key = row_key_of(row_ids, i, flags);
-    const uint32_t keep = filter ? threshold_key(x, V, mask, p, hist, rs, flags) : 0u;
-    // pass 1: chunk statistics
-    Top2 top2 = top2_init();
+    const uint32_t keep = filter ? threshold_key(x, V, mask, p, dyn, rs, flags) : 0u;
+    // pass 1: chunk statistics (per element: one load, one NaN-propagating max, weight32 and two sums)
+    Top2 chunks = top2_init();  // warp-uniform
     uint32_t f = 0u;
     for (int64_t c = warp; c < nc; c += kWarps) {
-      const Lane4 a = lane_load(x, c, lane, V, mask, keep, f, &top2);
-      const float m = warp_max(lane_max(a));
-      double w[kLaneCols], sw, swd;
-      lane_weights(a, m, p.inv_t, w, sw, swd);
-      sw = warp_scan_incl(sw, lane);
-      swd = warp_butterfly(swd);
-      if (lane == kWarpLanes - 1) {
-        S[c] = sw;
-        H[c] = swd;
+      float xs[kLaneCols], w[kLaneCols], sl, hl;
+      lane_load(x, c, lane, V, mask, keep, chunk_full(c, V, mask, keep), xs);
+      const float m = fadd_nc(warp_max_nan(lane_max(xs)), 0.0f);  // -0 -> +0
+      lane_weights(xs, m, p.inv_t32, w, sl, hl);
+      sl = warp_sum32(sl);
+      hl = warp_sum32(hl);
+      if (lane == 0) {
+        S[c] = static_cast<double>(sl);
+        H[c] = static_cast<double>(hl);
         M[c] = m;
       }
+      if (bad_logit(m)) f |= kFlagBadLogit;
+      top2_add(chunks, m, static_cast<uint32_t>(c));
     }
     for (int64_t c = nc + j; c < ng * kWarpLanes; c += kThreads) {  // the last group's empty lanes
       S[c] = 0.0;
       H[c] = 0.0;
     }
-    top2 = warp_top2(top2);
-    f = __reduce_or_sync(kFull, f);
     if (lane == 0) {
-      rs.top2[warp] = top2;
+      rs.top2[warp] = chunks;
       rs.flags[warp] = f;
     }
     __syncthreads();
-    Top2 row = rs.top2[0];
+    chunks = rs.top2[0];
     for (int w = 1; w < kWarps; ++w) {
-      row = top2_combine(row, rs.top2[w]);
+      chunks = top2_combine(chunks, rs.top2[w]);
       flags |= rs.flags[w];
     }
     flags |= rs.flags[0];
     const float ti = p.greedy ? 0.0f : t[i];
     const float si = p.greedy ? 0.0f : s[i];
     flags |= time_flags(ti, si, p.greedy);
-    if (row.x1 == -inf32()) flags |= kFlagEmpty;
+    if (chunks.x1 == -inf32()) flags |= kFlagEmpty;
     if (flags != 0u) {  // the same value in every thread
       if (j == 0) {
         float c3[3];
@@ -316,12 +334,28 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
       __syncthreads();
       continue;
     }
+    // pass 1b (warp 0): the first chunk holding the maximum: its top two, and its mass in float64 (MAXIMUM'S CHUNK)
+    const float mrow = chunks.x1;
+    const int64_t cm = static_cast<int64_t>(chunks.i1);
+    if (warp == 0) {
+      float xs[kLaneCols], w[kLaneCols], sl, hl;
+      lane_load(x, cm, lane, V, mask, keep, chunk_full(cm, V, mask, keep), xs);
+      Top2 in_chunk = top2_init();
+      lane_top2(xs, cm, lane, in_chunk);
+      in_chunk = warp_top2(in_chunk);
+      lane_weights(xs, mrow, p.inv_t32, w, sl, hl);
+      const double Tc = warp_butterfly(lane_total64(w));
+      if (lane == 0) {
+        rs.row = row_top2(chunks, in_chunk);
+        S[cm] = Tc;
+      }
+    }
+    __syncthreads();
     // chunks scaled to the row maximum; groups of 32 chunks scanned by the warps
-    const float mrow = row.x1;
     for (int64_t g = warp; g < ng; g += kWarps) {
       const int64_t c = g * kWarpLanes + lane;
       double e = 0.0, Sc = 0.0, Hc = 0.0;
-      if (c < nc) chunk_scaled(M[c], S[c], H[c], mrow, p.inv_t, e, Sc, Hc);
+      if (c < nc) chunk_scaled(M[c], S[c], H[c], mrow, p.inv_t_w, e, Sc, Hc);
       const double hg = warp_butterfly(Hc);
       Sc = warp_scan_incl(Sc, lane);
       S[c] = Sc;
@@ -336,8 +370,9 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
         Hrow = g == 0 ? H[0] : dadd(Hrow, H[g * kWarpLanes]);
       }
       const double Z = G[ng];
+      const Top2 row = rs.row;
       float c3[3];
-      row_confidences(row, Z, Hrow, p.inv_t, c3);
+      row_confidences(row, Z, Hrow, p.inv_t_w, c3);
       conf[3 * i + 0] = c3[0];
       conf[3 * i + 1] = c3[1];
       conf[3 * i + 2] = c3[2];
@@ -353,33 +388,42 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
         } else {
           const double target = dmul(u2, Z);
           double tau = 0.0;
-          rs.chunk = pick_chunk(G, S, M, ng, nc, mrow, p.inv_t, target, tau);  // the CPU twin's call
+          rs.chunk = pick_chunk(G, S, M, ng, nc, mrow, p.inv_t_w, target, tau);  // the CPU twin's call
           rs.tau = tau;
         }
       }
     }
     __syncthreads();
-    // pass 2: the chosen chunk's 128 columns
+    // pass 2 (warp 0): the chosen chunk's 512 columns, their float64 prefix in column order (k, then lanes)
     if (warp == 0 && rs.chunk >= 0) {
       const int64_t cs = rs.chunk;
       const float mc = M[cs];
-      const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t));
-      uint32_t unused = 0u;
-      const Lane4 a = lane_load(x, cs, lane, V, mask, keep, unused, nullptr);
-      double w[kLaneCols], sw, swd;
-      lane_weights(a, mc, p.inv_t, w, sw, swd);
-      const double incl = warp_scan_incl(sw, lane);
-      double E = __shfl_up_sync(kFull, incl, 1);
-      if (lane == 0) E = 0.0;
-      int last = -1;
-      const int k = lane_pick(w, E, e, rs.tau, last);
-      const unsigned int hit = __ballot_sync(kFull, k >= 0);
-      const unsigned int any = __ballot_sync(kFull, last >= 0);
-      if (hit != 0u) {
-        if (lane == __ffs(hit) - 1) rs.token = cs * kChunkCols + int64_t(lane) * kLaneCols + k;
-      } else if (any != 0u) {
-        if (lane == 31 - __clz(any)) rs.token = cs * kChunkCols + int64_t(lane) * kLaneCols + last;
+      const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t_w));
+      float xs[kLaneCols], w[kLaneCols], sl, hl;
+      lane_load(x, cs, lane, V, mask, keep, chunk_full(cs, V, mask, keep), xs);
+      lane_weights(xs, mc, p.inv_t32, w, sl, hl);
+      const double Tc = warp_butterfly(lane_total64(w));
+      const double Sc = dmul(chunk_mass(warp_sum32(sl), Tc, cs == cm), e);
+      const double thr = chunk_threshold(rs.tau, Sc, Tc);
+#pragma unroll
+      for (int k = 0; k < kLaneCols; ++k) rs.w2[k * kWarpLanes + lane] = w[k];
+      __syncwarp();
+      double C = 0.0;
+      int64_t tok = -1, last = -1;
+      for (int k = 0; k < kLaneCols; ++k) {  // warp-uniform control flow
+        const float wk = rs.w2[k * kWarpLanes + lane];
+        const double incl = warp_scan_incl(static_cast<double>(wk), lane);
+        const bool live = wk > 0.0f;
+        const unsigned int hit = __ballot_sync(kFull, live && dadd(C, incl) > thr);
+        if (hit != 0u) {
+          tok = lane_col(cs, __ffs(hit) - 1, k);
+          break;
+        }
+        const unsigned int any = __ballot_sync(kFull, live);
+        if (any != 0u) last = lane_col(cs, 31 - __clz(any), k);
+        C = dadd(C, __shfl_sync(kFull, incl, kWarpLanes - 1));
       }
+      if (lane == 0) rs.token = tok >= 0 ? tok : last;
     }
     __syncthreads();
     if (j == 0) tokens[i] = rs.token;
@@ -387,20 +431,21 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
   }
 }
 
-// Dynamic shared memory of a row: the chunk tables, or the radix histogram (they are used one after the other).
-size_t dyn_bytes(int64_t V) {
+// Dynamic shared memory of a row: the chunk tables, and with top-k / top-p the radix histogram (used before the
+// tables are written, so they share the space).
+size_t dyn_bytes(int64_t V, bool filter) {
   const int64_t nc = (V + kChunkCols - 1) / kChunkCols;
   const int64_t ng = (nc + kWarpLanes - 1) / kWarpLanes;
   const size_t tables = size_t(ng * kWarpLanes) * 2 * sizeof(double) + size_t(ng + 1) * sizeof(double) +
                         size_t(nc) * sizeof(float);
   const size_t hist = size_t(kRadixBins) * sizeof(uint64_t);
-  return tables > hist ? tables : hist;
+  return (filter && hist > tables) ? hist : tables;
 }
 
 template <typename T>
 int launch(const T* logits, const float* t, const float* s, const int64_t* row_ids, int64_t* tokens, float* conf,
            int64_t N, const SampleParams& p, cudaStream_t stream) {
-  const size_t smem = dyn_bytes(p.vocab);
+  const size_t smem = dyn_bytes(p.vocab, use_top_k(p) || use_top_p(p));
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(sample_step_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));

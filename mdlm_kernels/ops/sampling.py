@@ -1,5 +1,5 @@
 """Fused categorical sampling step of MDLM (ancestral step t -> s, loglinear schedule): each masked row's
-logits are read once (plus one 128-column chunk) to draw exactly from the published categorical
+logits are read once (plus two 512-column chunks) to draw from the published categorical
 
     { v != MASK : p(v) (t - s) }  U  { MASK : s }        (unnormalised; p = softmax of logits / T)
 
@@ -17,9 +17,12 @@ Conventions (csrc/include/mdlm/sampling.h documents them in full):
   2^64 - 1). The "cpp" kernels (CUDA kernel and CPU twin) load it when they run, never the host, so a
   captured graph that advances it in place draws a fresh step on each replay; the "reference"
   backend reads it on the host (``int(offset_tensor)``).
-- exactness: the kernels' weights are within 2^-22 relative of exp (float64 range reduction, float32
-  polynomial), every sum is float64 in a fixed order, the uniforms have 53 bits: no class probability is
-  truncated (a 1e-9 class is drawn at rate 1e-9 (1 +- 1e-6)).
+- accuracy of the kernels' law: per-element weights in float32 (d = (x - chunk max) / T rounded twice, fma range
+  reduction, degree-6 polynomial: <= 2^-22 relative to exp(d)), float32 sums within 512-column chunks and
+  float64 sums over chunks and within the drawn chunk, 53-bit uniforms: each class's probability is exact to
+  a relative ~2^-19.5 + |d| 2^-22 (d: its scaled gap to its chunk's maximum), with no truncation of small
+  probabilities above e^-86.5 ~ 2.7e-38 of the chunk's maximum (a 1e-9 class is drawn at rate 1e-9 (1 +- 3e-6)).
+  The temperature is applied as 1 / T rounded to float32.
 - top-k keeps every class whose logit is >= the k-th largest (ties at the threshold are kept);
   top-p (after top-k, on p renormalised over the top-k set) keeps v iff the probability mass strictly
   above v is < top_p (ties kept; the top class always; the kernels sum the masses in 2^-40 fixed point).

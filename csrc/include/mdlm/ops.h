@@ -36,7 +36,7 @@ void sample_threshold_cpu(const void* logits, int dtype, int64_t rows, const Sam
 // Test hook: the chunk choice of the inverse CDF (mdlm/sampling.h pick_chunk); returns the chunk, *tau out.
 int64_t sample_pick_chunk_cpu(const double* G, const double* S, const float* M, int64_t ng, int64_t nc, float m,
                               double inv_t, double target, double* tau);
-// Test hook: header transcendentals on host (fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight).
+// Test hook: header transcendentals on host (fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight, 4 = weight32).
 void sample_math_cpu(int fn, const double* in, double* out, int64_t n);
 
 #if MDLM_WITH_CUDA

@@ -5,46 +5,63 @@
 // is the spec of the law.
 //
 // THE DISTRIBUTION (row i of the (N, V) logits, the rows of masked positions):
-//   d_v   = (x_v - m) * inv_t           (float64; inv_t = 1 / temperature rounded once to float64)
+//   d_v   = (x_v - m) * inv_t           (exact arithmetic in the spec; the kernel's arithmetic: WEIGHTS below)
 //   p     = softmax over the KEPT classes K = { v != MASK : key(x_v) >= kappa, x_v > -inf }
 //   draw  from the unnormalised categorical { v in K: p_v (t - s) } U { MASK: s }
 //   greedy: the argmax of x over K (ties -> lowest index); t, s and the RNG are not used.
 //
-// INVERSE CDF, ONE RANDOM BLOCK PER ROW, THE LOGITS READ ONCE (+ ONE 128-COLUMN CHUNK):
+// INVERSE CDF, ONE RANDOM BLOCK PER ROW, THE LOGITS READ ONCE (+ TWO 512-COLUMN CHUNKS):
 //   (u1, u2) = (uniform53(w.x, w.y), uniform53(w.z, w.w)), w = Philox element (row = row_ids[i] (default i),
 //   col = 0xFFFFFFFF, the reserved row-draw column of masking.h) at (seed, offset): two independent 53-bit
 //   uniforms in (0, 1). The MASK competitor wins iff s > 0 and u1 < s / t (P = s / t: the MASK weight s
-//   against the total (t - s) + s). Otherwise the class is the first v (in column order) whose cumulative
-//   weight exceeds u2 * Z, with w_v = exp(d_v) relative to the row maximum m and Z = sum_K w_v.
-//   Pass 1 splits the row into chunks of kChunkCols = 128 columns (a warp of 32 lanes x 4 consecutive
-//   columns): per chunk c its maximum m_c, s_c = sum w (relative to m_c) and h_c = sum w d (entropy), all
-//   float64 accumulations in the fixed order below. The row then scales each chunk by e_c = exp((m_c - m)
-//   inv_t), takes the prefix sums P_c of S_c = s_c e_c, picks the chunk with P_{c-1} <= u2 Z < P_c, and pass
-//   2 re-reads THAT chunk only to find the column (the prefix within the chunk, times e_c, against
-//   tau = u2 Z - P_{c-1}; if rounding leaves no column above tau, the chunk's last kept column). The chunk
-//   must be LIVE (S_c > 0, see pick_chunk): the rounded P_c are not monotone in c (the Hillis-Steele sums of
-//   neighbouring lanes associate differently), so an empty chunk can carry a P_c above its predecessor's.
-//   When rounding leaves no live chunk with P_c > u2 Z, the last live chunk (its last kept column).
-//   Memory traffic: V logits + 128 per row (no top-k / top-p), versus one Philox block, two logs and a
-//   compare per element in the earlier Gumbel race (that stream is not reproduced: same law, new draws).
+//   against the total (t - s) + s). Otherwise the class is found by inversion of u2 in two levels:
+//   Pass 1 splits the row into chunks of kChunkCols = 512 columns (a warp of 32 lanes x 16 columns, interleaved:
+//   lane l holds columns 512c + 32k + l, k = 0..15): per chunk c its maximum m_c, s_c = sum w (relative to m_c) and
+//   h_c = sum w d (entropy), with float32 per-element weights (WEIGHTS) and float32 sums in the fixed order below.
+//   The row then scales each chunk by e_c = exp((m_c - m) inv_t) (float64), takes the float64 prefix sums P_c of
+//   S_c = s_c e_c (Z = the total), picks the chunk with P_{c-1} <= u2 Z < P_c, and pass 2 re-reads THAT chunk only:
+//   with tau = u2 Z - P_{c-1} (tau < S_c), thr = (tau / S_c) T where T is the chunk's float64 total of the same
+//   float32 weights, and the class is the first column v (column order) with w_v > 0 whose float64 prefix within
+//   the chunk exceeds thr (if rounding leaves none, the chunk's last column with w > 0). So
+//     P(class v) = (S_c / Z) (w_v / T)     exactly as the arithmetic stands (u2 resolution 2^-53 aside):
+//   the chunk's share from pass 1, the class's share within the chunk from float64 sums of the same weights. The
+//   chunk must be LIVE (S_c > 0, see pick_chunk): the rounded P_c are not monotone in c (the Hillis-Steele sums of
+//   neighbouring lanes associate differently), so an empty chunk can carry a P_c above its predecessor's. When
+//   rounding leaves no live chunk with P_c > u2 Z, the last live chunk (its last column with w > 0).
+//   Memory traffic: V logits + 2 x 512 per row (no top-k / top-p): pass 1b re-reads the chunk of the row maximum.
 //
-//   WEIGHTS: w = exp_weight(d): range reduction d = k ln2 + r in float64 (|r| <= ln2/2, k exact), then a
-//   degree-7 float32 polynomial for exp(r) (truncation < 2^-27), scaled by 2^k exactly. Relative error of w:
-//   <= ~2^-22 for every d (the float64 reduction keeps r's error below 2^-25 whatever |d|); w = 0 for d <
-//   -708 (classes 10^-307 below the top one). Z, the prefix sums and h accumulate in float64: a class's
-//   probability is p (1 + O(2^-22)), with no truncation of small probabilities beyond float64's range (a
-//   1e-9 class is drawn at rate 1e-9 (1 +- 1e-6)); the uniforms have 53 bits.
+//   MAXIMUM'S CHUNK (pass 1b, between pass 1 and the scaling): the first chunk holding the row maximum is re-read
+//   for the row's top two (greedy token, margin) and its mass s_c is replaced by its float64 total T (chunk_mass):
+//   that chunk holds the weight 1 of the maximum, next to which a float32 sum loses 2^-24 absolutely -- log Z and
+//   the entropy of a peaked row would inherit it. The other chunks' float32 masses err relative to their own mass.
 //
-// REDUCTION ORDER (the bit-identity contract), within a chunk: lane l (0..31) holds columns c*128 + 4l
-//   .. + 3 (beyond V / MASK / not kept: weight 0, d 0); its lane sum is ((w0 + w1) + w2) + w3 (and the same
-//   for w d); the chunk's prefix over lanes is the inclusive Hillis-Steele scan (for o = 1, 2, 4, 8, 16:
-//   x_l += x_{l-o} for l >= o, from the previous step's values; s_c = lane 31's value); h_c is the
-//   xor-butterfly total (for o = 16, 8, 4, 2, 1: x_l += x_{l^o}; every lane ends with the same value). Over
-//   chunks: groups of 32 consecutive chunks are scanned the same way (inclusive, S_c), group totals are
-//   added sequentially (G_0 = 0, G_{g+1} = G_g + T_g) and P_c = G_g + scan_c; Z = G_{n_groups}. The row's h
-//   is summed sequentially over groups of the butterfly totals of e_c (h_c + delta_c s_c). The CUDA kernel
-//   runs these as warp shuffles, the CPU twin on arrays: every operation is a correctly rounded IEEE add or
-//   multiply (non-contracting helpers), so both give the same bits.
+//   WEIGHTS: per element w = weight32(x, m_c): d = (x - m_c) inv_t32 in float32 (inv_t32 = 1 / temperature rounded
+//   to float32: the law drawn is the categorical at temperature 1 / inv_t32), clamped at -86.5 (w := 0 there: a
+//   class e^-86.5 = 2.7e-38 below its chunk's maximum, and -inf logits), d = k ln2 + r by fma range reduction,
+//   exp(r) by a degree-6 minimax float32 polynomial (truncation 2^-29), times 2^k through the exponent bits.
+//   Relative error of w against exp(d) for the float32 d: <= 2^-22 (measured 2^-23.4); d itself carries
+//   <= |d| 2^-23 (two float32 roundings), so w against exp((x - m_c) inv_t32) errs by <= 2^-22 + |d| 2^-23.
+//   The chunk scales e_c and the confidences use exp_weight (float64 range reduction, float32 polynomial:
+//   <= 2^-22 relative for every d, flushed to 0 below -708.3). Law: with the float32 chunk sums (<= 9 roundings,
+//   < 2^-20.8 relative) a class's probability is p_v (1 + eps_v), |eps_v| <= ~2^-19.5 + |d_v| 2^-22 (d_v its gap to
+//   its chunk's maximum); the 53-bit uniform resolves probabilities far below that (a 1e-9 class is drawn at
+//   rate 1e-9 (1 +- 3e-6)). The float64 reference (mdlm_kernels/ops/sampling.py) is the spec; the tests compare
+//   tokens exactly on fixed seeds (a token differs only where u2 Z lands within ~2^-19 of a class boundary).
+//
+// REDUCTION ORDER (the bit-identity contract): pass 1, within a chunk: the lane maximum is max_nan over k (any
+//   order: max is exact), the chunk maximum the xor butterfly of max_nan (for o = 16, 8, 4, 2, 1:
+//   x_l = max_nan(x_l, x_{l^o})), then + 0.0f (-0 -> +0); the lane's float32 sum is the pairwise tree
+//   ((w0 + w1) + (w2 + w3)) + ((w4 + w5) + (w6 + w7)), ... (lane_weights), h = fma(w_k, d_k, h) for k = 0..15; the
+//   chunk's s_c and h_c are float32 xor butterflies (x_l += x_{l^o}: every lane ends with the same value),
+//   widened to float64. Over chunks: groups of 32 consecutive chunks are scanned by the inclusive float64
+//   Hillis-Steele scan (for o = 1, 2, 4, 8, 16: x_l += x_{l-o} for l >= o, from the previous step's values),
+//   group totals are added sequentially (G_0 = 0, G_{g+1} = G_g + T_g) and P_c = G_g + scan_c; Z = G_{n_groups}.
+//   The row's H is summed sequentially over groups of the float64 butterfly totals of e_c (h_c + delta_c s_c).
+//   Pass 2 (and pass 1b's T): T = the float64 xor butterfly of each lane's sequential float64 sum over k; the
+//   prefix of column 512c + 32k + l is C_k + I_k(l), I_k the inclusive Hillis-Steele scan of the k-th weights over
+//   lanes, C_0 = 0, C_{k+1} = C_k + I_k(31). The CUDA kernel runs these as warp shuffles, the CPU twin on arrays:
+//   every operation is a correctly rounded IEEE add, multiply or fma (non-contracting helpers), so both give the
+//   same bits.
 //
 // TOP-K / TOP-P (thresholds on the logits, no sort, a fixed number of passes): key(x) maps float32 to uint32
 //   monotonically (-0 -> +0). Counts and masses run over v != MASK (x = -inf counts, with mass 0).
@@ -62,7 +79,8 @@
 //   kernel bisected: up to 32 passes each, an exp64 per element per top-p pass.)
 //
 // CONFIDENCE (float32, of p over K): [max probability 1 / Z, margin (1 - w(x2)) / Z with x2 the second largest
-//   kept logit (w = 0 when one class is kept), entropy in nats log Z - H / Z with H = sum w d].
+//   kept logit (w = 0 when one class is kept), entropy in nats log Z - H / Z with H = sum w d]. x1, x2 and the
+//   argmax (greedy, lowest index on ties) come from the chunk maxima and pass 1b (row_top2).
 //
 // INVALID ROWS -> token -1 and confidence NaN (flags, never a host sync): a NaN or +inf logit at a
 //   non-MASK column; no kept class with a logit > -inf; row id outside [0, 2^32); and unless greedy:
@@ -71,9 +89,9 @@
 // ARITHMETIC: every float op on the decision path goes through non-contracting helpers (dmul/dadd/dsub/ddiv of
 //   masking.h for float64, fmul_nc/fadd_nc/fsub_nc below for float32: __*_rn on the device, plain operators
 //   under -ffp-contract=off on the host), and the transcendentals are implemented here with those helpers
-//   (log64, exp64, expf32, exp_weight), so libdevice vs glibc differences cannot enter. Accuracy
-//   (tests/test_sampling_kernel.py measures it): log64, exp64 <= 1 ulp; expf32 <= 1 float32 ulp; exp_weight
-//   <= 2^-22 relative.
+//   (log64, exp64, expf32, exp_weight, weight32; fma_rn is the correctly rounded fma on both sides), so
+//   libdevice vs glibc differences cannot enter. Accuracy (tests/test_sampling_kernel.py measures it): log64,
+//   exp64 <= 1 ulp; expf32 <= 1 float32 ulp; exp_weight and weight32 <= 2^-22 relative.
 #pragma once
 
 #include "mdlm/common.h"
@@ -100,14 +118,22 @@ struct SampleParams {
   uint64_t seed, offset;
   // Device-side offset (philox.h, DEVICE-SIDE OFFSET): one int64 in the memory of the logits, or
   // nullptr. The CPU twin and the CUDA kernel resolve it once per call / per thread with
-  // resolve_offset below, before any draw; the header functions then read p.offset only.
+  // resolve_params below, before any draw; the header functions then read p.offset only.
   const int64_t* offset_ptr = nullptr;
+  // Set by resolve_params: inv_t rounded once to float32 (FLT_MAX when larger: the limit T -> 0), the scale of
+  // the per-element weights; inv_t_w = double(inv_t32) scales the chunk gaps and the confidences, so the law
+  // drawn is the categorical at temperature exactly 1 / inv_t32. (The top-p masses use inv_t.)
+  float inv_t32 = 0.0f;
+  double inv_t_w = 0.0;
 };
 
-// p with offset := effective_offset(p.offset, p.offset_ptr) and offset_ptr := nullptr (idempotent).
-MDLM_HD SampleParams resolve_offset(SampleParams p) {
+// p with offset := effective_offset(p.offset, p.offset_ptr), offset_ptr := nullptr and inv_t32 / inv_t_w set
+// (idempotent).
+MDLM_HD SampleParams resolve_params(SampleParams p) {
   p.offset = effective_offset(p.offset, p.offset_ptr);
   p.offset_ptr = nullptr;
+  p.inv_t32 = p.inv_t < 3.4028234663852886e38 ? static_cast<float>(p.inv_t) : 3.4028234663852886e38f;
+  p.inv_t_w = static_cast<double>(p.inv_t32);
   return p;
 }
 
@@ -281,6 +307,21 @@ MDLM_HD float load_logit<uint16_t>(const uint16_t* p, int64_t v) {
   return x == 0.0f ? 0.0f : x;
 }
 
+// Load a logit as float32 as stored (the full-chunk path of pass 1: no per-element checks; the sign of a zero
+// never matters there, see lane_load).
+template <typename T>
+MDLM_HD float load_logit_raw(const T* p, int64_t v);
+
+template <>
+MDLM_HD float load_logit_raw<float>(const float* p, int64_t v) {
+  return p[v];
+}
+
+template <>
+MDLM_HD float load_logit_raw<uint16_t>(const uint16_t* p, int64_t v) {
+  return bf16_bits_to_float(p[v]);
+}
+
 // Monotone float32 -> uint32 key (x not NaN; -0 already +0). key(-inf) = 0x007FFFFF.
 MDLM_HD uint32_t float_key(float x) {
   const uint32_t b = float_as_bits(x);
@@ -296,9 +337,22 @@ MDLM_HD bool use_top_p(const SampleParams& p) { return p.top_p < 1.0; }
 
 MDLM_HD bool bad_logit(float x) { return is_nan32(x) || x == inf32(); }
 
+// max(a, b) propagating NaN (PTX max.NaN on sm_80+; the NaN's payload is never read: it only flags the row).
+MDLM_HD float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  if (is_nan32(a) || is_nan32(b)) return bits_as_float(0x7FFFFFFFu);
+  return a > b ? a : b;
+#endif
+}
+
 // ---- weights ------------------------------------------------------------------------------------
 // exp(d) for d <= 0 (see WEIGHTS): float64 range reduction d = k ln2 + r, float32 degree-7 polynomial in r,
-// scaled by 2^k. 0 for d < -708.3 (and for d = -inf); NaN stays NaN.
+// scaled by 2^k. 0 for d < -708.3 (and for d = -inf); NaN stays NaN. Used per CHUNK (the chunk scales e_c),
+// for the confidences and for the top-p masses; the per-element weights are weight32 below.
 MDLM_HD double exp_weight(double d) {
   if (d != d) return d;
   if (d < -708.3) return 0.0;
@@ -323,22 +377,67 @@ MDLM_HD double exp_weight(double d) {
   return dmul(static_cast<double>(q), bits_as_double(static_cast<uint64_t>(k + 1023) << 52));
 }
 
-// d = (x - m) inv_t in float64 (x, m finite float32: x - m is exact in float64).
+// d = (x - m) inv_t in float64 for finite float32 x, m: x - m is exact in float64 unless the binary exponents
+// of x and m differ by more than 29 (then it is rounded once, relative error <= 2^-53); the product is rounded once.
 MDLM_HD double scaled_gap(float x, float m, double inv_t) {
   return dmul(dsub(static_cast<double>(x), static_cast<double>(m)), inv_t);
 }
 
+// Fused multiply-add, one rounding (the device intrinsic; the C library's correctly rounded fmaf on the host).
+MDLM_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fmaf(a, b, c);
+#endif
+}
+
+// Per-element weight in float32 (see WEIGHTS): w = exp(d), d = (x - m) inv_t32 (two float32 roundings),
+// clamped to kWeightFloor (where w := 0; also x = -inf and NaN); d is returned clamped, so w * d is finite.
+constexpr float kWeightFloor = -86.5f;         // e^-86.5 = 2.7e-38: 2^k stays a normal scale (k >= -125)
+constexpr float kRoundMagic = 12582912.0f;     // 1.5 * 2^23: fma(d, 1/ln2, magic) - magic = round(d / ln2)
+constexpr float kLn2Hi32 = 0x1.62e430p-1f;     // float32(ln 2)
+constexpr float kLn2Lo32 = -0x1.05c610p-29f;   // ln 2 - kLn2Hi32
+// exp(r) on |r| <= ln2/2 + 2^-17: minimax (relative) degree 6, coefficients rounded to float32 (c0 = c1 = 1),
+// truncation error 2^-29.0 (mpmath Remez).
+constexpr float kExpC2 = 0x1.fffffap-2f, kExpC3 = 0x1.55540ap-3f, kExpC4 = 0x1.55589ap-5f,
+                kExpC5 = 0x1.126d0ep-7f, kExpC6 = 0x1.6ab97ep-10f;
+
+MDLM_HD float weight32(float x, float m, float inv_t32, float& d) {
+  float dd = fmul_nc(fsub_nc(x, m), inv_t32);
+  dd = dd > kWeightFloor ? dd : kWeightFloor;  // NaN -> floor as well
+  const float tk = fma_rn(dd, kInvLn2F, kRoundMagic);  // magic + k exactly (|k| <= 125)
+  const float kf = fsub_nc(tk, kRoundMagic);
+  float r = fma_rn(kf, -kLn2Hi32, dd);
+  r = fma_rn(kf, -kLn2Lo32, r);
+  float q = kExpC6;
+  q = fma_rn(q, r, kExpC5);
+  q = fma_rn(q, r, kExpC4);
+  q = fma_rn(q, r, kExpC3);
+  q = fma_rn(q, r, kExpC2);
+  q = fma_rn(q, r, 1.0f);
+  q = fma_rn(q, r, 1.0f);  // q in [0.70, 1.42]: exponent field 126 or 127
+  // q 2^k: k << 23 added to q's exponent field; bits(tk) << 23 == k << 23 (mod 2^32) as magic's low 9 bits are 0
+  const float w = bits_as_float(float_as_bits(q) + (float_as_bits(tk) << 23));
+  d = dd;
+  return dd > kWeightFloor ? w : 0.0f;
+}
+
 // ---- chunks, lanes and the fixed reduction order -----------------------------------------------------
 constexpr int kWarpLanes = 32;
-constexpr int kLaneCols = 4;
-constexpr int kChunkCols = kWarpLanes * kLaneCols;  // 128
-constexpr int64_t kMaxVocab = int64_t(1) << 19;     // chunk tables of 4096 chunks: 83 KB of CUDA shared memory
+constexpr int kLaneCols = 16;
+constexpr int kChunkCols = kWarpLanes * kLaneCols;  // 512
+constexpr int64_t kMaxVocab = int64_t(1) << 19;     // chunk tables of 1024 chunks: 21 KB of CUDA shared memory
 
-// A lane's four columns: the float32 logit of each kept column (else -inf, not kept).
-struct Lane4 {
-  float x[kLaneCols];
-  bool kept[kLaneCols];
-};
+// Column of lane l's k-th value in chunk c: lanes interleave (a warp's load k reads 32 consecutive columns).
+MDLM_HD int64_t lane_col(int64_t c, int l, int k) { return c * kChunkCols + int64_t(k) * kWarpLanes + l; }
+
+// A chunk takes the full path (no per-element checks) iff all its columns exist, MASK is not among them and no
+// top-k / top-p key filters the row.
+MDLM_HD bool chunk_full(int64_t c, int64_t V, uint32_t mask, uint32_t keep_key) {
+  const int64_t lo = c * kChunkCols, hi = lo + kChunkCols;
+  return keep_key == 0u && hi <= V && !(int64_t(mask) >= lo && int64_t(mask) < hi);
+}
 
 // Largest and second largest kept logit (with multiplicity) and the lowest index of the largest.
 struct Top2 {
@@ -348,7 +447,7 @@ struct Top2 {
 
 MDLM_HD Top2 top2_init() { return Top2{-inf32(), -inf32(), kNoIndex}; }
 
-MDLM_HD void top2_add(Top2& a, float x, uint32_t v) {  // v increases within a lane
+MDLM_HD void top2_add(Top2& a, float x, uint32_t v) {  // v increases from call to call
   if (x > a.x1) {
     a.x2 = a.x1;
     a.x1 = x;
@@ -369,56 +468,83 @@ MDLM_HD Top2 top2_combine(Top2 a, const Top2& b) {  // order-free (ties -> lowes
   return a;
 }
 
-// Load lane l's columns of chunk c (row x of length V: a logits pointer, or anything with a load_logit overload,
-// e.g. the CPU twin's load-counting row): flags bad logits; a column is kept iff it exists, is not MASK, is > -inf
-// and its key is >= keep_key.
+// Load lane l's 16 values of chunk c (row x of length V: a logits pointer, or anything with load_logit /
+// load_logit_raw overloads, e.g. the CPU twin's load-counting row). Full chunk: the values as stored. Otherwise
+// -inf for a column that is beyond V, is MASK, is -inf or whose key is < keep_key; NaN and +inf pass (the lane
+// maximum max_nan then flags the row). The sign of a zero differs between the paths (-0 stays -0 in a full
+// chunk); it changes no output: d = (x - m) inv_t is +-0 either way and w(+-0) = 1.
 template <typename Row>
-MDLM_HD Lane4 lane_load(const Row& x, int64_t c, int l, int64_t V, uint32_t mask, uint32_t keep_key, uint32_t& flags,
-                        Top2* top2) {
-  Lane4 r;
-  const int64_t v0 = c * kChunkCols + int64_t(l) * kLaneCols;
+MDLM_HD void lane_load(const Row& x, int64_t c, int l, int64_t V, uint32_t mask, uint32_t keep_key, bool full,
+                       float out[kLaneCols]) {
+  if (full) {
+#pragma unroll
+    for (int k = 0; k < kLaneCols; ++k) out[k] = load_logit_raw(x, lane_col(c, l, k));
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < kLaneCols; ++k) {
-    const int64_t v = v0 + k;
-    r.x[k] = -inf32();
-    r.kept[k] = false;
+    const int64_t v = lane_col(c, l, k);
+    out[k] = -inf32();
     if (v >= V || v == int64_t(mask)) continue;
     const float xv = load_logit(x, v);
-    if (bad_logit(xv)) {
-      flags |= kFlagBadLogit;
-      continue;
-    }
-    if (xv == -inf32() || float_key(xv) < keep_key) continue;
-    r.x[k] = xv;
-    r.kept[k] = true;
-    if (top2 != nullptr) top2_add(*top2, xv, static_cast<uint32_t>(v));
+    if (!bad_logit(xv) && (xv == -inf32() || float_key(xv) < keep_key)) continue;
+    out[k] = xv;
   }
-  return r;
 }
 
-MDLM_HD float lane_max(const Lane4& a) {
-  float m = -inf32();
+// The lane's maximum, NaN if any value is NaN (+inf if any is +inf and none NaN).
+MDLM_HD float lane_max(const float xs[kLaneCols]) {
+  float m = xs[0];
 #pragma unroll
-  for (int k = 0; k < kLaneCols; ++k) m = a.x[k] > m ? a.x[k] : m;
+  for (int k = 1; k < kLaneCols; ++k) m = max_nan(m, xs[k]);
   return m;
 }
 
-// The lane's weights relative to the chunk maximum m (0 where not kept) and its sums ((w0 + w1) + w2) + w3 of w
-// and of w d (d = 0 where not kept, so 0 * d is never 0 * inf).
-MDLM_HD void lane_weights(const Lane4& a, float m, double inv_t, double w[kLaneCols], double& sw, double& swd) {
-  sw = 0.0;
-  swd = 0.0;
+// The lane's weights relative to the chunk maximum m (w = 0 for -inf), their sum s as a fixed pairwise tree
+// ((w0 + w1) + (w2 + w3)) + ... over k (float32), and h = sum w d as an fma chain over k = 0..15.
+MDLM_HD void lane_weights(const float xs[kLaneCols], float m, float inv_t32, float w[kLaneCols], float& s, float& h) {
+  float pair[kLaneCols / 2];
+  h = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kLaneCols; ++k) {
-    double d = 0.0;
-    w[k] = 0.0;
-    if (a.kept[k]) {
-      d = scaled_gap(a.x[k], m, inv_t);
-      w[k] = exp_weight(d);
-    }
-    sw = k == 0 ? w[k] : dadd(sw, w[k]);
-    swd = k == 0 ? dmul(w[k], d) : dadd(swd, dmul(w[k], d));
+  for (int k = 0; k < kLaneCols; k += 2) {
+    float d0, d1;
+    w[k] = weight32(xs[k], m, inv_t32, d0);
+    w[k + 1] = weight32(xs[k + 1], m, inv_t32, d1);
+    pair[k / 2] = fadd_nc(w[k], w[k + 1]);
+    h = fma_rn(w[k], d0, h);
+    h = fma_rn(w[k + 1], d1, h);
   }
+  const float q0 = fadd_nc(fadd_nc(pair[0], pair[1]), fadd_nc(pair[2], pair[3]));
+  const float q1 = fadd_nc(fadd_nc(pair[4], pair[5]), fadd_nc(pair[6], pair[7]));
+  s = fadd_nc(q0, q1);
+}
+
+// Pass 2: the lane's float64 total of its weights, sequential over k (the chunk's column total T is the xor
+// butterfly of these over the lanes).
+MDLM_HD double lane_total64(const float w[kLaneCols]) {
+  double t = static_cast<double>(w[0]);
+#pragma unroll
+  for (int k = 1; k < kLaneCols; ++k) t = dadd(t, static_cast<double>(w[k]));
+  return t;
+}
+
+// The chunk's mass s_c relative to its maximum (see MAXIMUM'S CHUNK): the float32 butterfly total s32, except for
+// the first chunk holding the row maximum, whose float64 total t64 (lane_total64, butterfly) is used.
+MDLM_HD double chunk_mass(float s32, double t64, bool max_chunk) { return max_chunk ? t64 : static_cast<double>(s32); }
+
+// Lane top two (pass 1b): v = lane_col(c, l, k) increases with k.
+MDLM_HD void lane_top2(const float xs[kLaneCols], int64_t c, int l, Top2& t) {
+#pragma unroll
+  for (int k = 0; k < kLaneCols; ++k) top2_add(t, xs[k], static_cast<uint32_t>(lane_col(c, l, k)));
+}
+
+// The row's top two (CONFIDENCE, greedy) from pass 1's top two over the chunk maxima (i1: the first chunk holding
+// the maximum) and pass 1b's top two within that chunk: the maximum and its lowest index come from the chunk, the
+// second largest is the larger of the chunk's own and the other chunks' largest (with multiplicity).
+MDLM_HD Top2 row_top2(const Top2& chunks, const Top2& in_chunk) {
+  Top2 r = in_chunk;
+  r.x2 = in_chunk.x2 > chunks.x2 ? in_chunk.x2 : chunks.x2;
+  return r;
 }
 
 // Chunk scale e_c = exp((m_c - m) inv_t) and the chunk's scaled sums S = s e, H = e (h + delta s) relative to
@@ -444,17 +570,17 @@ MDLM_HD void row_uniforms(uint64_t seed, uint64_t offset, uint32_t row_key, doub
 }
 
 // A chunk is LIVE iff it holds a kept column whose weight relative to the row maximum m is > 0, i.e. its scaled
-// sum S_c = s_c e_c > 0 (s_c >= 1: the chunk maximum's own weight is exp_weight(0) = 1; e_c > 0 iff
-// exp_weight of the chunk's gap is). m_c: the chunk maximum (-inf: no kept column).
+// sum S_c = s_c e_c > 0 (s_c >= 1: the chunk maximum's own weight is weight32(0) = 1; e_c > 0 iff exp_weight
+// of the chunk's gap is). m_c: the chunk maximum (-inf: no kept column).
 MDLM_HD bool chunk_live(float m_c, float m, double inv_t) {
   return m_c != -inf32() && exp_weight(scaled_gap(m_c, m, inv_t)) > 0.0;
 }
 
 // The chunk of the draw (see INVERSE CDF): the first live chunk c (column order) with P_c = G_g + scan_c > target,
 // and tau = target - P_{c-1} (the within-chunk threshold of pass 2); when rounding leaves none, the last live
-// chunk with tau = +inf (pass 2 then takes its last kept column, as the reference takes the last class with
-// w > 0). G (ng + 1): the group prefixes; S (ng * 32): the group-local inclusive scans of the S_c; M (nc): the
-// chunk maxima; m: the row maximum. Returns -1 only when no chunk is live (not a valid row). The CPU twin and
+// chunk with tau = +inf (pass 2 then takes its last column with w > 0, as the reference takes the last class
+// with w > 0). G (ng + 1): the group prefixes; S (ng * 32): the group-local inclusive scans of the S_c; M (nc):
+// the chunk maxima; m: the row maximum. Returns -1 only when no chunk is live (not a valid row). The CPU twin and
 // the CUDA kernel (thread 0) both call this: same operations, same bits.
 MDLM_HD int64_t pick_chunk(const double* G, const double* S, const float* M, int64_t ng, int64_t nc, float m,
                            double inv_t, double target, double& tau) {
@@ -481,23 +607,9 @@ MDLM_HD bool draws_mask(double u1, float t, float s) {
   return s > 0.0f && u1 < ddiv(static_cast<double>(s), static_cast<double>(t));
 }
 
-// Within the chosen chunk: lane l's first column (0..3) whose prefix weight E + r_k, times the chunk scale e,
-// exceeds tau (r_k: the lane's running sum ((w0 + w1) + ...) in the lane-sum order); -1 if none. E: the lane's
-// exclusive prefix in the chunk's scan. last: the lane's last column with w > 0 (-1 if none).
-MDLM_HD int lane_pick(const double w[kLaneCols], double E, double e, double tau, int& last) {
-  double r = 0.0;
-  int first = -1;
-  last = -1;
-#pragma unroll
-  for (int k = 0; k < kLaneCols; ++k) {
-    r = k == 0 ? w[k] : dadd(r, w[k]);
-    if (w[k] > 0.0) {
-      last = k;
-      if (first < 0 && dmul(dadd(E, r), e) > tau) first = k;
-    }
-  }
-  return first;
-}
+// Pass 2's threshold within the chosen chunk (see INVERSE CDF): the draw's position tau in the chunk's pass-1 mass
+// S_c = s_c e_c, carried over to the chunk's float64 column total T: thr = (tau / S_c) T (+inf when tau is).
+MDLM_HD double chunk_threshold(double tau, double S_c, double T) { return dmul(ddiv(tau, S_c), T); }
 
 // Confidences (see CONFIDENCE) from the row's top two logits, Z and H.
 MDLM_HD void row_confidences(const Top2& t2, double Z, double H, double inv_t, float conf[3]) {
