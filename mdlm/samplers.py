@@ -110,8 +110,9 @@ class _EventGraph:
     capture records nothing and changes no state, so a warning is issued and every later call (this one
     included) runs eagerly with the same results."""
 
-    def __init__(self, event, device, stats, warmup: int = 2, pool=None):
+    def __init__(self, event, device, stats, warmup: int = 2, pool=None, stream=None):
         self.event, self.device, self.stats, self.warmup, self.pool = event, device, stats, warmup, pool
+        self.stream = stream  # the side stream of warm-up and capture (one per sampler run: shared with ``pool``)
         self.graph, self.failed, self.calls = None, False, 0
 
     def __call__(self):
@@ -129,7 +130,9 @@ class _EventGraph:
 
     def _on_side_stream(self, fn):
         main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(device=self.device)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=self.device)
+        side = self.stream
         side.wait_stream(main)
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(side):
@@ -405,7 +408,10 @@ def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, i
     t32 = t64.float()            # the model's time: float32(grid[i]), as torch.full((B,), grid[i]) gives
     i_dev = torch.zeros(1, dtype=torch.int64, device=device)   # the current step's grid index
     bad = torch.zeros((), dtype=torch.bool, device=device)     # some row had invalid logits
+    # one memory pool and one side stream for every bucket's graph (warm-ups and captures on the same stream, so
+    # the pool's blocks freed by one capture are reusable by the next)
     pool = torch.cuda.graph_pool_handle() if cuda_graph else None
+    side = torch.cuda.Stream(device=device) if cuda_graph else None
     invalid.append(bad)
 
     def draw_rows(idx, valid, ones, zeros):
@@ -495,7 +501,7 @@ def _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, i
             R = _bucket_rows(n_hit, BL, pad)
             if R not in runs:
                 ev = make_event(R)
-                runs[R] = _EventGraph(ev, device, stats, pool=pool) if cuda_graph else ev
+                runs[R] = _EventGraph(ev, device, stats, pool=pool, stream=side) if cuda_graph else ev
             _issue(stats, timing, device, step, i, runs[R])
             stats["model_calls"] += 1
         elif n_rem:

@@ -414,6 +414,34 @@ def _cuda_tiny_model(**over):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("sampler,kw", [("ddpm_cache", {}), ("ddpm", {"top_p": 0.9}), ("first_hitting", {}),
+                                        ("ddpm_cache", {"remask_eta": 0.05})])
+def test_sampler_loops_never_synchronise(monkeypatch, sampler, kw):
+    """GPU: every model call of the ddpm / ddpm_cache / first-hitting loops (the call, the sampling step and the
+    bookkeeping issued with it, i.e. everything _issue runs) under torch.cuda.set_sync_debug_mode("error"): a host
+    read, .item(), nonzero or a pageable copy in the loop raises. The deliberate reads before and after the loop
+    (the step counts, the invalid flags) stay outside. The meta-device check of tests/test_no_host_traffic.py is
+    the CPU stand-in of this one."""
+    import mdlm.samplers as ms
+    m, x_init = _cuda_tiny_model()
+    real, calls = ms._issue, []
+
+    def strict(*a):
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            real(*a)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+        calls.append(1)
+
+    monkeypatch.setattr(ms, "_issue", strict)
+    out = fast_sample(m, 4, steps=32, sampler=sampler, x_init=x_init, noise_removal=False,
+                      generator=torch.Generator().manual_seed(1), **kw)
+    assert len(calls) >= 4 and out.shape == x_init.shape
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("over,kw", [({}, {}), ({"time_conditioning": True}, {"temperature": 0.8, "top_k": 40}),
                                      ({}, {"top_p": 0.9})])
 def test_first_hitting_cuda_graph_replays_give_the_eager_tokens(over, kw):
@@ -615,7 +643,8 @@ def _fake_cuda_graphs(monkeypatch, fail_capture=False):
     event without changing any state (here: runs it under FakeTensorMode, so any host read would raise, and
     restores every tensor the event reaches through its closures afterwards: FakeTensorMode still runs
     in-place ops whose inputs are all real) and replay runs it for real on the live tensors. Returns a log:
-    "captures" (the captured _EventGraph objects, in order) and "pools" (the pool passed to each capture)."""
+    "captures" (the captured _EventGraph objects, in order), "pools" (the pool passed to each capture) and
+    "streams" (the stream of each capture: stand-in streams are distinct objects)."""
     import contextlib
     from torch._subclasses.fake_tensor import FakeTensorMode
     import mdlm.samplers as ms
@@ -627,7 +656,7 @@ def _fake_cuda_graphs(monkeypatch, fail_capture=False):
         def wait_stream(self, other):
             pass
 
-    log = {"captures": [], "pools": []}
+    log = {"captures": [], "pools": [], "streams": []}
     capturing = []
 
     class EventGraph(ms._EventGraph):
@@ -651,6 +680,7 @@ def _fake_cuda_graphs(monkeypatch, fail_capture=False):
         saved = [(v, v.clone()) for v in _closure_tensors(owner.event)]
         log["captures"].append(owner)
         log["pools"].append(pool)
+        log["streams"].append(stream)
         with FakeTensorMode(allow_non_fake_inputs=True):
             if fail_capture:
                 raise RuntimeError("operation not permitted when stream is capturing")
@@ -743,6 +773,7 @@ def test_ancestral_graphs_capture_once_per_bucket_and_replay_the_eager_tokens(mo
     captured = sum(u >= 3 for u in uses.values())
     assert len(log["captures"]) == len({id(g) for g in log["captures"]}) == captured   # once per bucket
     assert log["pools"] and all(p == log["pools"][0] and p is not None for p in log["pools"])   # one pool
+    assert all(x is log["streams"][0] and x is not None for x in log["streams"])   # one capture stream for the pool
     want = 0 if fail_capture else sum(max(0, u - 2) for u in uses.values())
     assert st_b.get("graph_replays", 0) == want and (fail_capture or want > 0)
     assert st_b["host_syncs"] == st_a["host_syncs"] + captured == 1 + captured   # the counts read + captures
