@@ -465,7 +465,8 @@ def _sampling_precision(model, sampler: str, impl: str) -> str:
     fusable = (sampler in FAST_SAMPLERS and model.parameterization == "subs" and model.noise.name == "loglinear"
                and hasattr(model.backbone, "hidden_states"))
     if impl == "fused" or (impl == "auto" and fusable):
-        return "fp64-exact inversion (fused sampler: 53-bit uniforms, float64 cumulative weights)"
+        return ("inversion with 53-bit uniforms (fused sampler: fp32 weights within 2^-22 of exp, fp32 sums within "
+                "512-column chunks, fp64 sums over chunks)")
     return "fp32 Gumbel (published reference sampler)"
 
 
