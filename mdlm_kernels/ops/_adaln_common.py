@@ -384,12 +384,25 @@ def mod_slice(mod: torch.Tensor, idx: int, d: int) -> torch.Tensor:
     return mod[:, None, idx * d:(idx + 1) * d]        # (B, 1, d), as chunk(k) of mod[:, None]
 
 
+def row_stats(xf: torch.Tensor):
+    """(var, mean), each (..., 1) float64, of the rows of xf: the mean as sum / d (+inf for a row holding +inf, as
+    the kernels; a running-mean update would give NaN), then the centred second moment, both accumulated in
+    float64. The kernels sum in fp32; float64 makes the reference's statistics exact where the kernels' are
+    (e.g. a constant row of -1e12 at d = 8: var = 0, where fp32 torch.mean rounds the mean and gives var ~ 4e9)."""
+    x64 = xf.double()
+    mean = x64.sum(dim=-1, keepdim=True) / xf.shape[-1]
+    xc = x64 - mean
+    return (xc * xc).mean(dim=-1, keepdim=True), mean
+
+
 def overflow_rows(xf: torch.Tensor, var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """(..., 1) bool: rows whose sum of squares sum_j x_j^2 = d (var + mean^2) overflows the compute dtype. Their
-    LayerNorm statistics are not representable (fp32 F.layer_norm returns NaN or 0 for such rows, e.g. x ~ 1e20):
-    both backends return NaN there (the kernels test the same quantity, ``_ln_stats``), never a finite number."""
+    """(..., 1) bool: rows whose sum of squares sum_j x_j^2 = d (var + mean^2) overflows xf's dtype (or is NaN).
+    Their LayerNorm statistics are not representable (fp32 F.layer_norm returns NaN or 0 for such rows, e.g.
+    x ~ 1e20): both backends return NaN there (the kernels test the same quantity, ``_ln_stats``), never a
+    finite number."""
     d = xf.shape[-1]
-    return torch.isinf(var * d + d * (mean * mean))
+    ss = var.double() * d + d * (mean.double() * mean.double())
+    return ~(ss <= torch.finfo(xf.dtype).max)
 
 
 def ln_modulate_reference(x, weight, mod, shift_idx, scale_idx, out_dtype, eps):
@@ -399,7 +412,7 @@ def ln_modulate_reference(x, weight, mod, shift_idx, scale_idx, out_dtype, eps):
     xf = x.to(cdt(x, weight, mod))
     ln = F.layer_norm(xf, [d], eps=eps) * weight[None, None, :]                    # mdlm.nn.LayerNorm
     y = ln * (1 + mod_slice(mod, scale_idx, d)) + mod_slice(mod, shift_idx, d)       # mdlm.nn.modulate
-    var, mean = torch.var_mean(xf, dim=-1, unbiased=False, keepdim=True)
+    var, mean = row_stats(xf)
     rstd = torch.rsqrt(var + eps)
     bad = overflow_rows(xf, var, mean)
     y = torch.where(bad, float("nan"), y)
@@ -407,22 +420,27 @@ def ln_modulate_reference(x, weight, mod, shift_idx, scale_idx, out_dtype, eps):
     return y.to(out_dtype), mean.reshape(-1).float(), rstd.reshape(-1).float()
 
 
-def ln_modulate_bwd_reference(g, x, weight, mod, shift_idx, scale_idx, eps, dt):
+def ln_modulate_bwd_reference(g, x, weight, mod, shift_idx, scale_idx, eps, dt, mean=None, rstd=None):
     """Backward steps (1)-(6) (:mod:`.adaln`) in PyTorch, in dtype dt: (dx, dw, dshift (B, d), dscale (B, d)).
-    Statistics recomputed."""
-    d = x.shape[-1]
+    From the forward's saved statistics ``mean`` / ``rstd`` ((B*L,) fp32), as the kernels; recomputed (float64
+    accumulation) when not given or when dt is float64 (gradcheck: fp32 statistics would limit its precision)."""
+    B, L, d = x.shape
     g = g.to(dt)
     xf = x.to(dt)
-    var, mean = torch.var_mean(xf, dim=-1, unbiased=False, keepdim=True)
-    rstd = torch.where(overflow_rows(xf, var, mean), float("nan"), torch.rsqrt(var + eps))   # as the forward
+    if mean is None or rstd is None or dt == torch.float64:
+        var, mean = row_stats(xf)
+        rstd = torch.where(overflow_rows(xf, var, mean), float("nan"), torch.rsqrt(var + eps))   # as the forward
+        mean, rstd = mean.to(dt), rstd.to(dt)
+    else:
+        mean, rstd = mean.to(dt).view(B, L, 1), rstd.to(dt).view(B, L, 1)
     xhat = (xf - mean) * rstd
     w = weight.to(dt)
     s1 = (1 + mod_slice(mod, scale_idx, d)).to(dt)
-    n = xhat * w
     dsh = g.sum(1)                                                              # (1)
-    dsc = (g * n).sum(1)                                                        # (2)
+    gx = (g * xhat).sum(1)
+    dsc = w * gx                                                                # (2): w * sum_l g * xhat
     dn = g * s1                                                                 # (3)
-    dw = (dn * xhat).sum((0, 1))                                                # (4)
+    dw = (s1[:, 0] * gx).sum(0)                                                 # (4): sum_b s1[b] * sum_l g * xhat
     dxhat = dn * w                                                              # (5)
     dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True)
                  - xhat * (dxhat * xhat).mean(-1, keepdim=True))               # (6)

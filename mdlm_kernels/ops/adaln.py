@@ -200,7 +200,7 @@ def _adaln_fwd_reference(x, weight, mod, shift_idx, scale_idx, out_dtype, eps):
 def _adaln_bwd_reference(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps):
     d = x.shape[-1]
     dt = C.cdt(x, weight, mod, gy)
-    dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(gy, x, weight, mod, shift_idx, scale_idx, eps, dt)
+    dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(gy, x, weight, mod, shift_idx, scale_idx, eps, dt, mean, rstd)
     dmod = torch.zeros(mod.shape, dtype=dt, device=mod.device)
     dmod[:, shift_idx * d:(shift_idx + 1) * d] += dsh
     dmod[:, scale_idx * d:(scale_idx + 1) * d] += dsc

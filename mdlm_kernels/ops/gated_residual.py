@@ -294,7 +294,8 @@ def _gated_bwd_reference(dr, dy, r, h, mod, gate_idx, weight, mod_next, shift_id
     dw = torch.zeros_like(weight) if weight is not None else None
     if dy is not None and weight is not None:
         modn = mod if mod_next is None else mod_next
-        dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(dy, r, weight, modn, shift_idx, scale_idx, eps, dt)
+        dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(dy, r, weight, modn, shift_idx, scale_idx, eps, dt, mean,
+                                                       rstd)
         drt = drt + dx                                                          # (7)
         dw = dw.to(weight.dtype)
         tgt = dmod if dmodn is None else dmodn
@@ -316,15 +317,16 @@ def _gated_bwd_reference(dr, dy, r, h, mod, gate_idx, weight, mod_next, shift_id
 # torch.library registration + autograd
 # ---------------------------------------------------------------------------------------------
 def _check_fwd(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, dropout, out_dtype,
-               eps) -> None:
-    """The forward's inputs, from metadata only: shared by the public function, the op body and its fake."""
-    C.check_tensor(OP, "residual", residual, 3)
+               eps, res: str = "residual") -> None:
+    """The forward's inputs, from metadata only: shared by the public function, the op body and its fake (and by
+    the backward, whose ``r`` takes the residual's place: ``res`` names it)."""
+    C.check_tensor(OP, res, residual, 3)
     C.check_tensor(OP, "h", h, 3)
     if h.shape != residual.shape:
-        C.fail(OP, f"h shape {tuple(h.shape)} != residual shape {tuple(residual.shape)}")
+        C.fail(OP, f"h shape {tuple(h.shape)} != {res} shape {tuple(residual.shape)}")
     B, L, d = residual.shape
     if d == 0:
-        C.fail(OP, "residual: hidden size d must be > 0")
+        C.fail(OP, f"{res}: hidden size d must be > 0")
     C.check_mod(OP, "mod", mod, B, d, [("gate_idx", gate_idx)])
     if weight_next is not None:
         C.check_weight(OP, "weight_next", weight_next, d)
@@ -335,9 +337,9 @@ def _check_fwd(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, sca
             C.fail(OP, f"shift_idx and scale_idx must differ, got {shift_idx} for both")
     elif mod_next is not None:
         C.check_mod(OP, "mod_next", mod_next, B, d, [])
-    C.check_devices(OP, residual=residual, h=h, mod=mod, weight_next=weight_next, mod_next=mod_next)
+    C.check_devices(OP, **{res: residual}, h=h, mod=mod, weight_next=weight_next, mod_next=mod_next)
     if B * L >= 2 ** 32:
-        C.fail(OP, f"residual: B*L = {B * L} rows exceed the 32-bit Philox row counter")
+        C.fail(OP, f"{res}: B*L = {B * L} rows exceed the 32-bit Philox row counter")
     _checks.float_arg(OP, "p (the dropout probability)", p, 0.0, 1.0)
     _checks.bool_arg(OP, "dropout", dropout)
     if out_dtype is not None:
@@ -347,7 +349,7 @@ def _check_fwd(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, sca
 
 def _check_bwd(dr, dy, r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, mean, rstd, p, dropout,
                eps) -> None:
-    _check_fwd(r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, dropout, None, eps)
+    _check_fwd(r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, dropout, None, eps, res="r")
     for name, g in (("dr", dr), ("dy", dy)):
         if g is not None:
             C.check_tensor(OP, name, g, 3)

@@ -200,6 +200,9 @@ def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_in
     if mask_index >= 0:
         zf[:, mask_index] = float("-inf")
     lse = torch.logsumexp(zf, dim=-1)
+    # a row with a +inf logit: torch.logsumexp gives +inf, the kernel's online log-sum-exp inf - inf = NaN; its
+    # softmax is 0 / 0 at the +inf columns either way: NaN for the row's loss and gradient in both backends
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
     ok = (tgt >= 0) & (tgt < V) & (tgt != mask_index)
     safe = torch.where(ok, tgt, 0)
     z_t = zf.gather(1, safe[:, None])[:, 0]
@@ -208,7 +211,9 @@ def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_in
         return loss, torch.zeros(0, dtype=torch.float32, device=z.device)
     g = torch.exp(zf - lse[:, None])  # exp(-inf) = 0 on the MASK column
     g[torch.arange(C, device=z.device), safe] -= ok.to(g.dtype)
-    g = g * torch.where(ok, w, float("nan"))[:, None]
+    if mask_index >= 0:
+        g[:, mask_index] = 0.0        # (1): 0 on the MASK column also where lse is NaN, times w as in the kernel
+    g = g * torch.where(ok, w, float("nan"))[:, None]     # an invalid target poisons its whole row
     z.copy_(g)
     write_db = write_grad if write_db is None else write_db
     return loss, (g.sum(0) if write_db else torch.zeros(0, dtype=torch.float32, device=z.device))

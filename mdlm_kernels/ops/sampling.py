@@ -274,7 +274,7 @@ def _diagnose(logits, t, s, row_ids, tokens, mask_index, greedy) -> str:
     if row_ids is not None:
         r = int(row_ids[i])
         if not 0 <= r <= _M32:
-            why.append(f"row id {r} outside [0, 2^32)")
+            why.append(f"row_ids: row id {r} outside [0, 2^32)")
     if not greedy:
         ti, si = float(t[i]), float(s[i])
         if not (0.0 <= si < ti <= 1.0):
