@@ -49,21 +49,24 @@ def test_known_answers(backend, ctr, key, expected):
     assert B.last_used["philox4x32"] == backend
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_backends_bit_identical(shape, dtype):
+def test_backends_bit_identical(shape, dtype, backend):
+    if B.unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(f"{backend} cannot run on CPU tensors here: {B.unavailable_reason(backend, 'cpu')}")
     rows, cols = shape
+    compared = 0
     for seed, offset in SEEDS_OFFSETS:
+        if backend == "triton" and shape == (3, 50258) and (seed, offset) != SEEDS_OFFSETS[1]:
+            continue  # the interpreter is slow: one awkward seed/offset at V = 50258 (compared below)
         ref = mk.philox_uniform(rows, cols, seed, offset, dtype=dtype, backend="reference")
         assert ref.shape == shape and ref.dtype == dtype
-        for backend in ("cpp", "triton"):
-            if B.unavailable_reason(backend, "cpu") is not None:
-                continue
-            if backend == "triton" and shape == (3, 50258) and (seed, offset) != SEEDS_OFFSETS[1]:
-                continue  # the interpreter is slow: one awkward seed/offset at V = 50258
-            out = mk.philox_uniform(rows, cols, seed, offset, dtype=dtype, backend=backend)
-            assert B.last_used["philox_uniform"] == backend
-            assert torch.equal(out, ref), (backend, shape, dtype, seed, offset)
+        out = mk.philox_uniform(rows, cols, seed, offset, dtype=dtype, backend=backend)
+        assert B.last_used["philox_uniform"] == backend
+        assert torch.equal(out, ref), (backend, shape, dtype, seed, offset)
+        compared += 1
+    assert compared >= 1
 
 
 def test_element_matches_block_function():
@@ -439,12 +442,16 @@ def test_gpu_matches_cpu_bitwise(shape, dtype):
     rows, cols = shape
     seed, offset = 2**63 + 5, 2**32 - 1
     cpu = mk.philox_uniform(rows, cols, seed, offset, dtype=dtype, backend="cpp" if HAS_EXT else "reference")
+    compared = []
     for backend in ("cpp", "triton", "reference"):
         if B.unavailable_reason(backend, "cuda") is not None:
             continue
         gpu = mk.philox_uniform(rows, cols, seed, offset, dtype=dtype, device="cuda", backend=backend)
         assert gpu.is_cuda and B.last_used["philox_uniform"] == backend
         assert torch.equal(gpu.cpu(), cpu), backend
+        compared.append(backend)
+    if compared == ["reference"]:
+        pytest.skip("no compiled or Triton backend can run on this GPU: only the reference was compared")
 
 
 @pytest.mark.cuda
@@ -464,9 +471,10 @@ def test_gpu_cuda_graph_offset_tensor(dtype):
     bit-identical to eager calls with those host offsets and to the CPU twin."""
     seed, o = 2**63 + 5, 2**64 - 2
     rows, cols = 37, 1023
-    for backend in ("cpp", "triton"):
-        if B.unavailable_reason(backend, "cuda") is not None:
-            continue
+    runnable = [b for b in ("cpp", "triton") if B.unavailable_reason(b, "cuda") is None]
+    if not runnable:
+        pytest.skip("neither the compiled CUDA kernels nor Triton can run on this GPU")
+    for backend in runnable:
         off = torch.zeros(1, dtype=torch.int64, device="cuda")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
