@@ -15,6 +15,12 @@ no Triton implementation. On CPU the reference and the CPU twin agree bit for bi
 row_counts; torch's float64 transcendentals (SLEEF) and the C library's can differ by one
 float64 ulp, so sigma / weight / move_chance of the non-loglinear schedules can differ by one
 float32 ulp (rarely).
+
+Inputs are checked (metadata only: dtype, shape, device, scalar ranges) in the public function, in the body of
+the registered op (``torch.ops.mdlm.*`` called directly is checked too) and in its fake kernel. The compiled
+extension ``mdlm_kernels._C`` is PRIVATE (raw addresses; it may change between versions): call this op, not
+``_C``. Its functions take every buffer as (address, nbytes) and check each access against nbytes before a
+kernel runs, so a short buffer is a ValueError, never an out-of-bounds read or write.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ Device-side offset (CUDA graphs: a captured launch freezes its host ints): ``off
 (int64 -1 adds 2^64 - 1, i.e. subtracts 1). The "cpp" and "triton" kernels load it themselves when
 they run (no host synchronisation; a replayed graph sees the tensor's current value); the
 "reference" backend reads it on the host (``int(offset_tensor)``, a sync on a GPU).
+
+Inputs are checked (metadata only: dtype, shape, device, scalar ranges) in the public function, in the body of
+the registered op (``torch.ops.mdlm.*`` called directly is checked too) and in its fake kernel. The compiled
+extension ``mdlm_kernels._C`` is PRIVATE (raw addresses; it may change between versions): call this op, not
+``_C``. Its functions take every buffer as (address, nbytes) and check each access against nbytes before a
+kernel runs, so a short buffer is a ValueError, never an out-of-bounds read or write.
 """
 
 from __future__ import annotations

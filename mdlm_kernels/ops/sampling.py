@@ -33,6 +33,12 @@ Conventions (csrc/include/mdlm/sampling.h documents them in full):
 
 Backends: "cpp" (CUDA kernel / CPU twin from one header: bit-identical tokens and confidences; V <= 2^19) and
 "reference" (plain PyTorch in float64 below: the spec of the law; any V). No Triton implementation.
+
+Inputs are checked (metadata only: dtype, shape, device, scalar ranges) in the public function, in the body of
+the registered op (``torch.ops.mdlm.*`` called directly is checked too) and in its fake kernel. The compiled
+extension ``mdlm_kernels._C`` is PRIVATE (raw addresses; it may change between versions): call this op, not
+``_C``. Its functions take every buffer as (address, nbytes) and check each access against nbytes before a
+kernel runs, so a short buffer is a ValueError, never an out-of-bounds read or write.
 """
 
 from __future__ import annotations
