@@ -238,12 +238,13 @@ def test_issue_scalar_examples(call, exc, match):
 @needs_ext
 def test_binding_checks_every_buffer_against_its_size():
     C = _ext.load()
-    x0 = torch.zeros(3, 4, dtype=torch.int64)
+    # every tensor whose address is passed stays alive here: the binding trusts the (address, nbytes) it is given
+    x0, xt = torch.zeros(3, 4, dtype=torch.int64), torch.empty(3, 4, dtype=torch.int64)
     rows = [torch.empty(3) for _ in range(4)]
     counts = torch.empty(3, dtype=torch.int32)
     short = torch.empty(2)
-    args = [_buf(x0), _buf(torch.empty_like(x0)), 4, (0, 0), *map(_buf, rows), _buf(counts), 3, 4, 0, 0, 9, 0, 1e-3,
-            0.0, 0.0, 1e-3, True]
+    args = [_buf(x0), _buf(xt), 4, (0, 0), *map(_buf, rows), _buf(counts), 3, 4, 0, 0, 9, 0, 1e-3, 0.0, 0.0, 1e-3,
+            True]
     C.forward_mask_cpu(*args)
     for pos, name in ((0, "x0"), (1, "xt"), (4, "t_out"), (5, "sigma"), (6, "weight"), (7, "move_chance")):
         bad = list(args)
@@ -261,16 +262,19 @@ def test_binding_checks_every_buffer_against_its_size():
                  conf=_buf(conf), rows=3, vocab=5, seed=0, offset=0, mask_index=4, temperature=1.0, top_k=0,
                  top_p=1.0, greedy=False)
     C.sample_step_cpu(**sargs)
-    for name, val in (("row_ids", _buf(torch.zeros(2, dtype=torch.int64))), ("logits", (logits.data_ptr(), 56)),
-                      ("conf", _buf(torch.empty(3, 2))), ("tokens", _buf(torch.empty(2, dtype=torch.int64)))):
+    short_ids, short_conf = torch.zeros(2, dtype=torch.int64), torch.empty(3, 2)
+    for name, val in (("row_ids", _buf(short_ids)), ("logits", (logits.data_ptr(), 56)), ("conf", _buf(short_conf)),
+                      ("tokens", _buf(short_ids))):
         with pytest.raises(ValueError, match=f"sample_step_cpu: {name}: the buffer holds"):
             C.sample_step_cpu(**dict(sargs, **{name: val}))
+    one = torch.empty(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="loads: the buffer holds"):
-        C.sample_step_cpu(**sargs, loads=_buf(torch.empty(1, dtype=torch.int64)))
+        C.sample_step_cpu(**sargs, loads=_buf(one))
+    a4, a3 = torch.ones(4, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="sample_math: out: the buffer holds"):
-        C.sample_math(0, _buf(torch.ones(4, dtype=torch.float64)), _buf(torch.ones(3, dtype=torch.float64)), 4)
+        C.sample_math(0, _buf(a4), _buf(a3), 4)
     with pytest.raises(ValueError, match="sample_threshold_cpu: keys: the buffer holds"):
-        C.sample_threshold_cpu(_buf(logits), 0, _buf(torch.empty(2, dtype=torch.int64)), 3, 5, 4, 1.0, 0, 1.0)
+        C.sample_threshold_cpu(_buf(logits), 0, _buf(short_ids), 3, 5, 4, 1.0, 0, 1.0)
     assert "PRIVATE" in C.__doc__
 
 
