@@ -1,11 +1,23 @@
-// The one pybind11 file of mdlm_kernels._C. Framework-free: Python passes data pointers (ints),
-// sizes, dtype codes and the CUDA stream (int). Errors:
-//   std::invalid_argument -> ValueError   (bad sizes / dtype codes, validated here)
+// The one pybind11 file of mdlm_kernels._C. PRIVATE: this module is the implementation detail of
+// mdlm_kernels (its ops in mdlm_kernels/ops/*.py are the API); its functions take raw addresses and may
+// change between versions. Framework-free: Python passes, for every buffer, its address AND its size in
+// bytes (a `Buf` = (address, nbytes) tuple), plus sizes, dtype codes and the CUDA stream (int).
+//
+// Buffer bounds: before any kernel runs, every access a call makes is checked here against the sizes it
+// received: a buffer the call reads or writes must be non-null, aligned to its element size and hold at
+// least the bytes the call accesses (e.g. rows * cols * itemsize); an optional buffer is (0, 0). So a
+// short buffer is an error, never an out-of-bounds read or write. (The binding cannot know whether an
+// address really owns the bytes it is said to hold: the Python callers pass each tensor's own
+// numel() * element_size().)
+//
+// Errors:
+//   std::invalid_argument -> ValueError   (bad sizes / dtype codes / buffers, validated here)
 //   std::runtime_error    -> RuntimeError (CUDA errors; mdlm_kernels re-raises as KernelError)
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
@@ -51,19 +63,69 @@ int64_t uniform_elem_size(const char* op, int dtype) {
                               mdlm::dtype_name(dtype) + "); supported: 0 (float32), 3 (float64)");
 }
 
-void* as_ptr(const char* op, std::uintptr_t p, bool nonempty) {
-  if (nonempty && p == 0) throw std::invalid_argument(std::string(op) + ": null data pointer");
+// A buffer argument: (address, size in bytes). (0, 0) = none.
+using Buf = std::pair<std::uintptr_t, int64_t>;
+const Buf kNoBuf{0, 0};
+
+std::string op_arg(const char* op, const char* name) { return std::string(op) + ": " + name; }
+
+// rows * cols * elem_size, or an error naming `what` when it overflows int64.
+int64_t checked_bytes(const char* op, const char* what, int64_t rows, int64_t cols, int64_t elem_size) {
+  if (rows < 0 || cols < 0) {
+    throw std::invalid_argument(op_arg(op, what) + ": sizes must be >= 0, got " + std::to_string(rows) + " x " +
+                                std::to_string(cols));
+  }
+  if (cols != 0 && rows > std::numeric_limits<int64_t>::max() / elem_size / cols) {
+    throw std::invalid_argument(op_arg(op, what) + ": " + std::to_string(rows) + " x " + std::to_string(cols) +
+                                " x " + std::to_string(elem_size) + " bytes overflows int64");
+  }
+  return rows * cols * elem_size;
+}
+
+// The address of buffer `name` after checking that it can hold the `need` bytes the call accesses (elements
+// of `align` bytes). need == 0: the buffer is not accessed (any address, even 0). Never dereferences it.
+void* buffer(const char* op, const char* name, const Buf& b, int64_t need, int64_t align) {
+  const std::uintptr_t p = b.first;
+  const int64_t nbytes = b.second;
+  if (nbytes < 0) {
+    throw std::invalid_argument(op_arg(op, name) + ": buffer size must be >= 0 bytes, got " + std::to_string(nbytes));
+  }
+  if (p > std::numeric_limits<std::uintptr_t>::max() - static_cast<std::uintptr_t>(nbytes)) {
+    throw std::invalid_argument(op_arg(op, name) + ": address + size overflows");
+  }
+  if (need <= 0) return reinterpret_cast<void*>(p);
+  if (p == 0) throw std::invalid_argument(op_arg(op, name) + ": null data pointer");
+  if (p % static_cast<std::uintptr_t>(align) != 0) {
+    throw std::invalid_argument(op_arg(op, name) + ": address " + std::to_string(p) + " is not aligned to its " +
+                                std::to_string(align) + "-byte elements");
+  }
+  if (nbytes < need) {
+    throw std::invalid_argument(op_arg(op, name) + ": the buffer holds " + std::to_string(nbytes) +
+                                " bytes but the call accesses " + std::to_string(need) + " bytes");
+  }
   return reinterpret_cast<void*>(p);
 }
 
-// The device-side Philox offset (philox.h, DEVICE-SIDE OFFSET): 0 = none, else the address of one int64
-// (8-byte aligned) in the memory of the op's data; only the kernel dereferences it.
-const int64_t* as_offset_ptr(const char* op, std::uintptr_t p) {
-  if (p % alignof(int64_t) != 0) {
-    throw std::invalid_argument(std::string(op) + ": offset_ptr must be the 8-byte aligned address of an int64, got " +
-                                std::to_string(p));
+// An optional buffer: (0, 0) = none (returns nullptr), else as buffer() with `need` bytes.
+void* optional_buffer(const char* op, const char* name, const Buf& b, int64_t need, int64_t align) {
+  if (b.first == 0) {
+    if (b.second != 0) {
+      throw std::invalid_argument(op_arg(op, name) + ": a null address must come with size 0 (no buffer), got " +
+                                  std::to_string(b.second) + " bytes");
+    }
+    return nullptr;
   }
-  return reinterpret_cast<const int64_t*>(p);
+  return buffer(op, name, b, need, align);
+}
+
+// The device-side Philox offset (philox.h, DEVICE-SIDE OFFSET): (0, 0) = none, else one int64 (8 bytes,
+// 8-byte aligned) in the memory of the op's data; only the kernel dereferences it.
+const int64_t* offset_buffer(const char* op, const Buf& b) {
+  if (b.first != 0 && b.first % alignof(int64_t) != 0) {
+    throw std::invalid_argument(std::string(op) + ": offset_buf must be the 8-byte aligned address of an int64, got " +
+                                std::to_string(b.first));
+  }
+  return static_cast<const int64_t*>(optional_buffer(op, "offset_buf", b, 8, 8));
 }
 
 #if MDLM_WITH_CUDA
@@ -113,23 +175,26 @@ std::array<uint32_t, 4> philox4x32(const std::vector<uint64_t>& ctr, const std::
   return {out[0], out[1], out[2], out[3]};
 }
 
-void philox_uniform_cpu(std::uintptr_t out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype,
-                        std::uintptr_t offset_ptr) {
+void philox_uniform_cpu(const Buf& out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype,
+                        const Buf& offset_buf) {
   const char* op = "philox_uniform_cpu";
-  check_sizes(op, rows, cols, uniform_elem_size(op, dtype));
-  void* p = as_ptr(op, out, rows * cols > 0);
-  const int64_t* off = as_offset_ptr(op, offset_ptr);
+  const int64_t es = uniform_elem_size(op, dtype);
+  check_sizes(op, rows, cols, es);
+  void* p = buffer(op, "out", out, checked_bytes(op, "out", rows, cols, es), es);
+  const int64_t* off = offset_buffer(op, offset_buf);
+  if (rows * cols == 0) return;
   py::gil_scoped_release release;
   mdlm::philox_uniform_cpu(p, rows, cols, seed, offset, dtype, off);
 }
 
-void philox_uniform_cuda(std::uintptr_t out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype,
-                         std::uintptr_t stream, std::uintptr_t offset_ptr) {
+void philox_uniform_cuda(const Buf& out, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, int dtype,
+                         std::uintptr_t stream, const Buf& offset_buf) {
   const char* op = "philox_uniform_cuda";
-  check_sizes(op, rows, cols, uniform_elem_size(op, dtype));
-  const int64_t* off = as_offset_ptr(op, offset_ptr);
+  const int64_t es = uniform_elem_size(op, dtype);
+  check_sizes(op, rows, cols, es);
+  void* p = buffer(op, "out", out, checked_bytes(op, "out", rows, cols, es), es);
+  const int64_t* off = offset_buffer(op, offset_buf);
 #if MDLM_WITH_CUDA
-  void* p = as_ptr(op, out, rows * cols > 0);
   if (rows * cols == 0) return;
   require_device(op);
   int err;
@@ -139,7 +204,7 @@ void philox_uniform_cuda(std::uintptr_t out, int64_t rows, int64_t cols, uint64_
   }
   check_cuda(op, err);
 #else
-  (void)out;
+  (void)p;
   (void)seed;
   (void)offset;
   (void)off;
@@ -158,11 +223,15 @@ struct MaskCall {
   mdlm::MaskParams params;
 };
 
-MaskCall check_forward_mask(const char* op, std::uintptr_t x0, std::uintptr_t xt, int dtype, std::uintptr_t t_in,
-                            std::uintptr_t t_out, std::uintptr_t sigma, std::uintptr_t weight,
-                            std::uintptr_t move_chance, std::uintptr_t row_counts, int64_t rows, int64_t cols,
-                            int64_t mask_index, int schedule, double eps, double sigma_min, double sigma_max,
-                            double sampling_eps, bool antithetic) {
+void check_finite(const char* op, const char* name, double v) {
+  if (!std::isfinite(v)) throw std::invalid_argument(std::string(op) + ": " + name + " must be finite, got " +
+                                                     std::to_string(v));
+}
+
+MaskCall check_forward_mask(const char* op, const Buf& x0, const Buf& xt, int dtype, const Buf& t_in,
+                            const Buf& t_out, const Buf& sigma, const Buf& weight, const Buf& move_chance,
+                            const Buf& row_counts, int64_t rows, int64_t cols, int64_t mask_index, int schedule,
+                            double eps, double sigma_min, double sigma_max, double sampling_eps, bool antithetic) {
   int64_t elem_size;
   int64_t max_index;
   if (dtype == mdlm::kInt64) {
@@ -191,39 +260,55 @@ MaskCall check_forward_mask(const char* op, std::uintptr_t x0, std::uintptr_t xt
     throw std::invalid_argument(std::string(op) + ": sampling_eps must be in [0, 1), got " +
                                 std::to_string(sampling_eps));
   }
-  const bool nonempty = rows > 0;
+  // the schedule's parameters (mdlm_kernels/ops/masking.py checks the same): no NaN or negative weight
+  check_finite(op, "eps", eps);
+  check_finite(op, "sigma_min", sigma_min);
+  check_finite(op, "sigma_max", sigma_max);
+  if (schedule == mdlm::kLinear && !(0.0 <= sigma_min && sigma_min < sigma_max)) {
+    throw std::invalid_argument(std::string(op) + ": the linear schedule needs 0 <= sigma_min < sigma_max, got " +
+                                std::to_string(sigma_min) + ", " + std::to_string(sigma_max));
+  }
+  if (schedule == mdlm::kGeometric && !(0.0 < sigma_min && sigma_min < sigma_max)) {
+    throw std::invalid_argument(std::string(op) + ": the geometric schedule needs 0 < sigma_min < sigma_max, got " +
+                                std::to_string(sigma_min) + ", " + std::to_string(sigma_max));
+  }
+  if (schedule != mdlm::kLinear && schedule != mdlm::kGeometric && !(eps >= 0.0 && eps < 1.0)) {
+    throw std::invalid_argument(std::string(op) + ": eps must be in [0, 1) for the " + mdlm::schedule_name(schedule) +
+                                " schedule, got " + std::to_string(eps));
+  }
+  const int64_t tokens = checked_bytes(op, "x0", rows, cols, elem_size);
+  const int64_t row_f32 = checked_bytes(op, "t_out", rows, 1, 4);
   MaskCall c;
-  c.x0 = as_ptr(op, x0, rows * cols > 0);
-  c.xt = as_ptr(op, xt, rows * cols > 0);
-  c.t_in = static_cast<const float*>(as_ptr(op, t_in, false));  // 0: draw t in the kernel
-  c.t_out = static_cast<float*>(as_ptr(op, t_out, nonempty));
-  c.sigma = static_cast<float*>(as_ptr(op, sigma, nonempty));
-  c.weight = static_cast<float*>(as_ptr(op, weight, nonempty));
-  c.move_chance = static_cast<float*>(as_ptr(op, move_chance, nonempty));
-  c.row_counts = static_cast<int32_t*>(as_ptr(op, row_counts, nonempty));
+  c.x0 = buffer(op, "x0", x0, tokens, elem_size);
+  c.xt = buffer(op, "xt", xt, tokens, elem_size);
+  c.t_in = static_cast<const float*>(optional_buffer(op, "t_in", t_in, row_f32, 4));  // none: draw t in the kernel
+  c.t_out = static_cast<float*>(buffer(op, "t_out", t_out, row_f32, 4));
+  c.sigma = static_cast<float*>(buffer(op, "sigma", sigma, row_f32, 4));
+  c.weight = static_cast<float*>(buffer(op, "weight", weight, row_f32, 4));
+  c.move_chance = static_cast<float*>(buffer(op, "move_chance", move_chance, row_f32, 4));
+  c.row_counts = static_cast<int32_t*>(buffer(op, "row_counts", row_counts, row_f32, 4));
   c.params = mdlm::MaskParams{schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic ? 1 : 0};
   return c;
 }
 
-void forward_mask_cpu(std::uintptr_t x0, std::uintptr_t xt, int dtype, std::uintptr_t t_in, std::uintptr_t t_out,
-                      std::uintptr_t sigma, std::uintptr_t weight, std::uintptr_t move_chance,
-                      std::uintptr_t row_counts, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
-                      int64_t mask_index, int schedule, double eps, double sigma_min, double sigma_max,
-                      double sampling_eps, bool antithetic) {
+void forward_mask_cpu(const Buf& x0, const Buf& xt, int dtype, const Buf& t_in, const Buf& t_out, const Buf& sigma,
+                      const Buf& weight, const Buf& move_chance, const Buf& row_counts, int64_t rows, int64_t cols,
+                      uint64_t seed, uint64_t offset, int64_t mask_index, int schedule, double eps, double sigma_min,
+                      double sigma_max, double sampling_eps, bool antithetic) {
   const char* op = "forward_mask_cpu";
   const MaskCall c = check_forward_mask(op, x0, xt, dtype, t_in, t_out, sigma, weight, move_chance, row_counts, rows,
                                         cols, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps,
                                         antithetic);
+  if (rows == 0) return;
   py::gil_scoped_release release;
   mdlm::forward_mask_cpu(c.x0, c.xt, dtype, c.t_in, c.t_out, c.sigma, c.weight, c.move_chance, c.row_counts, rows,
                          cols, seed, offset, mask_index, c.params);
 }
 
-void forward_mask_cuda(std::uintptr_t x0, std::uintptr_t xt, int dtype, std::uintptr_t t_in, std::uintptr_t t_out,
-                       std::uintptr_t sigma, std::uintptr_t weight, std::uintptr_t move_chance,
-                       std::uintptr_t row_counts, int64_t rows, int64_t cols, uint64_t seed, uint64_t offset,
-                       int64_t mask_index, int schedule, double eps, double sigma_min, double sigma_max,
-                       double sampling_eps, bool antithetic, std::uintptr_t stream) {
+void forward_mask_cuda(const Buf& x0, const Buf& xt, int dtype, const Buf& t_in, const Buf& t_out, const Buf& sigma,
+                       const Buf& weight, const Buf& move_chance, const Buf& row_counts, int64_t rows, int64_t cols,
+                       uint64_t seed, uint64_t offset, int64_t mask_index, int schedule, double eps, double sigma_min,
+                       double sigma_max, double sampling_eps, bool antithetic, std::uintptr_t stream) {
   const char* op = "forward_mask_cuda";
   const MaskCall c = check_forward_mask(op, x0, xt, dtype, t_in, t_out, sigma, weight, move_chance, row_counts, rows,
                                         cols, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps,
@@ -257,10 +342,9 @@ struct SampleCall {
   mdlm::SampleParams params;
 };
 
-SampleCall check_sample_step(const char* op, std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s,
-                             std::uintptr_t row_ids, std::uintptr_t tokens, std::uintptr_t conf, int64_t rows,
-                             int64_t vocab, uint64_t seed, uint64_t offset, int64_t mask_index, double temperature,
-                             int64_t top_k, double top_p, bool greedy, std::uintptr_t offset_ptr) {
+// The scalar arguments and the logits of a sampling call (shared by sample_step_* and sample_threshold_cpu).
+int64_t check_sample_scalars(const char* op, int dtype, int64_t rows, int64_t vocab, int64_t mask_index,
+                             double temperature, int64_t top_k, double top_p) {
   int64_t elem_size;
   if (dtype == mdlm::kFloat32) {
     elem_size = 4;
@@ -290,38 +374,54 @@ SampleCall check_sample_step(const char* op, std::uintptr_t logits, int dtype, s
   if (!(top_p > 0.0 && top_p <= 1.0)) {
     throw std::invalid_argument(std::string(op) + ": top_p must be in (0, 1], got " + std::to_string(top_p));
   }
-  const bool nonempty = rows > 0;
+  return elem_size;
+}
+
+SampleCall check_sample_step(const char* op, const Buf& logits, int dtype, const Buf& t, const Buf& s,
+                             const Buf& row_ids, const Buf& tokens, const Buf& conf, int64_t rows, int64_t vocab,
+                             uint64_t seed, uint64_t offset, int64_t mask_index, double temperature, int64_t top_k,
+                             double top_p, bool greedy, const Buf& offset_buf) {
+  const int64_t es = check_sample_scalars(op, dtype, rows, vocab, mask_index, temperature, top_k, top_p);
+  const int64_t row_f32 = checked_bytes(op, "t", rows, 1, 4);
+  const int64_t row_i64 = checked_bytes(op, "tokens", rows, 1, 8);
   SampleCall c;
-  c.logits = as_ptr(op, logits, nonempty);
-  c.t = static_cast<const float*>(as_ptr(op, t, nonempty && !greedy));
-  c.s = static_cast<const float*>(as_ptr(op, s, nonempty && !greedy));
-  c.row_ids = static_cast<const int64_t*>(as_ptr(op, row_ids, false));  // 0: row i
-  c.tokens = static_cast<int64_t*>(as_ptr(op, tokens, nonempty));
-  c.conf = static_cast<float*>(as_ptr(op, conf, nonempty));
+  c.logits = buffer(op, "logits", logits, checked_bytes(op, "logits", rows, vocab, es), es);
+  if (greedy) {  // t and s are not read: they may be (0, 0)
+    c.t = static_cast<const float*>(optional_buffer(op, "t", t, row_f32, 4));
+    c.s = static_cast<const float*>(optional_buffer(op, "s", s, row_f32, 4));
+  } else {
+    c.t = static_cast<const float*>(buffer(op, "t", t, row_f32, 4));
+    c.s = static_cast<const float*>(buffer(op, "s", s, row_f32, 4));
+  }
+  c.row_ids = static_cast<const int64_t*>(optional_buffer(op, "row_ids", row_ids, row_i64, 8));  // none: row i
+  c.tokens = static_cast<int64_t*>(buffer(op, "tokens", tokens, row_i64, 8));
+  c.conf = static_cast<float*>(buffer(op, "conf", conf, checked_bytes(op, "conf", rows, 3, 4), 4));
   c.params = mdlm::SampleParams{vocab, mask_index, 1.0 / temperature, top_k, top_p, greedy ? 1 : 0, seed, offset,
-                                as_offset_ptr(op, offset_ptr)};
+                                offset_buffer(op, offset_buf)};
   return c;
 }
 
-void sample_step_cpu(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
-                     std::uintptr_t tokens, std::uintptr_t conf, int64_t rows, int64_t vocab, uint64_t seed,
-                     uint64_t offset, int64_t mask_index, double temperature, int64_t top_k, double top_p,
-                     bool greedy, std::uintptr_t offset_ptr, std::uintptr_t loads) {
+void sample_step_cpu(const Buf& logits, int dtype, const Buf& t, const Buf& s, const Buf& row_ids, const Buf& tokens,
+                     const Buf& conf, int64_t rows, int64_t vocab, uint64_t seed, uint64_t offset, int64_t mask_index,
+                     double temperature, int64_t top_k, double top_p, bool greedy, const Buf& offset_buf,
+                     const Buf& loads) {
   const char* op = "sample_step_cpu";
   const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
-                                         mask_index, temperature, top_k, top_p, greedy, offset_ptr);
-  int64_t* l = static_cast<int64_t*>(as_ptr(op, loads, false));  // 0: do not count
+                                         mask_index, temperature, top_k, top_p, greedy, offset_buf);
+  // none: do not count
+  int64_t* l = static_cast<int64_t*>(optional_buffer(op, "loads", loads, checked_bytes(op, "loads", rows, 1, 8), 8));
+  if (rows == 0) return;
   py::gil_scoped_release release;
   mdlm::sample_step_cpu(c.logits, dtype, c.t, c.s, c.row_ids, c.tokens, c.conf, rows, c.params, l);
 }
 
-void sample_step_cuda(std::uintptr_t logits, int dtype, std::uintptr_t t, std::uintptr_t s, std::uintptr_t row_ids,
-                      std::uintptr_t tokens, std::uintptr_t conf, int64_t rows, int64_t vocab, uint64_t seed,
-                      uint64_t offset, int64_t mask_index, double temperature, int64_t top_k, double top_p,
-                      bool greedy, std::uintptr_t stream, std::uintptr_t offset_ptr) {
+void sample_step_cuda(const Buf& logits, int dtype, const Buf& t, const Buf& s, const Buf& row_ids, const Buf& tokens,
+                      const Buf& conf, int64_t rows, int64_t vocab, uint64_t seed, uint64_t offset, int64_t mask_index,
+                      double temperature, int64_t top_k, double top_p, bool greedy, std::uintptr_t stream,
+                      const Buf& offset_buf) {
   const char* op = "sample_step_cuda";
   const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
-                                         mask_index, temperature, top_k, top_p, greedy, offset_ptr);
+                                         mask_index, temperature, top_k, top_p, greedy, offset_buf);
 #if MDLM_WITH_CUDA
   if (rows == 0) return;
   require_device(op);
@@ -340,45 +440,48 @@ void sample_step_cuda(std::uintptr_t logits, int dtype, std::uintptr_t t, std::u
 }
 
 // The keep threshold of each row (tests): keys (rows,) uint32 as int64 host buffer.
-void sample_threshold_cpu(std::uintptr_t logits, int dtype, std::uintptr_t keys, int64_t rows, int64_t vocab,
+void sample_threshold_cpu(const Buf& logits, int dtype, const Buf& keys, int64_t rows, int64_t vocab,
                           int64_t mask_index, double temperature, int64_t top_k, double top_p) {
   const char* op = "sample_threshold_cpu";
-  const SampleCall c = check_sample_step(op, logits, dtype, 0, 0, 0, keys, keys, rows, vocab, 0, 0, mask_index,
-                                         temperature, top_k, top_p, true, 0);
+  const int64_t es = check_sample_scalars(op, dtype, rows, vocab, mask_index, temperature, top_k, top_p);
+  const void* x = buffer(op, "logits", logits, checked_bytes(op, "logits", rows, vocab, es), es);
+  int64_t* out = static_cast<int64_t*>(buffer(op, "keys", keys, checked_bytes(op, "keys", rows, 1, 8), 8));
+  const mdlm::SampleParams params{vocab, mask_index, 1.0 / temperature, top_k, top_p, 1, 0, 0, nullptr};
   std::vector<uint32_t> k(static_cast<size_t>(rows));
   {
     py::gil_scoped_release release;
-    mdlm::sample_threshold_cpu(c.logits, dtype, rows, c.params, k.data());
+    mdlm::sample_threshold_cpu(x, dtype, rows, params, k.data());
   }
-  int64_t* out = reinterpret_cast<int64_t*>(keys);
   for (int64_t i = 0; i < rows; ++i) out[i] = static_cast<int64_t>(k[static_cast<size_t>(i)]);
 }
 
 // The chunk choice of the inverse CDF (tests): G (ng + 1), S (ng * 32) float64, M (nc) float32 host buffers.
-py::tuple sample_pick_chunk(std::uintptr_t G, std::uintptr_t S, std::uintptr_t M, int64_t ng, int64_t nc, float m,
-                            double inv_t, double target) {
+py::tuple sample_pick_chunk(const Buf& G, const Buf& S, const Buf& M, int64_t ng, int64_t nc, float m, double inv_t,
+                            double target) {
   const char* op = "sample_pick_chunk";
   if (ng < 1 || nc < 1 || nc > ng * mdlm::kWarpLanes || ng * mdlm::kWarpLanes - nc >= mdlm::kWarpLanes) {
     throw std::invalid_argument("sample_pick_chunk: need 1 <= nc, ng = ceil(nc / 32)");
   }
-  const double* pg = static_cast<const double*>(as_ptr(op, G, true));
-  const double* ps = static_cast<const double*>(as_ptr(op, S, true));
-  const float* pm = static_cast<const float*>(as_ptr(op, M, true));
+  const double* pg = static_cast<const double*>(buffer(op, "G", G, checked_bytes(op, "G", ng + 1, 1, 8), 8));
+  const double* ps =
+      static_cast<const double*>(buffer(op, "S", S, checked_bytes(op, "S", ng * mdlm::kWarpLanes, 1, 8), 8));
+  const float* pm = static_cast<const float*>(buffer(op, "M", M, checked_bytes(op, "M", nc, 1, 4), 4));
   double tau = 0.0;
   const int64_t c = mdlm::sample_pick_chunk_cpu(pg, ps, pm, ng, nc, m, inv_t, target, &tau);
   return py::make_tuple(c, tau);
 }
 
-// Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight.
-void sample_math(int fn, std::uintptr_t in, std::uintptr_t out, int64_t n) {
+// Header transcendentals on the host (tests): fn 0 = log64, 1 = exp64, 2 = expf32, 3 = exp_weight, 4 = weight32.
+void sample_math(int fn, const Buf& in, const Buf& out, int64_t n) {
   const char* op = "sample_math";
   if (n < 0) throw std::invalid_argument("sample_math: n must be >= 0");
   if (fn < 0 || fn > 4) {
     throw std::invalid_argument(
         "sample_math: fn must be 0 (log64), 1 (exp64), 2 (expf32), 3 (exp_weight) or 4 (weight32)");
   }
-  const double* pin = static_cast<const double*>(as_ptr(op, in, n > 0));
-  double* pout = static_cast<double*>(as_ptr(op, out, n > 0));
+  const int64_t bytes = checked_bytes(op, "in", n, 1, 8);
+  const double* pin = static_cast<const double*>(buffer(op, "in", in, bytes, 8));
+  double* pout = static_cast<double*>(buffer(op, "out", out, bytes, 8));
   py::gil_scoped_release release;
   mdlm::sample_math_cpu(fn, pin, pout, n);
 }
@@ -419,57 +522,69 @@ std::string cuda_image_error(int device) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "mdlm-kernels compiled extension (framework-free C++/CUDA)";
+  m.doc() =
+      "mdlm-kernels compiled extension (framework-free C++/CUDA). PRIVATE: the implementation detail of "
+      "mdlm_kernels; call the ops (mdlm_kernels.forward_mask, sample_step, philox_uniform, or torch.ops.mdlm.*), "
+      "not this module: its functions take raw addresses and may change between versions. Every buffer argument "
+      "is an (address, nbytes) tuple ((0, 0) = none); each access is checked against nbytes before a kernel runs "
+      "(ValueError naming the buffer), but the module cannot know whether an address owns the bytes it is said to "
+      "hold.";
+  const auto none = py::make_tuple(0, 0);
   m.def("philox4x32", &philox4x32, py::arg("ctr"), py::arg("key"),
         "Philox4x32-10 of one block: 4 counter words, 2 key words -> 4 words (known-answer tests).");
   m.def("uniform53", [](uint32_t w0, uint32_t w1) { return mdlm::uniform53(w0, w1); }, py::arg("w0"), py::arg("w1"),
         "Header helper uniform53 (host instantiation), for tests.");
   m.def("uniform24", [](uint32_t w) { return static_cast<double>(mdlm::uniform24(w)); }, py::arg("w"),
         "Header helper uniform24 (host instantiation, returned widened to double), for tests.");
-  m.def("philox_uniform_cpu", &philox_uniform_cpu, py::arg("out_ptr"), py::arg("rows"), py::arg("cols"),
-        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("offset_ptr") = 0,
-        "Fill a (rows, cols) row-major host buffer with Philox uniforms in (0, 1). offset_ptr: 0, or the address "
-        "of one int64 the kernel adds to offset (mod 2^64) when it runs.");
-  m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("out_ptr"), py::arg("rows"), py::arg("cols"),
-        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("stream"), py::arg("offset_ptr") = 0,
-        "Same as philox_uniform_cpu on a device buffer, launched on `stream` (cudaStream_t as int); offset_ptr "
-        "(0 or a device address) is read by the kernel.");
-  m.def("forward_mask_cpu", &forward_mask_cpu, py::arg("x0_ptr"), py::arg("xt_ptr"), py::arg("dtype_code"),
-        py::arg("t_in_ptr"), py::arg("t_out_ptr"), py::arg("sigma_ptr"), py::arg("weight_ptr"),
-        py::arg("move_chance_ptr"), py::arg("row_counts_ptr"), py::arg("rows"), py::arg("cols"), py::arg("seed"),
-        py::arg("offset"), py::arg("mask_index"), py::arg("schedule"), py::arg("eps"), py::arg("sigma_min"),
-        py::arg("sigma_max"), py::arg("sampling_eps"), py::arg("antithetic"),
-        "Forward masking (mdlm/masking.h) on host buffers; t_in_ptr = 0 draws t per row in the kernel.");
-  m.def("forward_mask_cuda", &forward_mask_cuda, py::arg("x0_ptr"), py::arg("xt_ptr"), py::arg("dtype_code"),
-        py::arg("t_in_ptr"), py::arg("t_out_ptr"), py::arg("sigma_ptr"), py::arg("weight_ptr"),
-        py::arg("move_chance_ptr"), py::arg("row_counts_ptr"), py::arg("rows"), py::arg("cols"), py::arg("seed"),
-        py::arg("offset"), py::arg("mask_index"), py::arg("schedule"), py::arg("eps"), py::arg("sigma_min"),
-        py::arg("sigma_max"), py::arg("sampling_eps"), py::arg("antithetic"), py::arg("stream"),
+  m.def("philox_uniform_cpu", &philox_uniform_cpu, py::arg("out"), py::arg("rows"), py::arg("cols"),
+        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("offset_buf") = none,
+        "Fill a (rows, cols) row-major host buffer `out` = (address, nbytes) with Philox uniforms in (0, 1). "
+        "offset_buf: (0, 0), or (address, 8) of one int64 the kernel adds to offset (mod 2^64) when it runs.");
+  m.def("philox_uniform_cuda", &philox_uniform_cuda, py::arg("out"), py::arg("rows"), py::arg("cols"),
+        py::arg("seed"), py::arg("offset"), py::arg("dtype_code"), py::arg("stream"), py::arg("offset_buf") = none,
+        "Same as philox_uniform_cpu on a device buffer, launched on `stream` (cudaStream_t as int); offset_buf "
+        "((0, 0) or a device buffer) is read by the kernel.");
+  m.def("forward_mask_cpu", &forward_mask_cpu, py::arg("x0"), py::arg("xt"), py::arg("dtype_code"),
+        py::arg("t_in"), py::arg("t_out"), py::arg("sigma"), py::arg("weight"), py::arg("move_chance"),
+        py::arg("row_counts"), py::arg("rows"), py::arg("cols"), py::arg("seed"), py::arg("offset"),
+        py::arg("mask_index"), py::arg("schedule"), py::arg("eps"), py::arg("sigma_min"), py::arg("sigma_max"),
+        py::arg("sampling_eps"), py::arg("antithetic"),
+        "Forward masking (mdlm/masking.h) on host buffers, each (address, nbytes): x0, xt (rows, cols) of "
+        "dtype_code; t_in (rows,) float32 or (0, 0) to draw t per row in the kernel; t_out, sigma, weight, "
+        "move_chance (rows,) float32; row_counts (rows,) int32.");
+  m.def("forward_mask_cuda", &forward_mask_cuda, py::arg("x0"), py::arg("xt"), py::arg("dtype_code"),
+        py::arg("t_in"), py::arg("t_out"), py::arg("sigma"), py::arg("weight"), py::arg("move_chance"),
+        py::arg("row_counts"), py::arg("rows"), py::arg("cols"), py::arg("seed"), py::arg("offset"),
+        py::arg("mask_index"), py::arg("schedule"), py::arg("eps"), py::arg("sigma_min"), py::arg("sigma_max"),
+        py::arg("sampling_eps"), py::arg("antithetic"), py::arg("stream"),
         "Same as forward_mask_cpu on device buffers, launched on `stream` (cudaStream_t as int).");
-  m.def("sample_step_cpu", &sample_step_cpu, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
-        py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
-        py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
-        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("offset_ptr") = 0, py::arg("loads_ptr") = 0,
-        "Fused categorical sampling step (mdlm/sampling.h) on host buffers; row_ids_ptr = 0 uses row i; "
-        "t_ptr / s_ptr may be 0 when greedy; offset_ptr: 0, or the address of one int64 the kernel adds to "
-        "offset (mod 2^64) when it runs; loads_ptr: 0, or (rows,) int64 receiving how many logits each row's "
-        "sampling read (tests).");
-  m.def("sample_step_cuda", &sample_step_cuda, py::arg("logits_ptr"), py::arg("dtype_code"), py::arg("t_ptr"),
-        py::arg("s_ptr"), py::arg("row_ids_ptr"), py::arg("tokens_ptr"), py::arg("conf_ptr"), py::arg("rows"),
-        py::arg("vocab"), py::arg("seed"), py::arg("offset"), py::arg("mask_index"), py::arg("temperature"),
-        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("stream"), py::arg("offset_ptr") = 0,
-        "Same as sample_step_cpu on device buffers, launched on `stream` (cudaStream_t as int); offset_ptr "
-        "(0 or a device address) is read by the kernel.");
-  m.def("sample_threshold_cpu", &sample_threshold_cpu, py::arg("logits_ptr"), py::arg("dtype_code"),
-        py::arg("keys_ptr"), py::arg("rows"), py::arg("vocab"), py::arg("mask_index"), py::arg("temperature"),
-        py::arg("top_k"), py::arg("top_p"),
-        "Keep threshold (uint32 key of mdlm/sampling.h, 0 = keep all) of each row into an int64 host buffer (tests).");
-  m.def("sample_pick_chunk", &sample_pick_chunk, py::arg("G_ptr"), py::arg("S_ptr"), py::arg("M_ptr"),
-        py::arg("ng"), py::arg("nc"), py::arg("row_max"), py::arg("inv_t"), py::arg("target"),
-        "The inverse CDF's chunk choice of mdlm/sampling.h (pick_chunk) on host buffers (tests): (chunk, tau).");
-  m.def("sample_math", &sample_math, py::arg("fn"), py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"),
-        "Header transcendentals of mdlm/sampling.h on float64 host buffers (tests): 0 log64, 1 exp64, 2 expf32, "
-        "3 exp_weight, 4 weight32 (the per-element weight: weight32(d, 0, 1)).");
+  m.def("sample_step_cpu", &sample_step_cpu, py::arg("logits"), py::arg("dtype_code"), py::arg("t"), py::arg("s"),
+        py::arg("row_ids"), py::arg("tokens"), py::arg("conf"), py::arg("rows"), py::arg("vocab"), py::arg("seed"),
+        py::arg("offset"), py::arg("mask_index"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("greedy"), py::arg("offset_buf") = none, py::arg("loads") = none,
+        "Fused categorical sampling step (mdlm/sampling.h) on host buffers, each (address, nbytes): logits "
+        "(rows, vocab) of dtype_code; t, s (rows,) float32 ((0, 0) allowed when greedy); row_ids (rows,) int64 "
+        "or (0, 0) for row i; tokens (rows,) int64 out; conf (rows, 3) float32 out; offset_buf: (0, 0), or one "
+        "int64 the kernel adds to offset (mod 2^64) when it runs; loads: (0, 0), or (rows,) int64 receiving how "
+        "many logits each row's sampling read (tests).");
+  m.def("sample_step_cuda", &sample_step_cuda, py::arg("logits"), py::arg("dtype_code"), py::arg("t"), py::arg("s"),
+        py::arg("row_ids"), py::arg("tokens"), py::arg("conf"), py::arg("rows"), py::arg("vocab"), py::arg("seed"),
+        py::arg("offset"), py::arg("mask_index"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("greedy"), py::arg("stream"), py::arg("offset_buf") = none,
+        "Same as sample_step_cpu on device buffers, launched on `stream` (cudaStream_t as int); offset_buf "
+        "((0, 0) or a device buffer) is read by the kernel.");
+  m.def("sample_threshold_cpu", &sample_threshold_cpu, py::arg("logits"), py::arg("dtype_code"), py::arg("keys"),
+        py::arg("rows"), py::arg("vocab"), py::arg("mask_index"), py::arg("temperature"), py::arg("top_k"),
+        py::arg("top_p"),
+        "Keep threshold (uint32 key of mdlm/sampling.h, 0 = keep all) of each row into keys, an (rows,) int64 "
+        "host buffer (address, nbytes) (tests).");
+  m.def("sample_pick_chunk", &sample_pick_chunk, py::arg("G"), py::arg("S"), py::arg("M"), py::arg("ng"),
+        py::arg("nc"), py::arg("row_max"), py::arg("inv_t"), py::arg("target"),
+        "The inverse CDF's chunk choice of mdlm/sampling.h (pick_chunk) on host buffers (address, nbytes): G "
+        "(ng + 1) and S (ng * 32) float64, M (nc) float32 (tests): (chunk, tau).");
+  m.def("sample_math", &sample_math, py::arg("fn"), py::arg("in"), py::arg("out"), py::arg("n"),
+        "Header transcendentals of mdlm/sampling.h on float64 host buffers (address, nbytes) of n elements "
+        "(tests): 0 log64, 1 exp64, 2 expf32, 3 exp_weight, 4 weight32 (the per-element weight: weight32(d, 0, 1)).");
   m.attr("SCHEDULE_CODES") = py::dict(py::arg("loglinear") = int(mdlm::kLogLinear), py::arg("linear") = int(mdlm::kLinear),
                                       py::arg("geometric") = int(mdlm::kGeometric), py::arg("cosine") = int(mdlm::kCosine),
                                       py::arg("cosinesqr") = int(mdlm::kCosineSqr));

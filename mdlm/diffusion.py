@@ -18,7 +18,7 @@ import contextlib
 
 from .config import to_config
 from .losses import Loss, SUBSLoss, subs_loss_from_hidden, subs_nelbo_masked_rows
-from .nn import AR, DIT, check_token_ids
+from .nn import AR, DIT
 from .schedules import get_noise
 from .step_budget import host_side
 
@@ -365,13 +365,62 @@ class MDLM(nn.Module):
         ``torch.compile(fullgraph=True)`` traces the fused step when ``seed`` is passed and the input checks are
         off (``validate_inputs = False`` on the model and its backbone); no dynamic shapes are involved.
         """
-        if self.validate_inputs:
-            check_token_ids(x0, self.vocab_size, "x0")
+        attention_mask = self._check_batch(x0, attention_mask)
+        x0 = x0.long()
+        # A clean token equal to MASK has no defined NELBO (SUBS gives MASK zero probability): with the checks off
+        # (validate_inputs = False) the loss, its gradients and nlls are NaN, never a finite wrong number (the
+        # published path would give ~1e6 per such token). Device-side: no host read.
+        poison = torch.where(((x0 == self.mask_index) & (attention_mask != 0)).any(), float("nan"), 1.0)
+        out = self._loss(x0, attention_mask, generator, impl, seed)
+        return Loss(loss=out.loss * poison, nlls=out.nlls * poison, token_mask=out.token_mask)
+
+    def _check_batch(self, x0: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Clear errors for a batch the loss cannot score; returns the attention mask (ones by default).
+
+        Always (metadata only): x0 an integer (B, L) tensor with B, L > 0 (L >= 2 for the AR baseline),
+        attention_mask a tensor of x0's shape on its device. With ``validate_inputs`` (one host read): token ids in
+        [0, vocab_size), no MASK id at a counted (non-pad) position, and in training mode at least one counted
+        token."""
+        if not torch.is_tensor(x0):
+            raise TypeError(f"x0 must be a torch.Tensor of token ids, got {type(x0).__name__}")
+        if x0.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"x0 must be an integer tensor of token ids, got dtype {x0.dtype}")
+        if x0.dim() != 2:
+            raise ValueError(f"x0 must have shape (B, L) (rank 2), got shape {tuple(x0.shape)}")
+        if x0.numel() == 0:
+            raise ValueError(f"x0 is empty (shape {tuple(x0.shape)}): the loss of an empty batch is undefined "
+                             "(0 / 0 tokens); skip empty batches")
+        if self.parameterization == "ar" and x0.shape[1] < 2:
+            raise ValueError(f"x0 must have L >= 2 for the AR baseline (next-token targets), got shape "
+                             f"{tuple(x0.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(x0, dtype=torch.float32)
+        elif not torch.is_tensor(attention_mask):
+            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
         elif attention_mask.shape != x0.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != x0 shape {tuple(x0.shape)}")
-        x0 = x0.long()
+        elif attention_mask.device != x0.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but x0 is on {x0.device}")
+        if self.validate_inputs:
+            counted = attention_mask != 0
+            lo, hi, has_mask, n = torch.stack([x0.min().long(), x0.max().long(),
+                                               ((x0 == self.mask_index) & counted).any().long(),
+                                               counted.sum().long()]).tolist()      # the one host read
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"x0 contains token id {bad}, outside [0, {self.vocab_size}) (min {lo}, max {hi}); "
+                                 f"vocab_size is {self.vocab_size}")
+            if has_mask:
+                raise ValueError(f"x0 contains the MASK id {self.mask_index} at a counted position: clean data must "
+                                 "not hold MASK (its NELBO is undefined: SUBS gives MASK zero probability)")
+            if n == 0 and self.training:
+                # training on a batch without a token is a data bug (the step's loss is 0 / 0); evaluation may pass
+                # a padding-only batch (it sums nlls, all zero here, and counts tokens): loss NaN, nlls 0
+                raise ValueError("attention_mask is all zero: no token to score (the token-averaged loss would be "
+                                 "0 / 0); in eval mode such a batch gives loss NaN and nlls 0")
+        return attention_mask
+
+    def _loss(self, x0, attention_mask, generator, impl, seed) -> Loss:
         impl = impl or self.default_loss_impl()
         if impl not in LOSS_IMPLS:
             raise ValueError(f"unknown loss implementation {impl!r}; one of {LOSS_IMPLS}")

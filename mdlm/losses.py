@@ -39,12 +39,17 @@ def subs_nelbo_masked_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
     hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) int64 (never MASK), row_weights (N,)
     -> (N,) fp32.
     Identical to the published SUBS loss restricted to masked positions (unmasked ones contribute exactly
-    zero): this is the contract of the fused linear-cross-entropy kernel.
+    zero): this is the contract of the fused linear-cross-entropy kernel, including its answer for an invalid
+    target (MASK itself, or outside [0, V)): NaN for that row, never a finite number or an out-of-bounds read.
     """
+    V = weight.shape[0]
     logits = F.linear(hidden, weight, bias).float()
     logits = torch.cat([logits[:, :mask_index], logits[:, mask_index + 1:]], dim=-1)  # drop the MASK column
-    tgt = targets - (targets > mask_index).long()  # column index once MASK is dropped
-    return F.cross_entropy(logits, tgt, reduction="none") * row_weights
+    bad = (targets < 0) | (targets >= V) | (targets == mask_index)
+    safe = torch.where(bad, _safe_target(mask_index), targets)
+    tgt = safe - (safe > mask_index).long()  # column index once MASK is dropped
+    rows = F.cross_entropy(logits, tgt, reduction="none") * row_weights
+    return torch.where(bad, float("nan"), rows)
 
 
 def _safe_target(mask_index: int) -> int:

@@ -116,19 +116,19 @@ def test_cuda_launcher_without_gpu_raises_kernel_error():
     else:
         match = "built without CUDA"
     with pytest.raises(mk.KernelError, match=match):
-        _ext.call("philox_uniform_cuda", 0xDEAD000, 4, 4, 1, 0, 3, 0)
+        _ext.call("philox_uniform_cuda", (0xDEAD000, 128), 4, 4, 1, 0, 3, 0)
     # and the raw binding raises RuntimeError (KernelError is a RuntimeError subclass)
     with pytest.raises(RuntimeError):
-        C.philox_uniform_cuda(0xDEAD000, 4, 4, 1, 0, 3, 0)
+        C.philox_uniform_cuda((0xDEAD000, 128), 4, 4, 1, 0, 3, 0)
 
 
 @needs_ext
 def test_cuda_launcher_validates_before_device_check():
     C = _ext.load()
     with pytest.raises(ValueError, match="unsupported dtype code"):
-        C.philox_uniform_cuda(0xDEAD000, 4, 4, 1, 0, 2, 0)
+        C.philox_uniform_cuda((0xDEAD000, 128), 4, 4, 1, 0, 2, 0)
     with pytest.raises(ValueError, match=">= 0"):
-        C.philox_uniform_cuda(0xDEAD000, -4, 4, 1, 0, 3, 0)
+        C.philox_uniform_cuda((0xDEAD000, 128), -4, 4, 1, 0, 3, 0)
 
 
 @needs_ext

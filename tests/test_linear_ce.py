@@ -118,16 +118,25 @@ def test_mask_column_gets_no_gradient_and_no_bias():
     assert (W.grad - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-7
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_scales_with_upstream_gradient_in_fp32(dtype):
-    """A non-representable upstream scale (1/3, like 1/token-count) must not be rounded to bf16."""
+def test_backward_scales_with_upstream_gradient_in_fp32(dtype, backend):
+    """A non-representable upstream scale (1/3, like 1/token-count) scales every gradient -- hidden, weight and
+    bias -- in fp32 and is never rounded to bf16. Weight and bias are fp32 master parameters (their gradients
+    are fp32 results, so the scaled gradient is exactly 1/3 of the unscaled one in fp32); hidden is in dtype."""
     h, W, b, tgt, w = _inputs(5, 64, 37, 36, dtype)
-    h1 = h.clone().requires_grad_()
-    (mk.subs_linear_cross_entropy(h1, W, b, tgt, w, 36, backend="reference").loss / 3).backward()
-    h2 = h.clone().requires_grad_()
-    mk.subs_linear_cross_entropy(h2, W, b, tgt, w, 36, backend="reference").loss.backward()
+    W, b = W.float(), b.float()
+    grads = []
+    for scale in (1 / 3, None):
+        hh, WW, bb = (x.clone().requires_grad_() for x in (h, W, b))
+        loss = mk.subs_linear_cross_entropy(hh, WW, bb, tgt, w, 36, backend=backend).loss
+        (loss / 3 if scale else loss).backward()
+        grads.append((hh.grad, WW.grad, bb.grad))
+    (h1, W1, b1), (h2, W2, b2) = grads
     third = torch.tensor(1 / 3, dtype=torch.float32)  # the upstream gradient of loss / 3
-    assert torch.equal(h1.grad, (h2.grad.float() * third).to(dtype))  # scaled in fp32, rounded once
+    assert torch.equal(h1, (h2.float() * third).to(dtype))  # scaled in fp32, rounded once
+    assert torch.equal(W1, W2 * third) and W1.abs().max() > 0
+    assert torch.equal(b1, b2 * third) and b1.abs().max() > 0
 
 
 def test_double_backward_is_refused():
@@ -177,9 +186,9 @@ def test_bad_shapes_dtypes_devices():
     f = mk.subs_linear_cross_entropy
     with pytest.raises(ValueError, match="width"):
         f(h[:, :32], W, b, tgt, w, 36)
-    with pytest.raises(TypeError, match="must be one of"):
+    with pytest.raises(TypeError, match="hidden must be float32, bfloat16 or float16"):
         f(h.double(), W.double(), b.double(), tgt, w, 36)
-    with pytest.raises(ValueError, match="targets must be"):
+    with pytest.raises(TypeError, match="targets must be"):
         f(h, W, b, tgt.float(), w, 36)
     with pytest.raises(ValueError, match="bias"):
         f(h, W, b[:5], tgt, w, 36)

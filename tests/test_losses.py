@@ -154,6 +154,65 @@ def test_sedd_and_d3pm_losses_are_finite_and_train():
         assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
+def _hand_draws(m, x0, seed):
+    """The t and x_t that ``m.loss(x0, generator=Generator().manual_seed(seed))`` draws (reference path: the
+    published order, t then the masking uniforms, both from the generator), independently of the loss code."""
+    g = torch.Generator().manual_seed(seed)
+    t = m.sample_t(x0.shape[0], x0.device, g)
+    if m.T > 0:
+        t = (t * m.T).to(torch.int) / m.T + 1 / m.T
+    sigma, dsigma = m.noise(t)
+    xt = m.q_xt(x0, 1 - torch.exp(-sigma[:, None]), g)
+    return t, sigma, dsigma, xt
+
+
+def test_sedd_loss_value_for_zero_logits():
+    """SEDD with zero logits (fresh model: zero-initialised output layer) has a closed form per masked token:
+    log-score -log(expm1 sigma) - log(V - 1) off the input token, so score entropy = log(V - 1) / expm1(sigma) and
+    the loss dsigma * log(V - 1) / expm1(sigma) (= log(V - 1) / t for loglinear); 0 at unmasked tokens. Checks the
+    values (a loss without its dsigma weight, or with another weight, fails), not only finiteness."""
+    torch.manual_seed(0)
+    m = MDLM(mdlm.preset("tiny", **{"parameterization": "sedd", "time_conditioning": True, "model.dropout": 0.0,
+                                    "model.n_blocks": 1, "model.hidden_size": 32, "model.n_heads": 2,
+                                    "model.cond_dim": 16}), V)
+    x0 = torch.randint(0, MASK, (6, 16), generator=torch.Generator().manual_seed(1))
+    out = m.loss(x0, generator=torch.Generator().manual_seed(3))
+    t, sigma, dsigma, xt = _hand_draws(m, x0, 3)
+    masked = (xt == MASK).float()
+    assert 0 < masked.sum() < masked.numel()
+    want = masked * (dsigma * torch.log(torch.tensor(V - 1.0)) / torch.expm1(sigma))[:, None]
+    torch.testing.assert_close(out.nlls, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, want.sum() / want.numel(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(want[masked > 0], (torch.log(torch.tensor(V - 1.0)) / t[:, None].expand_as(want))[
+        masked > 0], rtol=1e-3, atol=0)      # loglinear: dsigma / expm1(sigma) = 1 / t
+
+
+def test_d3pm_loss_value_for_zero_logits():
+    """D3PM (T = 20) with zero logits: p_theta uniform over all V tokens, so per token the reconstruction term is
+    log V (every position) and, at a masked position with t = k/T, s = t - 1/T,
+        T [ (1/(T t)) (log(a_t / (V t) + 1) + log V) + (1 - 1/(T t)) (log(a_t / (V t) + 1) - log(a_s / (V s) + 1)) ]
+    (the second term 0 at s = 0; a = 1 - time, t clamped to 1 - 1e-4). A loss without its reconstruction term (or
+    with a wrong diffusion term) fails."""
+    torch.manual_seed(0)
+    T = 20
+    m = MDLM(mdlm.preset("tiny", **{"parameterization": "d3pm", "T": T, "model.dropout": 0.0, "model.n_blocks": 1,
+                                    "model.hidden_size": 32, "model.n_heads": 2, "model.cond_dim": 16}), V)
+    x0 = torch.randint(0, MASK, (6, 16), generator=torch.Generator().manual_seed(1))
+    out = m.loss(x0, generator=torch.Generator().manual_seed(3))
+    t, _, _, xt = _hand_draws(m, x0, 3)
+    masked = (xt == MASK).double()
+    assert 0 < masked.sum() < masked.numel()
+    tt = t.double().clamp(0.0, 1.0 - 1e-4)[:, None]
+    dt, logV = 1.0 / T, torch.log(torch.tensor(float(V), dtype=torch.float64))
+    nr = torch.log((1 - tt) / (V * tt) + 1)
+    s = tt - dt
+    term1 = dt / tt * (nr + logV)
+    term2 = torch.where(s <= 0, 0.0, (1 - dt / tt) * (nr - torch.log((1 - s) / (V * s.clamp_min(1e-12)) + 1)))
+    want = logV + masked * T * (term1 + term2)
+    torch.testing.assert_close(out.nlls.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss.double(), want.mean(), rtol=1e-4, atol=1e-4)
+
+
 def test_ar_loss_is_next_token_cross_entropy_without_mask():
     m = _model(parameterization="ar")
     x0 = torch.randint(0, MASK, (2, 13))

@@ -320,8 +320,8 @@ def test_auto_backend(monkeypatch):
 @needs_ext
 def test_binding_validates():
     C = _ext.load()
-    args = dict(x0_ptr=0, xt_ptr=0, dtype_code=4, t_in_ptr=0, t_out_ptr=0, sigma_ptr=0, weight_ptr=0,
-                move_chance_ptr=0, row_counts_ptr=0, rows=0, cols=0, seed=0, offset=0, mask_index=0, schedule=0,
+    args = dict(x0=(0, 0), xt=(0, 0), dtype_code=4, t_in=(0, 0), t_out=(0, 0), sigma=(0, 0), weight=(0, 0),
+                move_chance=(0, 0), row_counts=(0, 0), rows=0, cols=0, seed=0, offset=0, mask_index=0, schedule=0,
                 eps=1e-3, sigma_min=0.0, sigma_max=0.0, sampling_eps=1e-3, antithetic=True)
     C.forward_mask_cpu(**args)  # empty: fine
     for change, match in ((dict(dtype_code=0), "unsupported dtype code 0"),
@@ -331,6 +331,9 @@ def test_binding_validates():
                           (dict(dtype_code=5, mask_index=2**31), "mask_index must be in"),
                           (dict(schedule=5), "unknown schedule code 5"),
                           (dict(sampling_eps=1.0), "sampling_eps must be in"),
+                          (dict(schedule=1, sigma_min=0.0, sigma_max=0.0), "linear schedule needs"),
+                          (dict(schedule=2, sigma_min=2.0, sigma_max=1.0), "geometric schedule needs"),
+                          (dict(eps=float("nan")), "eps must be finite"),
                           (dict(rows=1), "null data pointer")):
         with pytest.raises(ValueError, match=match):
             C.forward_mask_cpu(**dict(args, **change))

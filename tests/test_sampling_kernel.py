@@ -39,6 +39,7 @@ import mdlm_kernels as mk
 from mdlm_kernels import _ext
 from mdlm_kernels import backend as B
 from mdlm_kernels.ops import sampling as SM
+from mdlm_kernels.ops.philox import _buf
 
 HAS_EXT = _ext.available()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"extension not built: {_ext.error()}")
@@ -93,7 +94,7 @@ def _eq_nan(a, b):
 def _math(fn, xs):
     a = torch.tensor(xs, dtype=torch.float64)
     out = torch.empty_like(a)
-    _ext.load().sample_math(fn, a.data_ptr(), out.data_ptr(), a.numel())
+    _ext.load().sample_math(fn, _buf(a), _buf(out), a.numel())
     return out
 
 
@@ -305,16 +306,19 @@ def test_binding_offset_ptr():
     tokens = torch.empty(3, dtype=torch.int64)
     conf = torch.empty(3, 3)
     off = torch.tensor([-2], dtype=torch.int64)
-    args = dict(logits_ptr=x.data_ptr(), dtype_code=0, t_ptr=t.data_ptr(), s_ptr=s.data_ptr(), row_ids_ptr=0,
-                tokens_ptr=tokens.data_ptr(), conf_ptr=conf.data_ptr(), rows=3, vocab=5, seed=4, offset=9,
-                mask_index=4, temperature=1.0, top_k=0, top_p=1.0, greedy=False)
-    C.sample_step_cpu(**args, offset_ptr=off.data_ptr())
+    args = dict(logits=_buf(x), dtype_code=0, t=_buf(t), s=_buf(s), row_ids=(0, 0), tokens=_buf(tokens),
+                conf=_buf(conf), rows=3, vocab=5, seed=4, offset=9, mask_index=4, temperature=1.0, top_k=0,
+                top_p=1.0, greedy=False)
+    C.sample_step_cpu(**args, offset_buf=_buf(off))
     want = mk.sample_step(x, t, s, 4, 7, mask_index=4, backend="reference")
     assert torch.equal(tokens, want.tokens)
-    with pytest.raises(ValueError, match="sample_step_cpu: offset_ptr must be the 8-byte aligned"):
-        C.sample_step_cpu(**args, offset_ptr=off.data_ptr() + 2)
-    with pytest.raises(ValueError, match="sample_step_cuda: offset_ptr must be the 8-byte aligned"):
-        C.sample_step_cuda(**args, stream=0, offset_ptr=4)
+    with pytest.raises(ValueError, match="sample_step_cpu: offset_buf must be the 8-byte aligned"):
+        C.sample_step_cpu(**args, offset_buf=(off.data_ptr() + 2, 8))
+    with pytest.raises(ValueError, match="sample_step_cuda: offset_buf must be the 8-byte aligned"):
+        C.sample_step_cuda(**args, stream=0, offset_buf=(4, 8))
+    with pytest.raises(ValueError, match="sample_step_cpu: offset_buf: the buffer holds 4 bytes but the call "
+                                         "accesses 8 bytes"):
+        C.sample_step_cpu(**args, offset_buf=(off.data_ptr(), 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +434,7 @@ def _kept_by_kernel(x, mask_index, temperature, top_k, top_p):
     N, V = x.shape
     keys = torch.empty(N, dtype=torch.int64)
     x = x.contiguous()
-    _ext.load().sample_threshold_cpu(x.data_ptr(), 0 if x.dtype == torch.float32 else 1, keys.data_ptr(), N, V,
+    _ext.load().sample_threshold_cpu(_buf(x), 0 if x.dtype == torch.float32 else 1, _buf(keys), N, V,
                                      mask_index, temperature, top_k, top_p)
     b = x.float().view(torch.int32).long() & 0xFFFFFFFF
     b = torch.where((b & 0x7FFFFFFF) == 0, torch.zeros_like(b), b)
@@ -482,11 +486,11 @@ def _ok(**over):
         (dict(mask_index=1.0), TypeError, "mask_index must be an int"),
         (dict(t=torch.ones(3)), ValueError, "t must have shape"),
         (dict(s=torch.zeros(2, 1)), ValueError, "s must have shape"),
-        (dict(t=torch.ones(2, dtype=torch.float64)), TypeError, "t must be torch.float32"),
+        (dict(t=torch.ones(2, dtype=torch.float64)), TypeError, "t must be float32"),
         (dict(t=None), TypeError, "None only with greedy"),
         (dict(s=torch.zeros(2, device="meta")), ValueError, "same device"),
         (dict(row_ids=torch.zeros(3, dtype=torch.int64)), ValueError, "row_ids must have shape"),
-        (dict(row_ids=torch.zeros(2, dtype=torch.int32)), TypeError, "row_ids must be torch.int64"),
+        (dict(row_ids=torch.zeros(2, dtype=torch.int32)), TypeError, "row_ids must be int64"),
         (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
         (dict(temperature=-1.0), ValueError, "temperature must be finite and > 0"),
         (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
@@ -558,7 +562,7 @@ def test_forced_triton_unavailable(monkeypatch):
 @needs_ext
 def test_binding_validates():
     C = _ext.load()
-    args = dict(logits_ptr=0, dtype_code=0, t_ptr=0, s_ptr=0, row_ids_ptr=0, tokens_ptr=0, conf_ptr=0, rows=0,
+    args = dict(logits=(0, 0), dtype_code=0, t=(0, 0), s=(0, 0), row_ids=(0, 0), tokens=(0, 0), conf=(0, 0), rows=0,
                 vocab=5, seed=0, offset=0, mask_index=4, temperature=1.0, top_k=0, top_p=1.0, greedy=False)
     C.sample_step_cpu(**args)  # empty: fine
     for change, match in ((dict(dtype_code=3), "unsupported dtype code 3"), (dict(vocab=1), "vocab must be in"),
@@ -782,9 +786,9 @@ def _cpu_loads(x, t, s, mask, **kw):
     tok, conf = torch.empty(N, dtype=torch.int64), torch.empty(N, 3)
     loads = torch.zeros(N, dtype=torch.int64)
     x, t, s = x.contiguous(), t.contiguous(), s.contiguous()
-    _ext.load().sample_step_cpu(x.data_ptr(), dtype_code(x.dtype), t.data_ptr(), s.data_ptr(), 0, tok.data_ptr(),
-                                conf.data_ptr(), N, V, 1, 2, mask, kw.get("temperature", 1.0), kw.get("top_k", 0),
-                                kw.get("top_p", 1.0), kw.get("greedy", False), 0, loads.data_ptr())
+    _ext.load().sample_step_cpu(_buf(x), dtype_code(x.dtype), _buf(t), _buf(s), (0, 0), _buf(tok), _buf(conf), N, V,
+                                1, 2, mask, kw.get("temperature", 1.0), kw.get("top_k", 0), kw.get("top_p", 1.0),
+                                kw.get("greedy", False), (0, 0), _buf(loads))
     return loads, tok
 
 
@@ -934,8 +938,7 @@ def _pick(G, S, M, m, target, inv_t=1.0):
     g = torch.tensor(G, dtype=torch.float64)
     s = torch.tensor(S, dtype=torch.float64)
     mm = torch.tensor(M, dtype=torch.float32)
-    return _ext.load().sample_pick_chunk(g.data_ptr(), s.data_ptr(), mm.data_ptr(), len(G) - 1, len(M), m, inv_t,
-                                         target)
+    return _ext.load().sample_pick_chunk(_buf(g), _buf(s), _buf(mm), len(G) - 1, len(M), m, inv_t, target)
 
 
 @needs_ext

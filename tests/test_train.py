@@ -551,3 +551,41 @@ def test_compiled_loss_trains_like_eager(tmp_path):
         t = _trainer(cfg, resume="never")
         losses[comp] = [t.train_step()["loss"] for _ in range(3)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_gradient_accumulation_averages_the_micro_batch_gradients(tmp_path):
+    """With accumulation (global batch 4 = 2 micro-batches of 2) the gradient the optimizer step sees is the mean of
+    the micro-batch gradients (each micro-batch's loss is a token mean): the same micro-batches and draws, each
+    backpropagated alone, summed and divided by 2. A missing 1/accum scale doubles it (caught here in seconds, not
+    only by the two-process test, which needs the shipped data)."""
+    t = _trainer(_cfg(tmp_path, **{"trainer.max_steps": 1}), resume="never")
+    assert t.accum == 2
+    calls, seen = [], {}
+    real_forward, real_step = t.forward, t._optimizer_step
+
+    def forward(x0, mask, seed):
+        calls.append((x0.clone(), mask.clone(), seed))
+        return real_forward(x0, mask, seed)
+
+    def optimizer_step(loss_sum):
+        params = [p for p in t.model.parameters() if p.requires_grad]
+        seen["accumulated"] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        per_micro = []
+        for x0, mask, seed in calls:     # each micro-batch alone, same seeds (dropout and masking draws)
+            for p in params:
+                p.grad = None
+            torch.manual_seed(seed)
+            loss, _ = real_forward(x0, mask, seed)
+            loss.backward()
+            per_micro.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+        for p, g in zip(params, seen["accumulated"]):
+            p.grad = g.clone()
+        seen["expected"] = [sum(gs) / len(calls) for gs in zip(*per_micro)]
+        return real_step(loss_sum)
+
+    t.forward, t._optimizer_step = forward, optimizer_step
+    t.train_step()
+    assert len(calls) == 2
+    num = sum(float((a - e).double().pow(2).sum()) for a, e in zip(seen["accumulated"], seen["expected"]))
+    den = sum(float(e.double().pow(2).sum()) for e in seen["expected"])
+    assert den > 0 and num <= (1e-5) ** 2 * den, (num, den)     # relative L2 distance <= 1e-5

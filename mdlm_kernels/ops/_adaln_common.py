@@ -162,7 +162,11 @@ if HAS_TRITON:
             _, cmask = _col_block(j, d, BLOCK_D, EVEN_D)
             xc = tl.where(cmask[None, :], xs[j] - mean[:, None], 0.0)
             m2 += xc * xc
-        rstd = 1.0 / tl.sqrt(tl.sum(m2, 1) / d + eps)
+        ss = tl.sum(m2, 1)
+        rstd = 1.0 / tl.sqrt(ss / d + eps)
+        # the row's sum of squares sum_j x_j^2 = ss + d mean^2 overflows fp32: its statistics are not representable
+        # (F.layer_norm returns NaN or 0 there): NaN, never a finite wrong number (see ln_modulate_reference)
+        rstd = tl.where(ss + d * mean * mean == float("inf"), float("nan"), rstd)
         return mean, rstd
 
     @triton.jit
@@ -380,34 +384,63 @@ def mod_slice(mod: torch.Tensor, idx: int, d: int) -> torch.Tensor:
     return mod[:, None, idx * d:(idx + 1) * d]        # (B, 1, d), as chunk(k) of mod[:, None]
 
 
+def row_stats(xf: torch.Tensor):
+    """(var, mean), each (..., 1) float64, of the rows of xf: the mean as sum / d (+inf for a row holding +inf, as
+    the kernels; a running-mean update would give NaN), then the centred second moment, both accumulated in
+    float64. The kernels sum in fp32; float64 makes the reference's statistics exact where the kernels' are
+    (e.g. a constant row of -1e12 at d = 8: var = 0, where fp32 torch.mean rounds the mean and gives var ~ 4e9)."""
+    x64 = xf.double()
+    mean = x64.sum(dim=-1, keepdim=True) / xf.shape[-1]
+    xc = x64 - mean
+    return (xc * xc).mean(dim=-1, keepdim=True), mean
+
+
+def overflow_rows(xf: torch.Tensor, var: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """(..., 1) bool: rows whose sum of squares sum_j x_j^2 = d (var + mean^2) overflows xf's dtype (or is NaN).
+    Their LayerNorm statistics are not representable (fp32 F.layer_norm returns NaN or 0 for such rows, e.g.
+    x ~ 1e20): both backends return NaN there (the kernels test the same quantity, ``_ln_stats``), never a
+    finite number."""
+    d = xf.shape[-1]
+    ss = var.double() * d + d * (mean.double() * mean.double())
+    return ~(ss <= torch.finfo(xf.dtype).max)
+
+
 def ln_modulate_reference(x, weight, mod, shift_idx, scale_idx, out_dtype, eps):
     """y = LN(x) * w * (1 + scale) + shift as mdlm.nn (LayerNorm on x.float(), modulate), with the row mean
-    and rstd (fp32, (B*L,)) the kernels save."""
+    and rstd (fp32, (B*L,)) the kernels save. Rows whose sum of squares overflows (:func:`overflow_rows`): NaN."""
     B, L, d = x.shape
     xf = x.to(cdt(x, weight, mod))
     ln = F.layer_norm(xf, [d], eps=eps) * weight[None, None, :]                    # mdlm.nn.LayerNorm
     y = ln * (1 + mod_slice(mod, scale_idx, d)) + mod_slice(mod, shift_idx, d)       # mdlm.nn.modulate
-    var, mean = torch.var_mean(xf, dim=-1, unbiased=False)
+    var, mean = row_stats(xf)
     rstd = torch.rsqrt(var + eps)
+    bad = overflow_rows(xf, var, mean)
+    y = torch.where(bad, float("nan"), y)
+    rstd = torch.where(bad, float("nan"), rstd)
     return y.to(out_dtype), mean.reshape(-1).float(), rstd.reshape(-1).float()
 
 
-def ln_modulate_bwd_reference(g, x, weight, mod, shift_idx, scale_idx, eps, dt):
+def ln_modulate_bwd_reference(g, x, weight, mod, shift_idx, scale_idx, eps, dt, mean=None, rstd=None):
     """Backward steps (1)-(6) (:mod:`.adaln`) in PyTorch, in dtype dt: (dx, dw, dshift (B, d), dscale (B, d)).
-    Statistics recomputed."""
-    d = x.shape[-1]
+    From the forward's saved statistics ``mean`` / ``rstd`` ((B*L,) fp32), as the kernels; recomputed (float64
+    accumulation) when not given or when dt is float64 (gradcheck: fp32 statistics would limit its precision)."""
+    B, L, d = x.shape
     g = g.to(dt)
     xf = x.to(dt)
-    var, mean = torch.var_mean(xf, dim=-1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
+    if mean is None or rstd is None or dt == torch.float64:
+        var, mean = row_stats(xf)
+        rstd = torch.where(overflow_rows(xf, var, mean), float("nan"), torch.rsqrt(var + eps))   # as the forward
+        mean, rstd = mean.to(dt), rstd.to(dt)
+    else:
+        mean, rstd = mean.to(dt).view(B, L, 1), rstd.to(dt).view(B, L, 1)
     xhat = (xf - mean) * rstd
     w = weight.to(dt)
     s1 = (1 + mod_slice(mod, scale_idx, d)).to(dt)
-    n = xhat * w
     dsh = g.sum(1)                                                              # (1)
-    dsc = (g * n).sum(1)                                                        # (2)
+    gx = (g * xhat).sum(1)
+    dsc = w * gx                                                                # (2): w * sum_l g * xhat
     dn = g * s1                                                                 # (3)
-    dw = (dn * xhat).sum((0, 1))                                                # (4)
+    dw = (s1[:, 0] * gx).sum(0)                                                 # (4): sum_b s1[b] * sum_l g * xhat
     dxhat = dn * w                                                              # (5)
     dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True)
                  - xhat * (dxhat * xhat).mean(-1, keepdim=True))               # (6)
@@ -435,20 +468,14 @@ def dropout_reference(h, keep, p):
 
 
 # ---------------------------------------------------------------------------------------------
-# Input checks
+# Input checks (metadata only: shared by the public functions, the op bodies and their fake kernels)
 # ---------------------------------------------------------------------------------------------
-def fail(op, msg, exc=ValueError):
-    raise exc(f"{op}: {msg}")
+from . import _checks  # noqa: E402
+from ._checks import fail  # noqa: E402,F401
 
 
 def check_tensor(op, name, t, ndim=None):
-    if not torch.is_tensor(t):
-        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    if t.dtype not in REF_DTYPES:
-        fail(op, f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16 "
-                 f"(float64 with the reference backend only)", TypeError)
-    if ndim is not None and t.dim() != ndim:
-        fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    _checks.tensor(op, name, t, dtypes=REF_DTYPES, ndim=ndim)
 
 
 def check_mod(op, name, mod, B, d, idxs):
@@ -474,9 +501,17 @@ def check_weight(op, name, w, d):
 
 
 def check_devices(op, **ts):
-    devs = {n: t.device for n, t in ts.items() if t is not None}
-    if len(set(devs.values())) > 1:
-        fail(op, "all tensors must be on one device, got " + ", ".join(f"{n} on {v}" for n, v in devs.items()))
+    _checks.same_device(op, **ts)
+
+
+def check_eps(op, eps) -> float:
+    """The LayerNorm epsilon: a finite float >= 0 (-1 or NaN would make rstd NaN or imaginary)."""
+    return _checks.float_arg(op, "eps", eps, 0.0)
+
+
+def check_stats(op, name, t, n):
+    """Saved row statistics (mean or rstd): (n,) float32."""
+    _checks.tensor(op, name, t, dtypes=(torch.float32,), shape=(n,))
 
 
 def rows_contig(mod):
@@ -487,6 +522,8 @@ def rows_contig(mod):
 def resolve_out_dtype(op, out_dtype, device):
     if out_dtype is None:
         return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
-    if out_dtype not in REF_DTYPES:
-        fail(op, f"out_dtype must be one of float32, bfloat16, float16, got {out_dtype}", TypeError)
-    return out_dtype
+    return check_out_dtype(op, out_dtype)
+
+
+def check_out_dtype(op, out_dtype):
+    return _checks.dtype_arg(op, "out_dtype", out_dtype, REF_DTYPES)

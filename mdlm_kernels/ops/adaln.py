@@ -54,6 +54,7 @@ from .. import backend as _backend
 from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
 from . import _adaln_common as C
+from . import _checks
 from ._adaln_common import EPS
 
 if HAS_TRITON:
@@ -199,7 +200,7 @@ def _adaln_fwd_reference(x, weight, mod, shift_idx, scale_idx, out_dtype, eps):
 def _adaln_bwd_reference(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps):
     d = x.shape[-1]
     dt = C.cdt(x, weight, mod, gy)
-    dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(gy, x, weight, mod, shift_idx, scale_idx, eps, dt)
+    dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(gy, x, weight, mod, shift_idx, scale_idx, eps, dt, mean, rstd)
     dmod = torch.zeros(mod.shape, dtype=dt, device=mod.device)
     dmod[:, shift_idx * d:(shift_idx + 1) * d] += dsh
     dmod[:, scale_idx * d:(scale_idx + 1) * d] += dsc
@@ -209,10 +210,41 @@ def _adaln_bwd_reference(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, e
 # ---------------------------------------------------------------------------------------------
 # torch.library registration + autograd
 # ---------------------------------------------------------------------------------------------
+def _check_fwd(x, weight, mod, shift_idx, scale_idx, out_dtype, eps) -> None:
+    """The forward's inputs, from metadata only: shared by the public function, the op body and its fake."""
+    C.check_tensor(OP, "x", x, 3)
+    B, L, d = x.shape
+    if d == 0:
+        C.fail(OP, "x: hidden size d must be > 0")
+    C.check_weight(OP, "weight", weight, d)
+    C.check_mod(OP, "mod", mod, B, d, [("shift_idx", shift_idx), ("scale_idx", scale_idx)])
+    C.check_devices(OP, x=x, weight=weight, mod=mod)
+    if shift_idx == scale_idx:
+        C.fail(OP, f"shift_idx and scale_idx must differ, got {shift_idx} for both")
+    if out_dtype is not None:
+        C.check_out_dtype(OP, out_dtype)
+    C.check_eps(OP, eps)
+
+
+def _check_bwd(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps) -> None:
+    _check_fwd(x, weight, mod, shift_idx, scale_idx, None, eps)
+    C.check_tensor(OP, "gy", gy, 3)
+    if gy.shape != x.shape:
+        C.fail(OP, f"gy (dL/dy) has shape {tuple(gy.shape)} but x has {tuple(x.shape)}")
+    n = x.shape[0] * x.shape[1]
+    C.check_stats(OP, "mean", mean, n)
+    C.check_stats(OP, "rstd", rstd, n)
+    C.check_devices(OP, gy=gy, x=x, mean=mean, rstd=rstd)
+
+
 @torch.library.custom_op("mdlm::adaln_modulate", mutates_args=())
 def _adaln_op(x: torch.Tensor, weight: torch.Tensor, mod: torch.Tensor, shift_idx: int, scale_idx: int,
               out_dtype: torch.dtype, eps: float, backend: Optional[str] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd). Checked here (metadata only) before any pointer reaches a kernel; x and weight of any
+    strides (made contiguous here), mod of any strides (unit column stride made here)."""
+    _check_fwd(x, weight, mod, shift_idx, scale_idx, out_dtype, eps)
+    x, weight, mod = x.contiguous(), weight.contiguous(), C.rows_contig(mod)   # the kernels index dense rows
     name = _backend.resolve(OP, backend, x.device, {"triton": C.triton_supported(x, weight, mod, x.new_empty(
         0, dtype=out_dtype)), "reference": None})
     impl = _adaln_fwd_triton if name == "triton" else _adaln_fwd_reference
@@ -221,6 +253,7 @@ def _adaln_op(x: torch.Tensor, weight: torch.Tensor, mod: torch.Tensor, shift_id
 
 @_adaln_op.register_fake
 def _(x, weight, mod, shift_idx, scale_idx, out_dtype, eps, backend=None):
+    _check_fwd(x, weight, mod, shift_idx, scale_idx, out_dtype, eps)
     B, L, d = x.shape
     return (x.new_empty((B, L, d), dtype=out_dtype), x.new_empty((B * L,), dtype=torch.float32),
             x.new_empty((B * L,), dtype=torch.float32))
@@ -230,14 +263,19 @@ def _(x, weight, mod, shift_idx, scale_idx, out_dtype, eps, backend=None):
 def _adaln_bwd_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mod: torch.Tensor, mean: torch.Tensor,
                   rstd: torch.Tensor, shift_idx: int, scale_idx: int, eps: float, backend: Optional[str] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dmod) from dL/dy and the forward's inputs and saved statistics (checked here)."""
+    _check_bwd(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps)
+    gy, x, weight, mean, rstd = (t.contiguous() for t in (gy, x, weight, mean, rstd))
+    mod = C.rows_contig(mod)
     name = _backend.resolve(OP + "_backward", backend, x.device,
                             {"triton": C.triton_supported(gy, x, weight, mod), "reference": None})
     impl = _adaln_bwd_triton if name == "triton" else _adaln_bwd_reference
-    return impl(gy.contiguous(), x, weight, mod, mean, rstd, shift_idx, scale_idx, eps)
+    return impl(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps)
 
 
 @_adaln_bwd_op.register_fake
 def _(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps, backend=None):
+    _check_bwd(gy, x, weight, mod, mean, rstd, shift_idx, scale_idx, eps)
     return torch.empty_like(x), torch.empty_like(weight), mod.new_empty(mod.shape)
 
 
@@ -273,19 +311,9 @@ def adaln_modulate(x: torch.Tensor, weight: torch.Tensor, mod: torch.Tensor, shi
     else float32, which is the published y). Differentiable w.r.t. x, weight and mod (dmod is zero outside
     the two slices). Statistics and reductions in fp32. Non-contiguous x is copied.
     """
-    op = OP
-    C.check_tensor(op, "x", x, 3)
-    B, L, d = x.shape
-    if d == 0:
-        C.fail(op, "hidden size d must be > 0")
-    C.check_weight(op, "weight", weight, d)
-    C.check_mod(op, "mod", mod, B, d, [("shift_idx", shift_idx), ("scale_idx", scale_idx)])
-    C.check_devices(op, x=x, weight=weight, mod=mod)
-    if shift_idx == scale_idx:
-        C.fail(op, f"shift_idx and scale_idx must differ, got {shift_idx} for both")
-    out_dtype = C.resolve_out_dtype(op, out_dtype, x.device)
-    if backend is not None:
-        _backend.normalize(backend)
+    _check_fwd(x, weight, mod, shift_idx, scale_idx, out_dtype, eps)
+    out_dtype = C.resolve_out_dtype(OP, out_dtype, x.device)
+    _checks.backend_arg(OP, backend)
     y, _, _ = torch.ops.mdlm.adaln_modulate(x.contiguous(), weight.contiguous(), C.rows_contig(mod),
                                             int(shift_idx), int(scale_idx), out_dtype, float(eps), backend)
     return y

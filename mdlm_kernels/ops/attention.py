@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from . import _checks
+
+OP = "attention"
 
 _ORDER = ("cudnn", "flash", "efficient", "math")
 _CHOSEN: dict = {}
@@ -38,8 +41,25 @@ def _order():
     return names
 
 
+def _check(q, k, v, causal) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(OP, name, t, dtypes=_checks.REF_FLOATS, ndim=4)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _checks.fail(OP, f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}", TypeError)
+    _checks.same_device(OP, q=q, k=k, v=v)
+    B, H, L, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        _checks.fail(OP, f"k must be (B, H, Lk, D) = ({B}, {H}, Lk, {D}) like q {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        _checks.fail(OP, f"v must be (B, H, Lk, Dv) with (B, H, Lk) = {tuple(k.shape[:3])} of k, got "
+                         f"{tuple(v.shape)}")
+    _checks.bool_arg(OP, "causal", causal)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q, k, v (B, H, L, D) -> (B, H, L, D)."""
+    _check(q, k, v, causal)
     if q.device.type != "cuda":
         _backend.last_used["attention"] = "cpu"
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

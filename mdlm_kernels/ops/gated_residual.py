@@ -60,6 +60,7 @@ from .. import backend as _backend
 from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
 from . import _adaln_common as C
+from . import _checks
 from ._adaln_common import EPS
 from .adaln import _adaln_fwd_reference
 from .philox import _check_u64, _to_i64
@@ -293,7 +294,8 @@ def _gated_bwd_reference(dr, dy, r, h, mod, gate_idx, weight, mod_next, shift_id
     dw = torch.zeros_like(weight) if weight is not None else None
     if dy is not None and weight is not None:
         modn = mod if mod_next is None else mod_next
-        dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(dy, r, weight, modn, shift_idx, scale_idx, eps, dt)
+        dx, dw, dsh, dsc = C.ln_modulate_bwd_reference(dy, r, weight, modn, shift_idx, scale_idx, eps, dt, mean,
+                                                       rstd)
         drt = drt + dx                                                          # (7)
         dw = dw.to(weight.dtype)
         tgt = dmod if dmodn is None else dmodn
@@ -314,12 +316,70 @@ def _gated_bwd_reference(dr, dy, r, h, mod, gate_idx, weight, mod_next, shift_id
 # ---------------------------------------------------------------------------------------------
 # torch.library registration + autograd
 # ---------------------------------------------------------------------------------------------
+def _check_fwd(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, dropout, out_dtype,
+               eps, res: str = "residual") -> None:
+    """The forward's inputs, from metadata only: shared by the public function, the op body and its fake (and by
+    the backward, whose ``r`` takes the residual's place: ``res`` names it)."""
+    C.check_tensor(OP, res, residual, 3)
+    C.check_tensor(OP, "h", h, 3)
+    if h.shape != residual.shape:
+        C.fail(OP, f"h shape {tuple(h.shape)} != {res} shape {tuple(residual.shape)}")
+    B, L, d = residual.shape
+    if d == 0:
+        C.fail(OP, f"{res}: hidden size d must be > 0")
+    C.check_mod(OP, "mod", mod, B, d, [("gate_idx", gate_idx)])
+    if weight_next is not None:
+        C.check_weight(OP, "weight_next", weight_next, d)
+        modn = mod if mod_next is None else mod_next
+        C.check_mod(OP, "mod_next" if mod_next is not None else "mod", modn, B, d,
+                    [("shift_idx", shift_idx), ("scale_idx", scale_idx)])
+        if shift_idx == scale_idx:
+            C.fail(OP, f"shift_idx and scale_idx must differ, got {shift_idx} for both")
+    elif mod_next is not None:
+        C.check_mod(OP, "mod_next", mod_next, B, d, [])
+    C.check_devices(OP, **{res: residual}, h=h, mod=mod, weight_next=weight_next, mod_next=mod_next)
+    if B * L >= 2 ** 32:
+        C.fail(OP, f"{res}: B*L = {B * L} rows exceed the 32-bit Philox row counter")
+    _checks.float_arg(OP, "p (the dropout probability)", p, 0.0, 1.0)
+    _checks.bool_arg(OP, "dropout", dropout)
+    if out_dtype is not None:
+        C.check_out_dtype(OP, out_dtype)
+    C.check_eps(OP, eps)
+
+
+def _check_bwd(dr, dy, r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, mean, rstd, p, dropout,
+               eps) -> None:
+    _check_fwd(r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, dropout, None, eps, res="r")
+    for name, g in (("dr", dr), ("dy", dy)):
+        if g is not None:
+            C.check_tensor(OP, name, g, 3)
+            if g.shape != r.shape:
+                C.fail(OP, f"{name} has shape {tuple(g.shape)} but r has {tuple(r.shape)}")
+    n = r.shape[0] * r.shape[1] if (weight_next is not None and dy is not None) else None
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if n is not None:
+            C.check_stats(OP, name, t, n)
+        else:                                    # not read
+            _checks.tensor(OP, name, t, dtypes=(torch.float32,), ndim=1)
+    C.check_devices(OP, r=r, dr=dr, dy=dy, mean=mean, rstd=rstd)
+
+
+def _dense(t):
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("mdlm::gated_residual_modulate", mutates_args=())
 def _gated_op(residual: torch.Tensor, h: torch.Tensor, mod: torch.Tensor, gate_idx: int,
               weight_next: Optional[torch.Tensor], mod_next: Optional[torch.Tensor], shift_idx: int,
               scale_idx: int, p: float, seed: int, offset: int, dropout: bool, out_dtype: torch.dtype,
               eps: float, backend: Optional[str] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r, y, mean, rstd) (y, mean, rstd empty without weight_next). Checked here (metadata only) before any
+    pointer reaches a kernel; tensors of any strides (made dense here)."""
+    _check_fwd(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, dropout, out_dtype, eps)
+    residual, h, weight_next = _dense(residual), _dense(h), _dense(weight_next)
+    mod = C.rows_contig(mod)
+    mod_next = None if mod_next is None else C.rows_contig(mod_next)
     name = _backend.resolve(OP, backend, residual.device, {"triton": C.triton_supported(
         residual, h, mod, weight_next, mod_next, h.new_empty(0, dtype=out_dtype)), "reference": None})
     impl = _gated_fwd_triton if name == "triton" else _gated_fwd_reference
@@ -330,6 +390,7 @@ def _gated_op(residual: torch.Tensor, h: torch.Tensor, mod: torch.Tensor, gate_i
 @_gated_op.register_fake
 def _(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, seed, offset, dropout,
       out_dtype, eps, backend=None):
+    _check_fwd(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, dropout, out_dtype, eps)
     B, L, d = residual.shape
     n = B * L if weight_next is not None else 0
     y = residual.new_empty((B, L, d) if weight_next is not None else (0,), dtype=out_dtype)
@@ -344,12 +405,17 @@ def _gated_bwd_op(dr: Optional[torch.Tensor], dy: Optional[torch.Tensor], r: tor
                   rstd: torch.Tensor, p: float, seed: int, offset: int, dropout: bool, eps: float,
                   backend: Optional[str] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dresidual, dh, dmod, dweight_next, dmod_next) (the last two empty when absent); checked here."""
+    _check_bwd(dr, dy, r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, mean, rstd, p, dropout,
+               eps)
+    dr, dy, r, h, weight_next, mean, rstd = (_dense(t) for t in (dr, dy, r, h, weight_next, mean, rstd))
+    mod = C.rows_contig(mod)
+    mod_next = None if mod_next is None else C.rows_contig(mod_next)
     name = _backend.resolve(OP + "_backward", backend, r.device, {"triton": C.triton_supported(
         dr, dy, r, h, mod, weight_next, mod_next), "reference": None})
     impl = _gated_bwd_triton if name == "triton" else _gated_bwd_reference
-    dres, dh, dmod, dw, dmodn = impl(None if dr is None else dr.contiguous(), None if dy is None else dy.contiguous(),
-                                     r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, mean, rstd,
-                                     p, seed, offset, dropout, eps)
+    dres, dh, dmod, dw, dmodn = impl(dr, dy, r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, mean,
+                                     rstd, p, seed, offset, dropout, eps)
     return (dres, dh, dmod, r.new_empty(0) if dw is None else dw,     # fresh empties: outputs must not alias
             r.new_empty(0) if dmodn is None else dmodn)
 
@@ -357,6 +423,8 @@ def _gated_bwd_op(dr: Optional[torch.Tensor], dy: Optional[torch.Tensor], r: tor
 @_gated_bwd_op.register_fake
 def _(dr, dy, r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, mean, rstd, p, seed, offset,
       dropout, eps, backend=None):
+    _check_bwd(dr, dy, r, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, mean, rstd, p, dropout,
+               eps)
     return (torch.empty_like(r), torch.empty_like(h), mod.new_empty(mod.shape),
             r.new_empty(0) if weight_next is None else torch.empty_like(weight_next),
             r.new_empty(0) if mod_next is None else mod_next.new_empty(mod_next.shape))
@@ -409,38 +477,18 @@ def gated_residual_modulate(residual: torch.Tensor, h: torch.Tensor, mod: torch.
     :func:`mdlm_kernels.adaln_modulate`. Differentiable w.r.t. residual, h, mod, weight_next, mod_next; the
     backward regenerates the dropout mask.
     """
-    op = OP
-    C.check_tensor(op, "residual", residual, 3)
-    C.check_tensor(op, "h", h, 3)
-    if h.shape != residual.shape:
-        C.fail(op, f"h shape {tuple(h.shape)} != residual shape {tuple(residual.shape)}")
-    B, L, d = residual.shape
-    if d == 0:
-        C.fail(op, "hidden size d must be > 0")
-    C.check_mod(op, "mod", mod, B, d, [("gate_idx", gate_idx)])
-    if weight_next is not None:
-        C.check_weight(op, "weight_next", weight_next, d)
-        modn = mod if mod_next is None else mod_next
-        C.check_mod(op, "mod_next" if mod_next is not None else "mod", modn, B, d,
-                    [("shift_idx", shift_idx), ("scale_idx", scale_idx)])
-        if shift_idx == scale_idx:
-            C.fail(op, f"shift_idx and scale_idx must differ, got {shift_idx} for both")
-    else:
-        mod_next = None
-    C.check_devices(op, residual=residual, h=h, mod=mod, weight_next=weight_next, mod_next=mod_next)
-    if B * L >= 2 ** 32:
-        C.fail(op, f"B*L = {B * L} rows exceed the 32-bit Philox row counter")
-    p = float(p)
-    if not 0.0 <= p <= 1.0:
-        C.fail(op, f"dropout probability p must be in [0, 1], got {p}")
-    dropout = bool(training) and p > 0.0
+    if weight_next is None:
+        mod_next = None                          # no next norm: its modulation is not read
+    training = _checks.bool_arg(OP, "training", training)
+    p = _checks.float_arg(OP, "p (the dropout probability)", p, 0.0, 1.0)
+    _check_fwd(residual, h, mod, gate_idx, weight_next, mod_next, shift_idx, scale_idx, p, training, out_dtype, eps)
+    dropout = training and p > 0.0
     if dropout and seed is None:
         seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
-    seed = _check_u64("seed", 0 if seed is None else seed, op)
-    offset = _check_u64("offset", offset, op)
-    out_dtype = C.resolve_out_dtype(op, out_dtype, residual.device)
-    if backend is not None:
-        _backend.normalize(backend)
+    seed = _check_u64("seed", 0 if seed is None else seed, OP)
+    offset = _check_u64("offset", offset, OP)
+    out_dtype = C.resolve_out_dtype(OP, out_dtype, residual.device)
+    _checks.backend_arg(OP, backend)
     r, y, _, _ = torch.ops.mdlm.gated_residual_modulate(
         residual.contiguous(), h.contiguous(), C.rows_contig(mod),
         int(gate_idx), None if weight_next is None else weight_next.contiguous(),

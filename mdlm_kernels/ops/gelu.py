@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
+from . import _checks
 if HAS_TRITON:
     from ._adaln_common import _cast
 
@@ -44,8 +45,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _gelu_s(z):
+        """s = sigma(2u) = 1 / (1 + exp(-2u)), and s = 0 exactly where the spec's 1 + tanh(u) is 0 in fp32
+        (tanh(u) rounds to -1 for u < -9.0109, i.e. z < -5.1578; there sigma(2u) < 1.5e-8): y = z s = -0 and
+        dy/dz = s + 2 z s (1 - s) du/dz = 0 as the spec's while z^2 stays finite, NaN once 3 z^2 overflows (the
+        spec's 0 * inf). Exact zeros matter when y meets an infinity later (the next GEMM: -inf * -0 = NaN in
+        the spec). No floor on s: a floor (exp clamped at e^80, s >= 2e-35) times the z^3 growth of 2 z du/dz gave
+        dy/dz = -3.9 at z = -1e12 and -3864 at -1e13, where the spec gives 0. The test is on z (live anyway), not
+        on -2u, which keeps the backward at 128 registers (4 resident blocks, compile_check); the clamp only keeps
+        the discarded branch from overflowing."""
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        return 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))   # clamp: no inf (s < 2e-35 there)
+        return tl.where(z < -5.1578, 0.0, 1.0 / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0))))
 
     @triton.jit
     def _bias_gelu_fwd_kernel(
@@ -182,8 +191,41 @@ def _triton_supported(*ts):
     return _backend.dtype_predicate(_DTYPES, *ts)
 
 
+def _check_op(x, bias) -> None:
+    """x (..., n) and bias (n,), n > 0, float dtypes, one device (metadata only): the public functions, the op
+    bodies and their fakes."""
+    _checks.tensor(OP, "x", x, dtypes=_REF_DTYPES)
+    _checks.tensor(OP, "bias", bias, dtypes=_REF_DTYPES)
+    if x.dim() < 1 or bias.dim() != 1 or bias.shape[0] != x.shape[-1] or bias.shape[0] == 0:
+        _checks.fail(OP, f"bias must be (n,) with n = x.shape[-1] > 0; got x {tuple(x.shape)}, "
+                         f"bias {tuple(bias.shape)}")
+    _checks.on_device(OP, "bias", bias, x.device, "x")
+
+
+def _check_grad(g, x, bias) -> None:
+    _check_op(x, bias)
+    _checks.tensor(OP, "g", g, dtypes=_REF_DTYPES)
+    if g.shape != x.shape:
+        _checks.fail(OP, f"g (dL/dy) has shape {tuple(g.shape)} but x has {tuple(x.shape)}")
+    _checks.on_device(OP, "g", g, x.device, "x")
+
+
+def _check_recompute(g, x, bias) -> None:
+    """g is overwritten with dx: x's shape, dtype and device, and contiguous, like x."""
+    _check_op(x, bias)
+    if not torch.is_tensor(g) or g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+        _checks.fail(OP, f"g must be a tensor of x's shape, dtype and device (it is overwritten with dx); got "
+                         f"{getattr(g, 'shape', None)} {getattr(g, 'dtype', None)} vs x {tuple(x.shape)} {x.dtype}")
+    if not g.is_contiguous() or not x.is_contiguous():
+        _checks.fail(OP, "g and x must be contiguous (g is overwritten in place)")
+
+
 @torch.library.custom_op("mdlm::bias_gelu", mutates_args=())
 def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """gelu_tanh(x + bias) in x's dtype; x (..., n) of any strides (made contiguous here), bias (n,). Checked here
+    (metadata only) before any pointer reaches a kernel."""
+    _check_op(x, bias)
+    x, bias = x.contiguous(), bias.contiguous()          # the kernels index dense rows
     name = _backend.resolve(OP, backend, x.device, {"triton": _triton_supported(x, bias), "reference": None})
     x2 = x.view(-1, x.shape[-1])
     return (_fwd_triton if name == "triton" else _fwd_reference)(x2, bias).view(x.shape)
@@ -191,29 +233,36 @@ def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = 
 
 @_bias_gelu_op.register_fake
 def _(x, bias, backend=None):
-    return torch.empty_like(x)
+    _check_op(x, bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("mdlm::bias_gelu_backward", mutates_args=())
 def _bias_gelu_bwd_op(g: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dbias in bias's dtype) from g = dL/dy (x's shape, any float dtype and strides)."""
+    _check_grad(g, x, bias)
+    g, x, bias = g.contiguous(), x.contiguous(), bias.contiguous()
     name = _backend.resolve(OP + "_backward", backend, x.device,
                             {"triton": _triton_supported(g, x, bias), "reference": None})
     n = x.shape[-1]
-    dx, db = (_bwd_triton if name == "triton" else _bwd_reference)(g.contiguous().view(-1, n), x.view(-1, n), bias)
+    dx, db = (_bwd_triton if name == "triton" else _bwd_reference)(g.view(-1, n), x.view(-1, n), bias)
     return dx.view(x.shape), db
 
 
 @_bias_gelu_bwd_op.register_fake
 def _(g, x, bias, backend=None):
-    return torch.empty_like(x), torch.empty_like(bias)
+    _check_grad(g, x, bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
 
 
 @torch.library.custom_op("mdlm::bias_gelu_backward_recompute", mutates_args=("g",))
 def _bias_gelu_bwd_recompute_op(g: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Overwrites g (contiguous, x's dtype and shape) with dx and returns (dbias, y = gelu_tanh(x + bias)), y
-    bit-equal to the forward op's output on the same backend."""
+    bit-equal to the forward op's output on the same backend. Checked here (g and x must be contiguous)."""
+    _check_recompute(g, x, bias)
+    bias = bias.contiguous()
     name = _backend.resolve(OP + "_backward", backend, x.device,
                             {"triton": _triton_supported(g, x, bias), "reference": None})
     n = x.shape[-1]
@@ -223,6 +272,7 @@ def _bias_gelu_bwd_recompute_op(g: torch.Tensor, x: torch.Tensor, bias: torch.Te
 
 @_bias_gelu_bwd_recompute_op.register_fake
 def _(g, x, bias, backend=None):
+    _check_recompute(g, x, bias)
     return torch.empty_like(bias), torch.empty_like(x)
 
 
@@ -241,29 +291,14 @@ def _backward(ctx, g):
 _bias_gelu_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _check(x, bias):
-    if not torch.is_tensor(x) or not torch.is_tensor(bias):
-        raise TypeError(f"{OP}: x and bias must be tensors")
-    for name, t in (("x", x), ("bias", bias)):
-        if t.dtype not in _REF_DTYPES:
-            raise TypeError(f"{OP}: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16 "
-                            f"(float64 with the reference backend only)")
-    if x.dim() < 1 or bias.dim() != 1 or bias.shape[0] != x.shape[-1] or bias.shape[0] == 0:
-        raise ValueError(f"{OP}: bias must be (n,) with n = x.shape[-1] > 0; got x {tuple(x.shape)}, "
-                         f"bias {tuple(bias.shape)}")
-    if x.device != bias.device:
-        raise ValueError(f"{OP}: x is on {x.device} but bias is on {bias.device}")
-
-
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """gelu_tanh(x + bias): x (..., n), bias (n,) -> (..., n) in x's dtype (fp32 math).
 
     Equal to ``F.gelu(x.float() + bias.float(), approximate="tanh").to(x.dtype)``. Differentiable w.r.t. x and
     bias (dbias reduced in fp32, returned in bias's dtype). Non-contiguous x is copied.
     """
-    _check(x, bias)
-    if backend is not None:
-        _backend.normalize(backend)
+    _check_op(x, bias)
+    _checks.backend_arg(OP, backend)
     return torch.ops.mdlm.bias_gelu(x.contiguous(), bias.contiguous(), backend)
 
 
@@ -275,13 +310,6 @@ def bias_gelu_backward_recompute(g: torch.Tensor, x: torch.Tensor, bias: torch.T
     inputs. Returns (dbias (n,) in bias's dtype, reduced in fp32; y (..., n) = gelu_tanh(x + bias) in x's
     dtype, bit-equal to ``bias_gelu(x, bias)`` on the same backend). Not differentiable.
     """
-    _check(x, bias)
-    if not torch.is_tensor(g) or g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
-        raise ValueError(f"{OP}: g must be a tensor of x's shape, dtype and device (it is overwritten with dx); "
-                         f"got {getattr(g, 'shape', None)} {getattr(g, 'dtype', None)} vs x {tuple(x.shape)} "
-                         f"{x.dtype}")
-    if not g.is_contiguous() or not x.is_contiguous():
-        raise ValueError(f"{OP}: g and x must be contiguous (g is overwritten in place)")
-    if backend is not None:
-        _backend.normalize(backend)
+    _check_recompute(g, x, bias)
+    _checks.backend_arg(OP, backend)
     return torch.ops.mdlm.bias_gelu_backward_recompute(g, x, bias.contiguous(), backend)

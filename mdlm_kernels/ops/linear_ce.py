@@ -40,6 +40,7 @@ import torch
 from .. import backend as _backend
 from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
+from . import _checks
 
 OP = "subs_linear_cross_entropy"
 CHUNK_BYTES = 2 ** 30  # the most bytes of one (C, V) logits chunk
@@ -199,6 +200,9 @@ def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_in
     if mask_index >= 0:
         zf[:, mask_index] = float("-inf")
     lse = torch.logsumexp(zf, dim=-1)
+    # a row with a +inf logit: torch.logsumexp gives +inf, the kernel's online log-sum-exp inf - inf = NaN; its
+    # softmax is 0 / 0 at the +inf columns either way: NaN for the row's loss and gradient in both backends
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
     ok = (tgt >= 0) & (tgt < V) & (tgt != mask_index)
     safe = torch.where(ok, tgt, 0)
     z_t = zf.gather(1, safe[:, None])[:, 0]
@@ -207,7 +211,9 @@ def _rows_reference(z: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, mask_in
         return loss, torch.zeros(0, dtype=torch.float32, device=z.device)
     g = torch.exp(zf - lse[:, None])  # exp(-inf) = 0 on the MASK column
     g[torch.arange(C, device=z.device), safe] -= ok.to(g.dtype)
-    g = g * torch.where(ok, w, float("nan"))[:, None]
+    if mask_index >= 0:
+        g[:, mask_index] = 0.0        # (1): 0 on the MASK column also where lse is NaN, times w as in the kernel
+    g = g * torch.where(ok, w, float("nan"))[:, None]     # an invalid target poisons its whole row
     z.copy_(g)
     write_db = write_grad if write_db is None else write_db
     return loss, (g.sum(0) if write_db else torch.zeros(0, dtype=torch.float32, device=z.device))
@@ -319,12 +325,40 @@ def _forward_and_grads(h, W, b, tgt, w, mask_index: int, rows_impl: str, grad_h:
 # ---------------------------------------------------------------------------------------------
 # torch.library registration + autograd
 # ---------------------------------------------------------------------------------------------
+def _check_op(h, W, b, tgt, w, mask_index, grad_h, grad_w, chunk_rows) -> None:
+    """The op's inputs, from metadata only (no value is read): shared by its body and its fake kernel. The op
+    takes targets as int64 and row weights as float32 (the public function converts them)."""
+    _checks.tensor(OP, "hidden", h, dtypes=_DTYPES, ndim=2)
+    N, d = h.shape
+    _checks.tensor(OP, "weight", W, dtypes=_DTYPES, ndim=2)
+    V = W.shape[0]
+    if W.shape[1] != d:
+        _checks.fail(OP, f"weight: hidden width {d} != weight width {W.shape[1]} (weight must be (V, d) = (V, {d}))")
+    if V < 2:
+        _checks.fail(OP, f"weight: need a vocabulary of at least 2 rows, got V={V}")
+    _checks.tensor(OP, "bias", b, dtypes=_DTYPES, shape=(V,), optional=True)
+    _checks.tensor(OP, "targets", tgt, dtypes=(torch.int64,), shape=(N,))
+    _checks.tensor(OP, "row_weights", w, dtypes=(torch.float32,), shape=(N,))
+    _checks.same_device(OP, hidden=h, weight=W, bias=b, targets=tgt, row_weights=w)
+    _checks.int_arg(OP, "mask_index", mask_index, -1, V - 1)
+    _checks.bool_arg(OP, "grad_h", grad_h)
+    _checks.bool_arg(OP, "grad_w", grad_w)
+    _checks.int_arg(OP, "chunk_rows", chunk_rows, 1)
+
+
 @torch.library.custom_op("mdlm::subs_linear_cross_entropy", mutates_args=())
 def _linear_ce_op(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
                   w: torch.Tensor, mask_index: int, grad_h: bool, grad_w: bool, chunk_rows: int,
                   backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                           torch.Tensor, torch.Tensor]:
+    """h (N, d), W (V, d), b (V,) or None (fp32 / bf16 / fp16), tgt (N,) int64, w (N,) float32, mask_index in
+    [-1, V) (-1: none). Returns (loss, row losses, grad_h, grad_W, grad_b) (the gradients empty unless asked for).
+    Checked here (metadata only) before any pointer reaches a kernel; any strides (made contiguous here)."""
+    _check_op(h, W, b, tgt, w, mask_index, grad_h, grad_w, chunk_rows)
     name = _backend.resolve(OP, backend, h.device, _SUPPORTED)
+    # the kernels index rows and the bias, targets and weights as dense arrays
+    h, W, tgt, w = h.contiguous(), W.contiguous(), tgt.contiguous(), w.contiguous()
+    b = None if b is None else b.contiguous()
     # the GEMMs run in h's dtype (the compute dtype); W/b keep their own dtype as parameters, so an fp32
     # master weight receives its fp32-accumulated gradient without a round trip through bf16; the bias is added
     # in fp32 by the row kernel in its own dtype (one rounding fewer than a bf16 GEMM epilogue)
@@ -335,6 +369,7 @@ def _linear_ce_op(h: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t
 
 @_linear_ce_op.register_fake
 def _(h, W, b, tgt, w, mask_index, grad_h, grad_w, chunk_rows, backend=None):
+    _check_op(h, W, b, tgt, w, mask_index, grad_h, grad_w, chunk_rows)
     N, d = h.shape
     V = W.shape[0]
     f32 = torch.float32
@@ -381,33 +416,26 @@ class LinearCEOutput(NamedTuple):
     row_losses: torch.Tensor  # (N,) fp32: w_i * CE_i, for logging (no gradient flows through it)
 
 
-def _check(hidden, weight, bias, targets, row_weights, mask_index):
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not torch.is_tensor(t):
-            raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"{OP}: hidden must be (N, d) and weight (V, d), got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
+def _check(hidden, weight, bias, targets, row_weights, mask_index, validate, chunk_rows):
+    """The public function's inputs (targets may be int32, row weights any float dtype: converted for the op)."""
+    _checks.tensor(OP, "hidden", hidden, dtypes=_DTYPES, ndim=2)
+    _checks.tensor(OP, "weight", weight, dtypes=_DTYPES, ndim=2)
     N, d = hidden.shape
     V = weight.shape[0]
     if weight.shape[1] != d:
-        raise ValueError(f"{OP}: hidden width {d} != weight width {weight.shape[1]}")
+        _checks.fail(OP, f"weight: hidden width {d} != weight width {weight.shape[1]} (weight must be (V, d) = "
+                         f"(V, {d}))")
     if V < 2:
-        raise ValueError(f"{OP}: need a vocabulary of at least 2, got V={V}")
-    if hidden.dtype not in _DTYPES or weight.dtype not in _DTYPES:
-        raise TypeError(f"{OP}: hidden and weight must be one of {_DTYPES}, got {hidden.dtype} and {weight.dtype}")
-    if bias is not None and (bias.shape != (V,) or bias.dtype not in _DTYPES):
-        raise ValueError(f"{OP}: bias must be ({V},) of one of {_DTYPES}, got {tuple(bias.shape)} {bias.dtype}")
-    if targets.shape != (N,) or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{OP}: targets must be ({N},) int64/int32, got {tuple(targets.shape)} {targets.dtype}")
-    if row_weights is not None and (row_weights.shape != (N,) or not row_weights.is_floating_point()):
-        raise ValueError(f"{OP}: row_weights must be ({N},) floating point, got {tuple(row_weights.shape)} "
-                         f"{row_weights.dtype}")
-    devices = {t.device for t in (hidden, weight, bias, targets, row_weights) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"{OP}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if mask_index is not None and not 0 <= mask_index < V:
-        raise ValueError(f"{OP}: mask_index {mask_index} outside [0, {V})")
+        _checks.fail(OP, f"weight: need a vocabulary of at least 2 rows, got V={V}")
+    _checks.tensor(OP, "bias", bias, dtypes=_DTYPES, shape=(V,), optional=True)
+    _checks.tensor(OP, "targets", targets, dtypes=(torch.int64, torch.int32), shape=(N,))
+    _checks.tensor(OP, "row_weights", row_weights, dtypes=_checks.REF_FLOATS, shape=(N,), optional=True)
+    _checks.same_device(OP, hidden=hidden, weight=weight, bias=bias, targets=targets, row_weights=row_weights)
+    if mask_index is not None:
+        _checks.int_arg(OP, "mask_index", mask_index, 0, V - 1)
+    _checks.bool_arg(OP, "validate", validate)
+    if chunk_rows is not None:
+        _checks.int_arg(OP, "chunk_rows", chunk_rows, 1)
 
 
 def subs_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -424,7 +452,8 @@ def subs_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     ``validate`` checks target ids and weights (one host synchronisation); with ``validate=False`` an
     invalid target or a NaN weight yields a NaN loss (never an out-of-bounds read or a silent number).
     """
-    _check(hidden, weight, bias, targets, row_weights, mask_index)
+    _check(hidden, weight, bias, targets, row_weights, mask_index, validate, chunk_rows)
+    _checks.backend_arg(OP, backend)
     N = hidden.shape[0]
     V = weight.shape[0]
     device = hidden.device
@@ -450,11 +479,7 @@ def subs_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     grad_on = torch.is_grad_enabled()
     grad_h = grad_on and hidden.requires_grad
     grad_w = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    chunk = int(chunk_rows) if chunk_rows else chunk_rows_for(V, hidden.dtype)
-    if chunk < 1:
-        raise ValueError(f"{OP}: chunk_rows must be >= 1, got {chunk_rows}")
-    if backend is not None:
-        _backend.normalize(backend)
+    chunk = int(chunk_rows) if chunk_rows is not None else chunk_rows_for(V, hidden.dtype)
     loss, rows, *_ = torch.ops.mdlm.subs_linear_cross_entropy(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), tgt.contiguous(),
         w.contiguous(), mi, grad_h, grad_w, chunk, backend)

@@ -15,6 +15,12 @@ no Triton implementation. On CPU the reference and the CPU twin agree bit for bi
 row_counts; torch's float64 transcendentals (SLEEF) and the C library's can differ by one
 float64 ulp, so sigma / weight / move_chance of the non-loglinear schedules can differ by one
 float32 ulp (rarely).
+
+Inputs are checked (metadata only: dtype, shape, device, scalar ranges) in the public function, in the body of
+the registered op (``torch.ops.mdlm.*`` called directly is checked too) and in its fake kernel. The compiled
+extension ``mdlm_kernels._C`` is PRIVATE (raw addresses; it may change between versions): call this op, not
+``_C``. Its functions take every buffer as (address, nbytes) and check each access against nbytes before a
+kernel runs, so a short buffer is a ValueError, never an out-of-bounds read or write.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 from .. import _ext, backend as _backend
 from .._dtypes import dtype_code
 from ..step_budget import host_side
-from .philox import _M32, _check_u64, _from_i64, _philox_reference, _reference as _philox_uniform_ref
+from . import _checks
+from .philox import _M32, _buf, _check_u64, _from_i64, _philox_reference, _reference as _philox_uniform_ref
 from .philox import _to_i64, _uniform_from_words
 
 OP = "forward_mask"
@@ -129,13 +136,11 @@ def _cpp(x0, t, seed, offset, mask_index, schedule, eps, sigma_min, sigma_max, s
     counts = torch.empty(B, dtype=torch.int32, device=device)
     if B == 0:
         return xt, t_out, sigma, weight, mc, counts
-    t_ptr = 0
-    if t is not None:
-        t = t.contiguous()
-        t_ptr = t.data_ptr()
-    args = (x0.data_ptr(), xt.data_ptr(), dtype_code(x0.dtype), t_ptr, t_out.data_ptr(), sigma.data_ptr(),
-            weight.data_ptr(), mc.data_ptr(), counts.data_ptr(), B, L, seed, offset, mask_index,
-            SCHEDULE_CODES[schedule], eps, sigma_min, sigma_max, sampling_eps, antithetic)
+    t = None if t is None else t.contiguous()     # None: the kernel draws t
+    # every buffer travels with its size in bytes: the binding checks each access against it
+    args = (_buf(x0), _buf(xt), dtype_code(x0.dtype), _buf(t), _buf(t_out), _buf(sigma), _buf(weight), _buf(mc),
+            _buf(counts), B, L, seed, offset, mask_index, SCHEDULE_CODES[schedule], eps, sigma_min, sigma_max,
+            sampling_eps, antithetic)
     if device.type == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
@@ -161,6 +166,10 @@ def _forward_mask_op(x0: torch.Tensor, t: Optional[torch.Tensor], seed: int, off
                      schedule: str, eps: float, sigma_min: float, sigma_max: float, sampling_eps: float,
                      antithetic: bool, backend: Optional[str] = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op: x0 (B, L) int64 / int32, t None or (B,) float32 on x0's device; the scalars as
+    :func:`forward_mask` after its defaults (sigma_min / sigma_max of the schedule resolved, noise_eps = eps).
+    Checked here (metadata only) before any pointer reaches a kernel."""
+    _check_op(x0, t, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic)
     name = _backend.resolve(OP, backend, x0.device, _SUPPORTED)
     return _IMPLS[name](x0, t, _from_i64(seed), _from_i64(offset), mask_index, schedule, eps, sigma_min, sigma_max,
                         sampling_eps, antithetic)
@@ -168,6 +177,7 @@ def _forward_mask_op(x0: torch.Tensor, t: Optional[torch.Tensor], seed: int, off
 
 @_forward_mask_op.register_fake
 def _(x0, t, seed, offset, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic, backend=None):
+    _check_op(x0, t, mask_index, schedule, eps, sigma_min, sigma_max, sampling_eps, antithetic)
     B, L = x0.shape
     rows = lambda dtype: x0.new_empty((B,), dtype=dtype)  # noqa: E731
     return (x0.new_empty((B, L)), rows(torch.float32), rows(torch.float32), rows(torch.float32),
@@ -253,13 +263,43 @@ def masked_rows_bound(B: int, L: int, seed: Optional[int], offset: int = 0, *, s
 # ---------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------
-def _check_float(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"forward_mask: {name} must be a float, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"forward_mask: {name} must be finite, got {v}")
-    return v
+def _check_schedule(schedule, eps, smin, smax) -> None:
+    """The schedule's parameters: finite, and a schedule whose loss weight dsigma / expm1(sigma) is finite and
+    positive for t in (0, 1] (sigma increasing: sigma_min < sigma_max; sigma_min = sigma_max = 0 would give 0 / 0,
+    a geometric sigma_min > sigma_max negative weights)."""
+    if not isinstance(schedule, str) or schedule not in SCHEDULE_CODES:
+        _checks.fail(OP, f"schedule: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    _checks.float_arg(OP, "noise_eps", eps)
+    _checks.float_arg(OP, "sigma_min", smin)
+    _checks.float_arg(OP, "sigma_max", smax)
+    if schedule == "linear" and not 0.0 <= smin < smax:
+        _checks.fail(OP, f"sigma_min / sigma_max: the linear schedule needs 0 <= sigma_min < sigma_max, got "
+                         f"sigma_min={smin}, sigma_max={smax}")
+    if schedule == "geometric" and not 0.0 < smin < smax:
+        _checks.fail(OP, f"sigma_min / sigma_max: the geometric schedule needs 0 < sigma_min < sigma_max, got "
+                         f"sigma_min={smin}, sigma_max={smax}")
+    if schedule not in _DEFAULT_SIGMAS and not 0.0 <= eps < 1.0:
+        _checks.fail(OP, f"noise_eps must be in [0, 1) for the {schedule} schedule, got {eps}")
+
+
+def _check_op(x0, t, mask_index, schedule, eps, smin, smax, sampling_eps, antithetic) -> None:
+    """Everything the kernels rely on, from metadata only (no value is read): shared by the public function,
+    the op body and its fake kernel."""
+    _checks.tensor(OP, "x0", x0, dtypes=(torch.int64, torch.int32), ndim=2)
+    B, L = x0.shape
+    if B > _M32:
+        _checks.fail(OP, f"x0: B must be < 2^32 (rows are uint32 Philox counter words), got {B}")
+    if L > _M32:
+        _checks.fail(OP, f"x0: L must be < 2^32 (columns are uint32 Philox counter words), got {L}")
+    if L > 2**31 - 1:
+        _checks.fail(OP, f"x0: L must be < 2^31 (row_counts is int32), got {L}")
+    _checks.int_arg(OP, "mask_index", mask_index, 0, _INT_MAX[x0.dtype])
+    _check_schedule(schedule, eps, smin, smax)
+    _checks.float_arg(OP, "sampling_eps", sampling_eps, 0.0, 1.0, hi_open=True)
+    _checks.bool_arg(OP, "antithetic", antithetic)
+    if t is not None:
+        _checks.tensor(OP, "t", t, dtypes=(torch.float32,), shape=(B,))
+        _checks.on_device(OP, "t", t, x0.device, "x0")
 
 
 def _is_compiling() -> bool:
@@ -288,64 +328,28 @@ def forward_mask(x0: torch.Tensor, seed: int, offset: int = 0, *, mask_index: in
     synchronise a GPU); neither are the values of a CUDA t. backend: None/"auto", "cpp" (alias
     "cuda") or "reference"; MDLM_BACKEND sets it globally.
     """
-    if not isinstance(x0, torch.Tensor):
-        raise TypeError(f"forward_mask: x0 must be a torch.Tensor, got {type(x0).__name__}")
-    if x0.dim() != 2:
-        raise ValueError(f"forward_mask: x0 must have rank 2 (B, L), got shape {tuple(x0.shape)}")
-    if x0.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"forward_mask: x0 must be int64 or int32 token ids, got {x0.dtype}")
-    B, L = x0.shape
-    if B > _M32:
-        raise ValueError(f"forward_mask: B must be < 2^32 (rows are uint32 Philox counter words), got {B}")
-    if L > _M32:
-        raise ValueError(f"forward_mask: L must be < 2^32 (columns are uint32 Philox counter words), got {L}")
-    if L > 2**31 - 1:
-        raise ValueError(f"forward_mask: L must be < 2^31 (row_counts is int32), got {L}")
+    if not isinstance(schedule, str) or schedule not in SCHEDULE_CODES:
+        _checks.fail(OP, f"schedule: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    smin, smax = 0.0, 0.0
+    if schedule in _DEFAULT_SIGMAS:   # linear / geometric: the defaults of mdlm.schedules.get_noise
+        dmin, dmax = _DEFAULT_SIGMAS[schedule]
+        smin = _checks.float_arg(OP, "sigma_min", dmin if sigma_min is None else sigma_min)
+        smax = _checks.float_arg(OP, "sigma_max", dmax if sigma_max is None else sigma_max)
+    eps = _checks.float_arg(OP, "noise_eps", noise_eps)
+    sampling_eps = _checks.float_arg(OP, "sampling_eps", sampling_eps)
+    if t is not None and not isinstance(t, torch.Tensor):
+        _checks.fail(OP, f"t must be None or a torch.Tensor, got {type(t).__name__}", TypeError)
+    _check_op(x0, t, mask_index, schedule, eps, smin, smax, sampling_eps, antithetic)
     seed = _check_u64("seed", seed, OP)
     offset = _check_u64("offset", offset, OP)
-    if isinstance(mask_index, bool) or not isinstance(mask_index, int):
-        raise TypeError(f"forward_mask: mask_index must be an int, got {type(mask_index).__name__}")
-    if not 0 <= mask_index <= _INT_MAX[x0.dtype]:
-        raise ValueError(f"forward_mask: mask_index must be in [0, {_INT_MAX[x0.dtype]}] for {x0.dtype}, "
-                         f"got {mask_index}")
-    if not isinstance(schedule, str) or schedule not in SCHEDULE_CODES:
-        raise ValueError(f"forward_mask: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-    eps = _check_float("noise_eps", noise_eps)
-    sampling_eps = _check_float("sampling_eps", sampling_eps)
-    if not 0.0 <= sampling_eps < 1.0:
-        raise ValueError(f"forward_mask: sampling_eps must be in [0, 1), got {sampling_eps}")
-    smin, smax = 0.0, 0.0
-    if schedule in _DEFAULT_SIGMAS:
-        dmin, dmax = _DEFAULT_SIGMAS[schedule]
-        smin = _check_float("sigma_min", dmin if sigma_min is None else sigma_min)
-        smax = _check_float("sigma_max", dmax if sigma_max is None else sigma_max)
-        if schedule == "linear" and not 0.0 <= smin <= smax:
-            raise ValueError(f"forward_mask: linear schedule needs 0 <= sigma_min <= sigma_max, got "
-                             f"sigma_min={smin}, sigma_max={smax}")
-        if schedule == "geometric" and not (smin > 0.0 and smax > 0.0):
-            raise ValueError(f"forward_mask: geometric schedule needs sigma_min > 0 and sigma_max > 0, got "
-                             f"sigma_min={smin}, sigma_max={smax}")
-    elif not 0.0 <= eps < 1.0:
-        raise ValueError(f"forward_mask: noise_eps must be in [0, 1) for the {schedule} schedule, got {eps}")
-    if not isinstance(antithetic, bool):
-        raise TypeError(f"forward_mask: antithetic must be a bool, got {type(antithetic).__name__}")
+    B = x0.shape[0]
     if t is not None:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"forward_mask: t must be None or a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"forward_mask: t must be float32, got {t.dtype}")
-        if tuple(t.shape) != (B,):
-            raise ValueError(f"forward_mask: t must have shape (B,) = ({B},), got {tuple(t.shape)}")
-        if t.device != x0.device:
-            raise ValueError(f"forward_mask: t is on {t.device} but x0 is on {x0.device}; all tensors must be on "
-                             "the same device")
         # the range check reads the values: CPU only (on a GPU it would synchronise), never while tracing
         if t.device.type == "cpu" and B > 0 and not _is_compiling():
             if not bool(((t > 0) & (t <= 1)).all()):
                 raise ValueError("forward_mask: t must lie in (0, 1], got values in "
                                  f"[{t.min().item()}, {t.max().item()}]")
-    if backend is not None:
-        _backend.normalize(backend)  # unknown names fail here, before tracing
+    _checks.backend_arg(OP, backend)  # unknown names fail here, before tracing
     xt, t_out, sigma, weight, mc, counts = torch.ops.mdlm.forward_mask(
         x0, t, _to_i64(seed), _to_i64(offset), mask_index, schedule, eps, smin, smax, sampling_eps, antithetic,
         backend)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from . import _checks
 from . import gelu as _gelu
 
 OP = "gelu_mlp"
@@ -122,8 +123,9 @@ def gelu_mlp(y: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
             continue
         if not torch.is_tensor(t):
             raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{OP}: {name} must be floating point, got {t.dtype}")
+        if t.dtype not in _checks.REF_FLOATS:
+            raise TypeError(f"{OP}: {name} must be floating point (float32, bfloat16, float16 or float64), got "
+                            f"{t.dtype}")
         if t.device != y.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but y is on {y.device}")
     if y.dim() < 1 or w1.dim() != 2 or w2.dim() != 2 or b1.dim() != 1:
@@ -135,7 +137,6 @@ def gelu_mlp(y: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
                          f"{tuple(b1.shape)}, w2 {tuple(w2.shape)} (need y[-1] = w1[1], b1[0] = w1[0] = w2[1] > 0)")
     if b2 is not None and (b2.dim() != 1 or b2.shape[0] != w2.shape[0]):
         raise ValueError(f"{OP}: b2 must be (d_out,) = ({w2.shape[0]},), got {tuple(b2.shape)}")
-    if backend is not None:
-        _backend.normalize(backend)
+    _checks.backend_arg(OP, backend)
     cdt = _compute_dtype(y, w1, b1, w2, b2)
     return _GeluMLP.apply(y, w1, b1.contiguous(), w2, b2, cdt, backend)

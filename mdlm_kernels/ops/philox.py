@@ -12,6 +12,12 @@ Device-side offset (CUDA graphs: a captured launch freezes its host ints): ``off
 (int64 -1 adds 2^64 - 1, i.e. subtracts 1). The "cpp" and "triton" kernels load it themselves when
 they run (no host synchronisation; a replayed graph sees the tensor's current value); the
 "reference" backend reads it on the host (``int(offset_tensor)``, a sync on a GPU).
+
+Inputs are checked (metadata only: dtype, shape, device, scalar ranges) in the public function, in the body of
+the registered op (``torch.ops.mdlm.*`` called directly is checked too) and in its fake kernel. The compiled
+extension ``mdlm_kernels._C`` is PRIVATE (raw addresses; it may change between versions): call this op, not
+``_C``. Its functions take every buffer as (address, nbytes) and check each access against nbytes before a
+kernel runs, so a short buffer is a ValueError, never an out-of-bounds read or write.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .. import _ext, backend as _backend
 from .. import launch as _launch
 from .._dtypes import dtype_code
 from .._triton import HAS_TRITON, tl, triton
+from . import _checks
 
 OP = "philox_uniform"
 _M32 = 0xFFFFFFFF
@@ -161,9 +168,19 @@ def _triton_launch(rows, cols, seed, offset, dtype, device, offset_tensor=None):
     return out
 
 
-def _offset_ptr(offset_tensor: Optional[torch.Tensor]) -> int:
-    """Address of the device-side offset for the compiled kernels (0 = none); never read on the host."""
-    return 0 if offset_tensor is None else offset_tensor.data_ptr()
+def _buf(t: Optional[torch.Tensor]) -> tuple:
+    """A buffer argument of the compiled extension: (address, size in bytes) of a contiguous tensor, (0, 0) for
+    None. The extension checks every access of a call against these sizes before a kernel runs."""
+    if t is None:
+        return (0, 0)
+    if not t.is_contiguous():
+        raise ValueError("internal: a buffer handed to the compiled extension must be contiguous")
+    return (t.data_ptr(), t.numel() * t.element_size())
+
+
+def _offset_buf(offset_tensor: Optional[torch.Tensor]) -> tuple:
+    """The device-side offset for the compiled kernels ((0, 0) = none); never read on the host."""
+    return (0, 0) if offset_tensor is None else _buf(offset_tensor.reshape(1))
 
 
 def _cpp_launch(rows, cols, seed, offset, dtype, device, offset_tensor=None):
@@ -171,13 +188,13 @@ def _cpp_launch(rows, cols, seed, offset, dtype, device, offset_tensor=None):
     if out.numel() == 0:
         return out
     code = dtype_code(dtype)
-    off_ptr = _offset_ptr(offset_tensor)
+    off = _offset_buf(offset_tensor)
     if device.type == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
-            _ext.call("philox_uniform_cuda", out.data_ptr(), rows, cols, seed, offset, code, stream, off_ptr)
+            _ext.call("philox_uniform_cuda", _buf(out), rows, cols, seed, offset, code, stream, off)
     else:
-        _ext.call("philox_uniform_cpu", out.data_ptr(), rows, cols, seed, offset, code, off_ptr)
+        _ext.call("philox_uniform_cpu", _buf(out), rows, cols, seed, offset, code, off)
     return out
 
 
@@ -201,14 +218,14 @@ def _philox_uniform_op(rows: int, cols: int, seed: int, offset: int, dtype: torc
                        device: torch.device, backend: Optional[str] = None,
                        offset_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
     device = torch.device(device)
-    offset_tensor = _check_offset_tensor(offset_tensor, device, OP)  # the kernels dereference it
+    offset_tensor = _check_op(rows, cols, dtype, device, offset_tensor)  # before any pointer reaches a kernel
     name = _backend.resolve(OP, backend, device, _SUPPORTED)
     return _IMPLS[name](rows, cols, _from_i64(seed), _from_i64(offset), dtype, device, offset_tensor)
 
 
 @_philox_uniform_op.register_fake
 def _(rows, cols, seed, offset, dtype, device, backend=None, offset_tensor=None):
-    _check_offset_tensor(offset_tensor, torch.device(device), OP)  # metadata only
+    _check_op(rows, cols, dtype, torch.device(device), offset_tensor)  # metadata only
     return torch.empty((rows, cols), dtype=dtype, device=device)
 
 
@@ -270,6 +287,15 @@ def _check_dim(name: str, v) -> int:
     return v
 
 
+def _check_op(rows, cols, dtype, device: torch.device, offset_tensor) -> Optional[torch.Tensor]:
+    """The checks of the op (its body, its fake kernel and the public function): metadata only."""
+    _check_dim("rows", rows)
+    _check_dim("cols", cols)
+    if dtype not in _DTYPES:
+        raise TypeError(f"philox_uniform: dtype must be torch.float64 or torch.float32, got {dtype}")
+    return _check_offset_tensor(offset_tensor, device, OP)
+
+
 def philox_uniform(rows: int, cols: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float64,
                    device: Union[str, torch.device] = "cpu", backend: Optional[str] = None, *,
                    offset_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -290,12 +316,16 @@ def philox_uniform(rows: int, cols: int, seed: int, offset: int = 0, dtype: torc
     cols = _check_dim("cols", cols)
     seed = _check_u64("seed", seed)
     offset = _check_u64("offset", offset)
-    if dtype not in _DTYPES:
-        raise ValueError(f"philox_uniform: dtype must be torch.float64 or torch.float32, got {dtype}")
-    device = torch.device(device)
-    offset_tensor = _check_offset_tensor(offset_tensor, device, OP)
-    if backend is not None:
-        _backend.normalize(backend)  # unknown names fail here, before tracing
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"philox_uniform: dtype must be a torch.dtype, got {type(dtype).__name__}")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"philox_uniform: device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"philox_uniform: device {device!r} is not a device ({e})") from None
+    offset_tensor = _check_op(rows, cols, dtype, device, offset_tensor)
+    _checks.backend_arg(OP, backend)  # unknown names fail here, before tracing
     return torch.ops.mdlm.philox_uniform(rows, cols, _to_i64(seed), _to_i64(offset), dtype, device, backend,
                                          offset_tensor)
 

@@ -44,6 +44,7 @@ import torch
 from .. import backend as _backend
 from .. import launch as _launch
 from .._triton import HAS_TRITON, tl, triton
+from . import _checks
 if HAS_TRITON:
     from ._adaln_common import _cast
 
@@ -235,22 +236,72 @@ def _triton_supported(*ts):
     return _backend.dtype_predicate(_DTYPES, *ts)
 
 
+def _check_qkv(qkv) -> None:
+    _checks.tensor(OP, "qkv", qkv, dtypes=_REF_DTYPES)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        _checks.fail(OP, f"qkv must be (B, L, 3, H, D), got shape {tuple(qkv.shape)}")
+    D = qkv.shape[4]
+    if D % 2 or D == 0:
+        _checks.fail(OP, f"qkv: head dim D = {D} must be even and > 0 for rotary embeddings")
+
+
+def _check_op_tables(cos, sin, L, half, device):
+    """The op's tables: (L', D/2) floating point with L' >= L, on ``device`` (metadata only)."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        _checks.tensor(OP, name, t, dtypes=_checks.REF_FLOATS)
+        if t.dim() != 2 or t.shape[1] != half:
+            _checks.fail(OP, f"{name} must be (L, D/2) = (L, {half}), got {tuple(t.shape)}")
+        if t.shape[0] < L:
+            _checks.fail(OP, f"{name} has {t.shape[0]} positions, fewer than the sequence length {L}")
+        _checks.on_device(OP, name, t, device, "qkv")
+
+
+def _op_tables(cos, sin, L):
+    """The first L rows of each table as dense fp32 (the kernels index (L, D/2) fp32 tables)."""
+    return cos[:L].float().contiguous(), sin[:L].float().contiguous()
+
+
+def _check_bwd(dq, dk, dv, cos, sin, dtype) -> None:
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        _checks.tensor(OP, name, g, dtypes=_REF_DTYPES, ndim=4)
+        if g.shape != dq.shape:
+            _checks.fail(OP, f"{name} has shape {tuple(g.shape)} but dq has {tuple(dq.shape)}")
+        _checks.on_device(OP, name, g, dq.device, "dq")
+    B, H, L, D = dq.shape
+    if D % 2 or D == 0:
+        _checks.fail(OP, f"dq: head dim D = {D} must be even and > 0")
+    _checks.dtype_arg(OP, "dtype", dtype, _REF_DTYPES)
+    _check_op_tables(cos, sin, L, D // 2, dq.device)
+
+
 @torch.library.custom_op("mdlm::rotary_qkv", mutates_args=())
 def _rotary_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: Optional[str] = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotated q, k and copied v: (B, H, L, D) views of fresh (B, L, H, D) buffers. qkv must be contiguous."""
+    """Rotated q, k and copied v: (B, H, L, D) views of fresh (B, L, H, D) buffers. qkv (B, L, 3, H, D) of any
+    strides (made contiguous here), cos / sin (L', D/2) floating point with L' >= L (their first L rows are
+    used, as fp32). Checked here (metadata only) before any pointer reaches a kernel."""
+    _check_qkv(qkv)
+    L, half = qkv.shape[1], qkv.shape[4] // 2
+    _check_op_tables(cos, sin, L, half, qkv.device)
+    qkv = qkv.contiguous()                        # the kernel indexes qkv as a dense (B, L, 3, H, D) array
+    cos, sin = _op_tables(cos, sin, L)
     name = _backend.resolve(OP, backend, qkv.device, {"triton": _triton_supported(qkv), "reference": None})
     return (_fwd_triton if name == "triton" else _fwd_reference)(qkv, cos, sin)
 
 
 @_rotary_op.register_fake
 def _(qkv, cos, sin, backend=None):
+    _check_qkv(qkv)
+    _check_op_tables(cos, sin, qkv.shape[1], qkv.shape[4] // 2, qkv.device)
     return _qkv_buffers(qkv)  # strides (L*H*D, D, H*D, 1), as the real outputs
 
 
 @torch.library.custom_op("mdlm::rotary_qkv_backward", mutates_args=())
 def _rotary_bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
+    """dqkv (B, L, 3, H, D) in ``dtype`` from dq, dk, dv (B, H, L, D) (any strides; checked here)."""
+    _check_bwd(dq, dk, dv, cos, sin, dtype)
+    cos, sin = _op_tables(cos, sin, dq.shape[2])
     name = _backend.resolve(OP + "_backward", backend, dq.device,
                             {"triton": _triton_supported(dq, dk, dv, dq.new_empty(0, dtype=dtype)),
                              "reference": None})
@@ -259,6 +310,7 @@ def _rotary_bwd_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: to
 
 @_rotary_bwd_op.register_fake
 def _(dq, dk, dv, cos, sin, dtype, backend=None):
+    _check_bwd(dq, dk, dv, cos, sin, dtype)
     B, H, L, D = dq.shape
     return dq.new_empty((B, L, 3, H, D), dtype=dtype)
 
@@ -284,7 +336,10 @@ _rotary_op.register_autograd(_backward, setup_context=_setup)
 
 def rotary_tables(inv_freq: torch.Tensor, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (seq_len, D/2) fp32: cos/sin(outer(arange(seq_len), inv_freq)), the numbers
-    ``mdlm.nn.Rotary(D)`` caches (``rotary.inv_freq`` is its persistent buffer)."""
+    ``mdlm.nn.Rotary(D)`` caches (``rotary.inv_freq`` is its persistent buffer). inv_freq: (D/2,) floating point;
+    seq_len: an int >= 0."""
+    _checks.tensor("rotary_tables", "inv_freq", inv_freq, dtypes=_checks.REF_FLOATS, ndim=1)
+    seq_len = _checks.int_arg("rotary_tables", "seq_len", seq_len, 0)
     inv_freq = inv_freq if device is None else inv_freq.to(device)
     t = torch.arange(seq_len, device=inv_freq.device).type_as(inv_freq)
     freqs = torch.outer(t, inv_freq)
@@ -321,18 +376,9 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backe
     cos/sin: (L, D/2) fp32 base tables (``rotary_tables``) or the ``(1, L, 3, 1, D)`` tensors returned by
     ``mdlm.nn.Rotary``. D must be even. Differentiable w.r.t. qkv (the tables get no gradient).
     """
-    if not torch.is_tensor(qkv):
-        raise TypeError(f"{OP}: qkv must be a tensor, got {type(qkv).__name__}")
-    if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"{OP}: qkv must be (B, L, 3, H, D), got shape {tuple(qkv.shape)}")
-    if qkv.dtype not in _REF_DTYPES:
-        raise TypeError(f"{OP}: qkv has dtype {qkv.dtype}; supported: float32, bfloat16, float16 "
-                        f"(float64 with the reference backend only)")
+    _check_qkv(qkv)
     B, L, _, H, D = qkv.shape
-    if D % 2 or D == 0:
-        raise ValueError(f"{OP}: head dim D = {D} must be even and > 0 for rotary embeddings")
     cos = _table("cos", cos, L, D // 2, qkv.device)
     sin = _table("sin", sin, L, D // 2, qkv.device)
-    if backend is not None:
-        _backend.normalize(backend)
+    _checks.backend_arg(OP, backend)
     return torch.ops.mdlm.rotary_qkv(qkv.contiguous(), cos, sin, backend)

@@ -36,6 +36,12 @@ Conventions (csrc/include/mdlm/sampling.h documents them in full):
 
 Backends: "cpp" (CUDA kernel / CPU twin from one header: bit-identical tokens and confidences; V <= 2^19) and
 "reference" (plain PyTorch in float64 below: the spec of the law; any V). No Triton implementation.
+
+Inputs are checked (metadata only: dtype, shape, device, scalar ranges) in the public function, in the body of
+the registered op (``torch.ops.mdlm.*`` called directly is checked too) and in its fake kernel. The compiled
+extension ``mdlm_kernels._C`` is PRIVATE (raw addresses; it may change between versions): call this op, not
+``_C``. Its functions take every buffer as (address, nbytes) and check each access against nbytes before a
+kernel runs, so a short buffer is a ValueError, never an out-of-bounds read or write.
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ import torch
 
 from .. import _ext, backend as _backend
 from .._dtypes import dtype_code
-from .philox import (_M32, _check_offset_tensor, _check_u64, _from_i64, _host_offset, _offset_ptr, _philox_reference,
-                     _to_i64, _uniform_from_words)
+from . import _checks
+from .philox import (_M32, _buf, _check_offset_tensor, _check_u64, _from_i64, _host_offset, _offset_buf,
+                     _philox_reference, _to_i64, _uniform_from_words)
 
 ROW_DRAW_COL = 0xFFFFFFFF  # the reserved Philox column of row-level draws (csrc/include/mdlm/masking.h)
 MAX_VOCAB_CPP = 1 << 19    # the compiled kernels' limit (kMaxVocab: their chunk tables); the reference has none
@@ -161,18 +168,16 @@ def _cpp(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, to
     conf = torch.empty((N, 3), dtype=torch.float32, device=device)
     if N == 0:
         return tokens, conf
-    ptr = lambda x: 0 if x is None else x.contiguous().data_ptr()  # noqa: E731
-    t = None if t is None else t.contiguous()
-    s = None if s is None else s.contiguous()
-    row_ids = None if row_ids is None else row_ids.contiguous()
-    args = (logits.data_ptr(), dtype_code(logits.dtype), ptr(t), ptr(s), ptr(row_ids), tokens.data_ptr(),
-            conf.data_ptr(), N, V, seed, offset, mask_index, temperature, top_k, top_p, greedy)
+    t, s, row_ids = (None if x is None else x.contiguous() for x in (t, s, row_ids))
+    # every buffer travels with its size in bytes: the binding checks each access against it
+    args = (_buf(logits), dtype_code(logits.dtype), _buf(t), _buf(s), _buf(row_ids), _buf(tokens), _buf(conf), N, V,
+            seed, offset, mask_index, temperature, top_k, top_p, greedy)
     if device.type == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device).cuda_stream
-            _ext.call("sample_step_cuda", *args, stream, _offset_ptr(offset_tensor))
+            _ext.call("sample_step_cuda", *args, stream, _offset_buf(offset_tensor))
     else:
-        _ext.call("sample_step_cpu", *args, _offset_ptr(offset_tensor))
+        _ext.call("sample_step_cpu", *args, _offset_buf(offset_tensor))
     return tokens, conf
 
 
@@ -192,7 +197,9 @@ def _sample_step_op(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional
                     row_ids: Optional[torch.Tensor], seed: int, offset: int, mask_index: int, temperature: float,
                     top_k: int, top_p: float, greedy: bool, backend: Optional[str] = None,
                     offset_tensor: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    offset_tensor = _check_offset_tensor(offset_tensor, logits.device, OP)  # the kernels dereference it
+    """The op (arguments as :func:`sample_step`; t and s may be None only when greedy). Checked here (metadata
+    only) before any pointer reaches a kernel."""
+    _check_op(logits, t, s, row_ids, mask_index, temperature, top_k, top_p, greedy, offset_tensor)
     V = logits.shape[1]
     name = _backend.resolve(OP, backend, logits.device, {
         **_SUPPORTED, "cpp": lambda device: (f"the compiled kernels take V <= {MAX_VOCAB_CPP}, got {V}"
@@ -204,7 +211,7 @@ def _sample_step_op(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional
 @_sample_step_op.register_fake
 def _(logits, t, s, row_ids, seed, offset, mask_index, temperature, top_k, top_p, greedy, backend=None,
       offset_tensor=None):
-    _check_offset_tensor(offset_tensor, logits.device, OP)  # metadata only
+    _check_op(logits, t, s, row_ids, mask_index, temperature, top_k, top_p, greedy, offset_tensor)
     N = logits.shape[0]
     return logits.new_empty((N,), dtype=torch.int64), logits.new_empty((N, 3), dtype=torch.float32)
 
@@ -223,22 +230,42 @@ def _err(msg: str) -> str:
     return f"sample_step: {msg}"
 
 
-def _check_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(_err(f"{name} must be an int, got {type(v).__name__}"))
-    return v
-
-
-def _check_row_tensor(name: str, x, N: int, dtype: torch.dtype, device: torch.device) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(_err(f"{name} must be a torch.Tensor, got {type(x).__name__}"))
-    if x.dtype != dtype:
-        raise TypeError(_err(f"{name} must be {dtype}, got {x.dtype}"))
-    if tuple(x.shape) != (N,):
-        raise ValueError(_err(f"{name} must have shape (N,) = ({N},) matching logits, got {tuple(x.shape)}"))
-    if x.device != device:
-        raise ValueError(_err(f"{name} is on {x.device} but logits is on {device}; all tensors must be on the "
-                              "same device"))
+def _check_op(logits, t, s, row_ids, mask_index, temperature, top_k, top_p, greedy, offset_tensor) -> None:
+    """Everything the kernels rely on, from metadata only (no value is read): shared by the public function, the
+    op body and its fake kernel."""
+    _checks.tensor(OP, "logits", logits, dtypes=_DTYPES, ndim=2)
+    N, V = logits.shape
+    device = logits.device
+    if V < 2:
+        _checks.fail(OP, f"logits: the vocabulary (logits.shape[1]) must have V >= 2 (MASK plus one class), got {V}")
+    if V > 2**31 - 1:
+        _checks.fail(OP, f"logits: V must be < 2^31, got {V}")
+    _checks.bool_arg(OP, "greedy", greedy)
+    for name, x in (("t", t), ("s", s)):
+        if x is None:
+            if not greedy:
+                _checks.fail(OP, f"{name} must be a (N,) float32 tensor (None only with greedy=True)", TypeError)
+        else:
+            _checks.tensor(OP, name, x, dtypes=(torch.float32,), shape=(N,))
+            _checks.on_device(OP, name, x, device, "logits")
+    if row_ids is None:
+        if N > _M32 + 1:
+            _checks.fail(OP, f"logits: N must be <= 2^32 without row_ids (rows are uint32 Philox words), got {N}")
+    else:
+        _checks.tensor(OP, "row_ids", row_ids, dtypes=(torch.int64,), shape=(N,))
+        _checks.on_device(OP, "row_ids", row_ids, device, "logits")
+    _check_offset_tensor(offset_tensor, device, OP)
+    _checks.int_arg(OP, "mask_index", mask_index, 0, V - 1)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        _checks.fail(OP, f"temperature must be a float, got {type(temperature).__name__}", TypeError)
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0.0:
+        _checks.fail(OP, f"temperature must be finite and > 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        _checks.fail(OP, f"temperature must be >= {MIN_TEMPERATURE} (use greedy=True for the argmax), got "
+                         f"{temperature}")
+    _checks.int_arg(OP, "top_k", top_k, 0)
+    _checks.float_arg(OP, "top_p", top_p, 0.0, 1.0, lo_open=True)
 
 
 def _diagnose(logits, t, s, row_ids, tokens, mask_index, greedy) -> str:
@@ -256,7 +283,7 @@ def _diagnose(logits, t, s, row_ids, tokens, mask_index, greedy) -> str:
     if row_ids is not None:
         r = int(row_ids[i])
         if not 0 <= r <= _M32:
-            why.append(f"row id {r} outside [0, 2^32)")
+            why.append(f"row_ids: row id {r} outside [0, 2^32)")
     if not greedy:
         ti, si = float(t[i]), float(s[i])
         if not (0.0 <= si < ti <= 1.0):
@@ -292,57 +319,14 @@ def sample_step(logits: torch.Tensor, t: Optional[torch.Tensor], s: Optional[tor
     after one host synchronisation (skipped under torch.compile). backend: None/"auto", "cpp" (alias
     "cuda") or "reference"; MDLM_BACKEND sets it globally.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(_err(f"logits must be a torch.Tensor, got {type(logits).__name__}"))
-    if logits.dim() != 2:
-        raise ValueError(_err(f"logits must have rank 2 (N, V), got shape {tuple(logits.shape)}"))
-    if logits.dtype not in _DTYPES:
-        raise TypeError(_err(f"logits must be float32 or bfloat16, got {logits.dtype}"))
-    N, V = logits.shape
-    device = logits.device
-    if V < 2:
-        raise ValueError(_err(f"the vocabulary (logits.shape[1]) must have V >= 2 (MASK plus one class), got {V}"))
-    if V > 2**31 - 1:
-        raise ValueError(_err(f"V must be < 2^31, got {V}"))
-    if not isinstance(greedy, bool):
-        raise TypeError(_err(f"greedy must be a bool, got {type(greedy).__name__}"))
-    if not isinstance(validate, bool):
-        raise TypeError(_err(f"validate must be a bool, got {type(validate).__name__}"))
-    for name, x in (("t", t), ("s", s)):
-        if x is None:
-            if not greedy:
-                raise TypeError(_err(f"{name} must be a (N,) float32 tensor (None only with greedy=True)"))
-        else:
-            _check_row_tensor(name, x, N, torch.float32, device)
-    if row_ids is None:
-        if N > _M32 + 1:
-            raise ValueError(_err(f"N must be <= 2^32 without row_ids (rows are uint32 Philox words), got {N}"))
-    else:
-        _check_row_tensor("row_ids", row_ids, N, torch.int64, device)
+    _check_op(logits, t, s, row_ids, mask_index, temperature, top_k, top_p, greedy, offset_tensor)
+    _checks.bool_arg(OP, "validate", validate)
+    N = logits.shape[0]
     seed = _check_u64("seed", seed, OP)
     offset = _check_u64("offset", offset, OP)
-    offset_tensor = _check_offset_tensor(offset_tensor, device, OP)
-    mask_index = _check_int("mask_index", mask_index)
-    if not 0 <= mask_index < V:
-        raise ValueError(_err(f"mask_index must be in [0, V={V}), got {mask_index}"))
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(_err(f"temperature must be a float, got {type(temperature).__name__}"))
     temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0.0:
-        raise ValueError(_err(f"temperature must be finite and > 0, got {temperature}"))
-    if temperature < MIN_TEMPERATURE:
-        raise ValueError(_err(f"temperature must be >= {MIN_TEMPERATURE} (use greedy=True for the argmax), "
-                              f"got {temperature}"))
-    top_k = _check_int("top_k", top_k)
-    if top_k < 0:
-        raise ValueError(_err(f"top_k must be >= 0 (0 disables it), got {top_k}"))
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-        raise TypeError(_err(f"top_p must be a float, got {type(top_p).__name__}"))
     top_p = float(top_p)
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(_err(f"top_p must be in (0, 1] (1 disables it), got {top_p}"))
-    if backend is not None:
-        _backend.normalize(backend)  # unknown names fail here, before tracing
+    _checks.backend_arg(OP, backend)  # unknown names fail here, before tracing
     if greedy:
         t = s = None  # not read
     tokens, conf = torch.ops.mdlm.sample_step(logits, t, s, row_ids, _to_i64(seed), _to_i64(offset), mask_index,
