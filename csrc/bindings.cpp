@@ -366,8 +366,8 @@ int64_t check_sample_scalars(const char* op, int dtype, int64_t rows, int64_t vo
     throw std::invalid_argument(std::string(op) + ": mask_index must be in [0, vocab=" + std::to_string(vocab) +
                                 "), got " + std::to_string(mask_index));
   }
-  if (!(temperature >= 1e-30 && temperature <= std::numeric_limits<double>::max())) {
-    throw std::invalid_argument(std::string(op) + ": temperature must be finite and >= 1e-30, got " +
+  if (!(temperature >= 1e-30 && temperature <= 1e30)) {
+    throw std::invalid_argument(std::string(op) + ": temperature must be in [1e-30, 1e30], got " +
                                 std::to_string(temperature));
   }
   if (top_k < 0) throw std::invalid_argument(std::string(op) + ": top_k must be >= 0, got " + std::to_string(top_k));

@@ -205,7 +205,7 @@ def specs() -> list:
     # ---- sample_step -------------------------------------------------------------------------------------------
     ss_sc = [SArg("seed", 3, BAD_SEED_PUBLIC), SArg("offset", 1, BAD_SEED_PUBLIC),
              SArg("mask_index", MASK, (-1, V, 1.0, None, True), (0,)),
-             SArg("temperature", 1.0, (0.0, -1.0, NAN, INF, 1e-40, "1", None, True), (1e-3, 50.0)),
+             SArg("temperature", 1.0, (0.0, -1.0, NAN, INF, 1e-40, 1e31, "1", None, True), (1e-3, 50.0)),
              SArg("top_k", 0, (-1, 2.0, None, "3", True), (1, 3, V - 1, V + 5)),
              SArg("top_p", 1.0, (0.0, -0.5, 1.5, NAN, None, "1"), (0.5, 1e-9)),
              SArg("greedy", False, BAD_BOOL, (True,)), SArg("validate", True, BAD_BOOL, (False,))]
@@ -223,7 +223,7 @@ def specs() -> list:
         TArg("row_ids", (4,), torch.int64, "rows", optional=True),
         SArg("seed", 3, BAD_SEED_OPS), SArg("offset", 1, BAD_SEED_OPS),
         SArg("mask_index", MASK, (-1, V, 1.0, None), (0,)),
-        SArg("temperature", 1.0, (0.0, -1.0, NAN, INF, 1e-40, None), (1e-3,)),
+        SArg("temperature", 1.0, (0.0, -1.0, NAN, INF, 1e-40, 1e31, None), (1e-3,)),
         SArg("top_k", 0, (-1, 2.0, None), (1, 3, V + 5)),
         SArg("top_p", 1.0, (0.0, 1.5, NAN, None), (0.5,)),
         SArg("greedy", False, ("False",), (True,)), SArg("backend", None),

@@ -12,8 +12,8 @@ Tolerances and bounds:
   compare.
 - confidences vs the float64 reference / the exact softmax: |cpp - ref| <= CONF_ATOL + CONF_RTOL |ref|
   with CONF_RTOL = 1e-5, CONF_ATOL = 4e-6 (float32 outputs of float64 sums over chunks of float32 chunk sums).
-- exp_weight vs math.exp: relative error <= 2^-22 on d in [-708, 0]; weight32 vs exp of the same float32 d:
-  <= 2^-22 on [-86.4, 0], exactly 0 at and below -86.5.
+- exp_weight vs math.exp: relative error <= 2^-22 on d in [-708, 0]; weight32 (2^d, base-2 exponents) vs 2^d
+  of the same float32 d: <= 2^-22 on [-126, 0], exactly 0 below -126.5.
 - logits read per row (the CPU twin's load counter; the CUDA kernel reads the same columns): V - 1 + 2 x 512
   with no filter (one pass, then the 512-column chunk of the row maximum and the chosen chunk), + 3 (V - 1) with
   top-k, + 4 (V - 1) with top-p (row maximum + 3 radix passes), + 6 (V - 1) with both; V - 1 + 512 when greedy
@@ -496,6 +496,7 @@ def _ok(**over):
         (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
         (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
         (dict(temperature=1e-40), ValueError, "use greedy=True"),
+        (dict(temperature=1e31), ValueError, "temperature must be <= 1e\\+30"),
         (dict(top_p=0.0), ValueError, "top_p must be in \\(0, 1\\]"),
         (dict(top_p=1.5), ValueError, "top_p must be in"),
         (dict(top_p=float("nan")), ValueError, "top_p must be in"),
@@ -794,21 +795,22 @@ def _cpu_loads(x, t, s, mask, **kw):
 
 @needs_ext
 def test_weight32_accuracy():
-    """The per-element weight of pass 1 / pass 2 (float32 range reduction, degree-6 minimax polynomial): relative
-    error <= 2^-22 against exp of the same float32 d over [-86.4, 0] (measured 2^-23.4 on a 200k grid); exactly 1 at
-    d = +-0; exactly 0 at and below the floor -86.5, at -inf and for NaN (which flags the row elsewhere)."""
+    """The per-element weight of pass 1 / pass 2, w = 2^d for the float32 d = (x - m) * float32(log2(e) / T)
+    (magic-number rounding, exact r = d - k, degree-6 minimax polynomial of 2^r, 2^k in the exponent bits):
+    relative error <= 2^-22 against 2^d over [-126, 0] (subnormal results near -126 included); exactly 1 at
+    d = +-0; exactly 0 below -126.5 (the scale 2^-127 is +0), at -inf and for NaN (which flags the row elsewhere)."""
     g = torch.Generator().manual_seed(11)
-    d = torch.cat([torch.empty(100000, dtype=torch.float64).uniform_(-86.4, 0, generator=g),
+    d = torch.cat([torch.empty(100000, dtype=torch.float64).uniform_(-126, 0, generator=g),
                    torch.empty(50000, dtype=torch.float64).uniform_(-1, 0, generator=g),
                    -torch.rand(5000, dtype=torch.float64, generator=g) * 1e-6,
-                   torch.tensor([-0.34657359, -0.34657360, -86.49, -1e-30], dtype=torch.float64)])
+                   torch.tensor([-0.5, -0.49999997, -0.50000006, -125.5, -126.0, -1e-30], dtype=torch.float64)])
     d = d.float().double()                                       # the kernel's d is a float32
     got = _math(4, d.tolist())
-    ref = torch.tensor([math.exp(v) for v in d.tolist()], dtype=torch.float64)
+    ref = torch.tensor([2.0 ** v for v in d.tolist()], dtype=torch.float64)
     rel = ((got - ref).abs() / ref).max()
     assert float(rel) <= 2.0 ** -22, float(rel)
     assert _math(4, [0.0, -0.0]).tolist() == [1.0, 1.0]
-    assert _math(4, [-86.5, -87.0, -1e30, float("-inf"), float("nan")]).tolist() == [0.0] * 5
+    assert _math(4, [-126.50001, -127.0, -1e30, float("-inf"), float("nan")]).tolist() == [0.0] * 5
 
 
 @needs_ext

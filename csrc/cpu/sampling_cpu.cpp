@@ -163,14 +163,14 @@ struct ChunkLanes {
 };
 
 template <typename Row>
-void load_chunk(const Row& x, int64_t c, int64_t V, uint32_t mask, uint32_t keep, ChunkLanes& ch) {
-  const bool full = chunk_full(c, V, mask, keep);
+void load_chunk(const Row& x, int c, int64_t V, uint32_t mask, uint32_t keep, ChunkLanes& ch) {
+  const bool full = chunk_grid(V, mask, keep).full(c);
   for (int l = 0; l < kWarpLanes; ++l) lane_load(x, c, l, V, mask, keep, full, ch.x[l]);
 }
 
 // The chunk's weights relative to m and its float32 sums (the warp's butterflies).
-void chunk_weights(ChunkLanes& ch, float m, float inv_t32, float& s, float& h) {
-  for (int l = 0; l < kWarpLanes; ++l) lane_weights(ch.x[l], m, inv_t32, ch.w[l], ch.s[l], ch.h[l]);
+void chunk_weights(ChunkLanes& ch, float m, float scale2, float& s, float& h) {
+  for (int l = 0; l < kWarpLanes; ++l) lane_weights(ch.x[l], m, scale2, ch.w[l], ch.s[l], ch.h[l]);
   s = butterfly_sum32(ch.s);
   h = butterfly_sum32(ch.h);
 }
@@ -195,15 +195,15 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   sc.G.assign(static_cast<size_t>(ng + 1), 0.0);
   // pass 1: chunk statistics; the top two over the chunk maxima
   Top2 chunks = top2_init();
-  for (int64_t c = 0; c < nc; ++c) {
+  for (int c = 0; c < static_cast<int>(nc); ++c) {
     load_chunk(x, c, V, mask, keep, ch);
     for (int l = 0; l < kWarpLanes; ++l) ch.m[l] = lane_max(ch.x[l]);
     const float m = fadd_nc(butterfly_max32(ch.m), 0.0f);  // -0 -> +0
     float sw, hw;
-    chunk_weights(ch, m, p.inv_t32, sw, hw);
+    chunk_weights(ch, m, p.scale2, sw, hw);
     sc.m[c] = m;
     sc.s[c] = static_cast<double>(sw);
-    sc.h[c] = static_cast<double>(hw);
+    sc.h[c] = chunk_h_nats(hw);
     if (bad_logit(m)) flags |= kFlagBadLogit;
     top2_add(chunks, m, static_cast<uint32_t>(c));
   }
@@ -215,7 +215,7 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   }
   // pass 1b: the first chunk holding the maximum: its top two and its float64 mass
   const float mrow = chunks.x1;
-  const int64_t cm = static_cast<int64_t>(chunks.i1);
+  const int cm = static_cast<int>(chunks.i1);
   load_chunk(x, cm, V, mask, keep, ch);
   Top2 in_chunk = top2_init();
   for (int l = 0; l < kWarpLanes; ++l) {
@@ -227,7 +227,7 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   double incl[kWarpLanes];
   {
     float sw, hw;
-    chunk_weights(ch, mrow, p.inv_t32, sw, hw);
+    chunk_weights(ch, mrow, p.scale2, sw, hw);
     for (int l = 0; l < kWarpLanes; ++l) incl[l] = lane_total64(ch.w[l]);
     sc.s[cm] = butterfly_sum64(incl);
   }
@@ -256,14 +256,15 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   const double target = dmul(u2, Z);
   // the chunk (pick_chunk: the first live c with P_c > target, else the last live chunk with tau = +inf)
   double tau = 0.0;
-  const int64_t cs = pick_chunk(sc.G.data(), sc.s.data(), sc.m.data(), ng, nc, mrow, p.inv_t_w, target, tau);
+  const int cs =
+      static_cast<int>(pick_chunk(sc.G.data(), sc.s.data(), sc.m.data(), ng, nc, mrow, p.inv_t_w, target, tau));
   if (cs < 0) return -1;  // no live chunk: not reached for a valid row (the maximum's chunk is live)
   // pass 2: the chosen chunk's columns, their float64 prefix in column order (k-major, lanes within k)
   const float mc = sc.m[cs];
   const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t_w));
   load_chunk(x, cs, V, mask, keep, ch);
   float sw, hw;
-  chunk_weights(ch, mc, p.inv_t32, sw, hw);
+  chunk_weights(ch, mc, p.scale2, sw, hw);
   for (int l = 0; l < kWarpLanes; ++l) incl[l] = lane_total64(ch.w[l]);
   const double T = butterfly_sum64(incl);
   const double Sc = dmul(chunk_mass(sw, T, cs == cm), e);
@@ -316,7 +317,7 @@ void sample_rows(const T* logits, const float* t, const float* s, const int64_t*
 void sample_step_cpu(const void* logits, int dtype, const float* t, const float* s, const int64_t* row_ids,
                      int64_t* tokens, float* conf, int64_t rows, const SampleParams& params, int64_t* loads) {
   if (rows == 0) return;
-  const SampleParams p = resolve_params(params);  // reads *params.offset_ptr (if any) once, as the kernel does
+  const SampleParams p = with_scales(resolve_offset(params));  // offset_ptr read once, as the kernel does
   switch (dtype) {
     case kFloat32:
       sample_rows(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, p, loads);
@@ -352,7 +353,7 @@ int64_t sample_pick_chunk_cpu(const double* G, const double* S, const float* M, 
 }
 
 // Test hook for the header transcendentals: fn 0 = log64, 1 = exp64, 2 = expf32 (input rounded to float32,
-// result widened to double), 3 = exp_weight, 4 = weight32 (d rounded to float32: weight32(d, 0, 1)).
+// result widened to double), 3 = exp_weight, 4 = weight32 (2^d for d rounded to float32: weight32(d, 0, 1)).
 void sample_math_cpu(int fn, const double* in, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     switch (fn) {
@@ -360,7 +361,7 @@ void sample_math_cpu(int fn, const double* in, double* out, int64_t n) {
       case 1: out[i] = exp64(in[i]); break;
       case 2: out[i] = static_cast<double>(expf32(static_cast<float>(in[i]))); break;
       case 3: out[i] = exp_weight(in[i]); break;
-      case 4: {
+      case 4: {  // 2^d
         float d = 0.0f;
         out[i] = static_cast<double>(weight32(static_cast<float>(in[i]), 0.0f, 1.0f, d));
         break;

@@ -10,7 +10,7 @@
 // masses for top-p), the bin picked by warp 0. Exactly the CPU twin's arithmetic (csrc/cpu/sampling_cpu.cpp) ->
 // bit-identical tokens and confidences. Reads a row's logits once plus two chunks (plus the threshold passes when
 // top-k / top-p are on); writes only tokens and confidences; queued on the caller's stream, never synchronises.
-// The device-side offset (params.offset_ptr) is read by every thread at the kernel's start (resolve_params), so a
+// The device-side offset (params.offset_ptr) is read by every thread at the kernel's start (resolve_offset), so a
 // CUDA graph replay uses the value current at replay time.
 #include <cuda_runtime.h>
 
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, const float* __restrict__ s,
                    const int64_t* __restrict__ row_ids, int64_t* __restrict__ tokens, float* __restrict__ conf,
                    int64_t N, SampleParams params) {
-  const SampleParams p = resolve_params(params);  // the effective offset and inv_t32, as the CPU twin computes them
+  const SampleParams p = resolve_offset(params);  // the effective offset, as the CPU twin computes it
   extern __shared__ unsigned char dyn[];          // chunk tables (or the radix histogram before them)
   __shared__ RowShared rs;
   const int j = threadIdx.x, lane = j % kWarpLanes, warp = j / kWarpLanes;
@@ -288,16 +288,18 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
     // pass 1: chunk statistics (per element: one load, one NaN-propagating max, weight32 and two sums)
     Top2 chunks = top2_init();  // warp-uniform
     uint32_t f = 0u;
-    for (int64_t c = warp; c < nc; c += kWarps) {
+    const ChunkGrid grid = chunk_grid(V, mask, keep);
+    const int nci = static_cast<int>(nc);
+    for (int c = warp; c < nci; c += kWarps) {
       float xs[kLaneCols], w[kLaneCols], sl, hl;
-      lane_load(x, c, lane, V, mask, keep, chunk_full(c, V, mask, keep), xs);
+      lane_load(x, c, lane, V, mask, keep, grid.full(c), xs);
       const float m = fadd_nc(warp_max_nan(lane_max(xs)), 0.0f);  // -0 -> +0
-      lane_weights(xs, m, p.inv_t32, w, sl, hl);
+      lane_weights(xs, m, p.scale2, w, sl, hl);
       sl = warp_sum32(sl);
       hl = warp_sum32(hl);
       if (lane == 0) {
         S[c] = static_cast<double>(sl);
-        H[c] = static_cast<double>(hl);
+        H[c] = chunk_h_nats(hl);
         M[c] = m;
       }
       if (bad_logit(m)) f |= kFlagBadLogit;
@@ -336,14 +338,14 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
     }
     // pass 1b (warp 0): the first chunk holding the maximum: its top two, and its mass in float64 (MAXIMUM'S CHUNK)
     const float mrow = chunks.x1;
-    const int64_t cm = static_cast<int64_t>(chunks.i1);
+    const int cm = static_cast<int>(chunks.i1);
     if (warp == 0) {
       float xs[kLaneCols], w[kLaneCols], sl, hl;
-      lane_load(x, cm, lane, V, mask, keep, chunk_full(cm, V, mask, keep), xs);
+      lane_load(x, cm, lane, V, mask, keep, grid.full(cm), xs);
       Top2 in_chunk = top2_init();
       lane_top2(xs, cm, lane, in_chunk);
       in_chunk = warp_top2(in_chunk);
-      lane_weights(xs, mrow, p.inv_t32, w, sl, hl);
+      lane_weights(xs, mrow, p.scale2, w, sl, hl);
       const double Tc = warp_butterfly(lane_total64(w));
       if (lane == 0) {
         rs.row = row_top2(chunks, in_chunk);
@@ -396,12 +398,12 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
     __syncthreads();
     // pass 2 (warp 0): the chosen chunk's 512 columns, their float64 prefix in column order (k, then lanes)
     if (warp == 0 && rs.chunk >= 0) {
-      const int64_t cs = rs.chunk;
+      const int cs = static_cast<int>(rs.chunk);
       const float mc = M[cs];
       const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t_w));
       float xs[kLaneCols], w[kLaneCols], sl, hl;
-      lane_load(x, cs, lane, V, mask, keep, chunk_full(cs, V, mask, keep), xs);
-      lane_weights(xs, mc, p.inv_t32, w, sl, hl);
+      lane_load(x, cs, lane, V, mask, keep, grid.full(cs), xs);
+      lane_weights(xs, mc, p.scale2, w, sl, hl);
       const double Tc = warp_butterfly(lane_total64(w));
       const double Sc = dmul(chunk_mass(warp_sum32(sl), Tc, cs == cm), e);
       const double thr = chunk_threshold(rs.tau, Sc, Tc);
@@ -464,9 +466,9 @@ int sample_step_cuda(const void* logits, int dtype, const float* t, const float*
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:
-      return launch(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, params, st);
+      return launch(static_cast<const float*>(logits), t, s, row_ids, tokens, conf, rows, with_scales(params), st);
     case kBFloat16:
-      return launch(static_cast<const uint16_t*>(logits), t, s, row_ids, tokens, conf, rows, params, st);
+      return launch(static_cast<const uint16_t*>(logits), t, s, row_ids, tokens, conf, rows, with_scales(params), st);
     default: return static_cast<int>(cudaErrorInvalidValue);  // validated by the binding already
   }
 }

@@ -17,12 +17,14 @@ Conventions (csrc/include/mdlm/sampling.h documents them in full):
   2^64 - 1). The "cpp" kernels (CUDA kernel and CPU twin) load it when they run, never the host, so a
   captured graph that advances it in place draws a fresh step on each replay; the "reference"
   backend reads it on the host (``int(offset_tensor)``).
-- accuracy of the kernels' law: per-element weights in float32 (d = (x - chunk max) / T rounded twice, fma range
-  reduction, degree-6 polynomial: <= 2^-22 relative to exp(d)), float32 sums within 512-column chunks and
-  float64 sums over chunks and within the drawn chunk, 53-bit uniforms: each class's probability is exact to
-  a relative ~2^-19.5 + |d| 2^-22 (d: its scaled gap to its chunk's maximum), with no truncation of small
-  probabilities above e^-86.5 ~ 2.7e-38 of the chunk's maximum (a 1e-9 class is drawn at rate 1e-9 (1 +- 3e-6)).
-  The temperature is applied as 1 / T rounded to float32.
+- accuracy of the kernels' law: per-element weights 2^d2 in float32 (d2 = (x - chunk max) log2(e) / T rounded
+  twice, exact base-2 range reduction, degree-6 polynomial: <= 2^-22 relative), float32 sums within 512-column
+  chunks and float64 sums over chunks and within the drawn chunk, 53-bit uniforms: each class's probability is
+  exact to a relative ~2^-19.5 + |d| 2^-22 (d: its scaled gap to its chunk's maximum, nats), with no truncation of
+  small probabilities above e^-87.7 ~ 9e-39 of the chunk's maximum (a 1e-9 class is drawn at rate
+  1e-9 (1 +- 7e-6)). The temperature enters as log2(e) / T rounded to float32 (within 2^-24 of T). top-p's kept
+  set is exact except where the mass above a class lies within ~2^-22 of top_p (float32-accurate masses).
+  temperature must lie in [1e-30, 1e30].
 - top-k keeps every class whose logit is >= the k-th largest (ties at the threshold are kept);
   top-p (after top-k, on p renormalised over the top-k set) keeps v iff the probability mass strictly
   above v is < top_p (ties kept; the top class always; the kernels sum the masses in 2^-40 fixed point).
@@ -63,6 +65,8 @@ MAX_VOCAB_CPP = 1 << 19    # the compiled kernels' limit (kMaxVocab: their chunk
 OP = "sample_step"
 _DTYPES = (torch.float32, torch.bfloat16)
 MIN_TEMPERATURE = 1e-30
+MAX_TEMPERATURE = 1e30   # above it a float32 logit gap (at most 2 FLT_MAX) no longer overflows to a 0 weight only
+                         # where the true weight underflows, and log2(e) / T leaves float32's normal range
 
 
 class SampleOutput(NamedTuple):
@@ -264,6 +268,8 @@ def _check_op(logits, t, s, row_ids, mask_index, temperature, top_k, top_p, gree
     if temperature < MIN_TEMPERATURE:
         _checks.fail(OP, f"temperature must be >= {MIN_TEMPERATURE} (use greedy=True for the argmax), got "
                          f"{temperature}")
+    if temperature > MAX_TEMPERATURE:
+        _checks.fail(OP, f"temperature must be <= {MAX_TEMPERATURE}, got {temperature}")
     _checks.int_arg(OP, "top_k", top_k, 0)
     _checks.float_arg(OP, "top_p", top_p, 0.0, 1.0, lo_open=True)
 

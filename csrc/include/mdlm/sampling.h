@@ -23,7 +23,7 @@
 //   with tau = u2 Z - P_{c-1} (tau < S_c), thr = (tau / S_c) T where T is the chunk's float64 total of the same
 //   float32 weights, and the class is the first column v (column order) with w_v > 0 whose float64 prefix within
 //   the chunk exceeds thr (if rounding leaves none, the chunk's last column with w > 0). So
-//     P(class v) = (S_c / Z) (w_v / T)     exactly as the arithmetic stands (u2 resolution 2^-53 aside):
+//     P(class v) = (S_c / Z) (w_v / T)     up to the float64 rounding of the prefix sums (~2^-52 Z):
 //   the chunk's share from pass 1, the class's share within the chunk from float64 sums of the same weights. The
 //   chunk must be LIVE (S_c > 0, see pick_chunk): the rounded P_c are not monotone in c (the Hillis-Steele sums of
 //   neighbouring lanes associate differently), so an empty chunk can carry a P_c above its predecessor's. When
@@ -35,18 +35,23 @@
 //   that chunk holds the weight 1 of the maximum, next to which a float32 sum loses 2^-24 absolutely -- log Z and
 //   the entropy of a peaked row would inherit it. The other chunks' float32 masses err relative to their own mass.
 //
-//   WEIGHTS: per element w = weight32(x, m_c): d = (x - m_c) inv_t32 in float32 (inv_t32 = 1 / temperature rounded
-//   to float32: the law drawn is the categorical at temperature 1 / inv_t32), clamped at -86.5 (w := 0 there: a
-//   class e^-86.5 = 2.7e-38 below its chunk's maximum, and -inf logits), d = k ln2 + r by fma range reduction,
-//   exp(r) by a degree-6 minimax float32 polynomial (truncation 2^-29), times 2^k through the exponent bits.
-//   Relative error of w against exp(d) for the float32 d: <= 2^-22 (measured 2^-23.4); d itself carries
-//   <= |d| 2^-23 (two float32 roundings), so w against exp((x - m_c) inv_t32) errs by <= 2^-22 + |d| 2^-23.
-//   The chunk scales e_c and the confidences use exp_weight (float64 range reduction, float32 polynomial:
-//   <= 2^-22 relative for every d, flushed to 0 below -708.3). Law: with the float32 chunk sums (<= 9 roundings,
-//   < 2^-20.8 relative) a class's probability is p_v (1 + eps_v), |eps_v| <= ~2^-19.5 + |d_v| 2^-22 (d_v its gap to
-//   its chunk's maximum); the 53-bit uniform resolves probabilities far below that (a 1e-9 class is drawn at
-//   rate 1e-9 (1 +- 3e-6)). The float64 reference (mdlm_kernels/ops/sampling.py) is the spec; the tests compare
-//   tokens exactly on fixed seeds (a token differs only where u2 Z lands within ~2^-19 of a class boundary).
+//   WEIGHTS: per element w = weight32(x, m_c) = 2^d2 with d2 = (x - m_c) scale2 in float32 (scale2 =
+//   float32(log2(e) / T), set on the host: the law drawn is the categorical at temperature 1 / (scale2 ln2), within
+//   2^-24 of T), clamped at -127; d2 = k + r exactly (k = round(d2) by the magic-number add, r = d2 - k, |r| <= 1/2),
+//   2^r by a degree-6 minimax float32 polynomial (truncation 2^-25.9 with float32 coefficients, c0 = 1), times 2^k
+//   through the exponent bits, where k = -127 gives the scale 0: w = 0 for d2 < -126.5 (a class e^-87.7 = 9e-39
+//   below its chunk's maximum) and for -inf logits. Relative error of w against 2^d2 for the float32 d2: <= 2^-22
+//   (measured 2^-23.6 where w is normal, 2^-22.8 where it is subnormal, d2 in (-126.5, -126)); d2 itself carries <= |d2| 2^-23 (two float32 roundings), so w against the exact weight errs
+//   by <= 2^-22 + |d| 2^-23 (d = d2 ln2, nats). The entropy sum h accumulates w d2 (base 2; times ln2 per chunk
+//   in float64). The chunk scales e_c and the confidences use exp_weight (float64 range reduction, float32
+//   polynomial: <= 2^-22 relative for every d, flushed to 0 below -708.3). Law: with the float32 chunk sums
+//   (<= 9 roundings, < 2^-20.8 relative) a class's probability is p_v (1 + eps_v), |eps_v| <= ~2^-19.5 + |d_v| 2^-22
+//   (d_v its gap to its chunk's maximum, nats); the 53-bit uniform resolves probabilities far below that (a 1e-9
+//   class, |d| <= 20.7, is drawn at rate 1e-9 (1 +- 7e-6)). The float64 reference (mdlm_kernels/ops/sampling.py)
+//   is the spec; the tests compare tokens exactly on fixed seeds (a token differs only where u2 Z lands within
+//   ~2^-19 of a class boundary). Subnormal weights (k = -126) and subnormal logits are exact IEEE arithmetic on
+//   both sides; a host thread that flushes subnormals (torch.set_flush_denormal(True)) can make the CPU twin
+//   differ from the GPU in such rows.
 //
 // REDUCTION ORDER (the bit-identity contract): pass 1, within a chunk: the lane maximum is max_nan over k (any
 //   order: max is exact), the chunk maximum the xor butterfly of max_nan (for o = 16, 8, 4, 2, 1:
@@ -72,9 +77,9 @@
 //          probability mass STRICTLY above v is < p (the top class is always kept; ties at the threshold
 //          are kept). The masses w_v = exp_weight((x_v - x_max) inv_t) enter as fixed-point integers
 //          round(w 2^40) (exact, order-free sums, so the CUDA kernel can use shared-memory atomics and stay
-//          bit-identical to the CPU twin), then the same three-level radix descent. The fixed point moves a
-//          class's mass by <= 2^-41 of the top class's: the kept set can differ from exact arithmetic only
-//          when the mass above a class lies within V 2^-41 of p Z (~1e-8 of Z at V = 50k).
+//          bit-identical to the CPU twin), then the same three-level radix descent. exp_weight is within 2^-22
+//          of exp and the fixed point moves a class's mass by <= 2^-41 of the top class's: the kept set can
+//          differ from exact arithmetic only when the mass above a class lies within ~2^-22 Z of p Z.
 //   Passes over the row: top-k 3, top-p 1 (row maximum) + 3, both 6; then the sampling pass. (The earlier
 //   kernel bisected: up to 32 passes each, an exp64 per element per top-p pass.)
 //
@@ -118,22 +123,32 @@ struct SampleParams {
   uint64_t seed, offset;
   // Device-side offset (philox.h, DEVICE-SIDE OFFSET): one int64 in the memory of the logits, or
   // nullptr. The CPU twin and the CUDA kernel resolve it once per call / per thread with
-  // resolve_params below, before any draw; the header functions then read p.offset only.
+  // resolve_offset below, before any draw; the header functions then read p.offset only.
   const int64_t* offset_ptr = nullptr;
-  // Set by resolve_params: inv_t rounded once to float32 (FLT_MAX when larger: the limit T -> 0), the scale of
-  // the per-element weights; inv_t_w = double(inv_t32) scales the chunk gaps and the confidences, so the law
-  // drawn is the categorical at temperature exactly 1 / inv_t32. (The top-p masses use inv_t.)
-  float inv_t32 = 0.0f;
+  // Set on the host by with_scales (the CPU twin's and the CUDA launcher's entry points, so the kernel reads them
+  // from its parameters): scale2 = float32(inv_t log2 e) (FLT_MAX when larger: the limit T -> 0), the per-element
+  // scale into base-2 exponents; inv_t_w = double(scale2) ln2 (rounded once) scales the chunk gaps and the
+  // confidences, so the law drawn is the categorical at temperature 1 / (scale2 ln2), within 2^-24 of T.
+  // (The top-p masses use inv_t.)
+  float scale2 = 0.0f;
   double inv_t_w = 0.0;
 };
 
-// p with offset := effective_offset(p.offset, p.offset_ptr), offset_ptr := nullptr and inv_t32 / inv_t_w set
-// (idempotent).
-MDLM_HD SampleParams resolve_params(SampleParams p) {
+constexpr double kLn2d = 0.6931471805599453;  // ln 2 rounded to float64
+constexpr double kLog2e = 1.4426950408889634;
+
+// p with offset := effective_offset(p.offset, p.offset_ptr) and offset_ptr := nullptr (idempotent).
+MDLM_HD SampleParams resolve_offset(SampleParams p) {
   p.offset = effective_offset(p.offset, p.offset_ptr);
   p.offset_ptr = nullptr;
-  p.inv_t32 = p.inv_t < 3.4028234663852886e38 ? static_cast<float>(p.inv_t) : 3.4028234663852886e38f;
-  p.inv_t_w = static_cast<double>(p.inv_t32);
+  return p;
+}
+
+// p with scale2 and inv_t_w set (idempotent; host side: see SampleParams).
+MDLM_HD SampleParams with_scales(SampleParams p) {
+  const double s = p.inv_t * kLog2e;  // inv_t > 0 (checked by the callers)
+  p.scale2 = s < 3.4028234663852886e38 ? static_cast<float>(s) : 3.4028234663852886e38f;
+  p.inv_t_w = static_cast<double>(p.scale2) * kLn2d;
   return p;
 }
 
@@ -392,35 +407,34 @@ MDLM_HD float fma_rn(float a, float b, float c) {
 #endif
 }
 
-// Per-element weight in float32 (see WEIGHTS): w = exp(d), d = (x - m) inv_t32 (two float32 roundings),
-// clamped to kWeightFloor (where w := 0; also x = -inf and NaN); d is returned clamped, so w * d is finite.
-constexpr float kWeightFloor = -86.5f;         // e^-86.5 = 2.7e-38: 2^k stays a normal scale (k >= -125)
-constexpr float kRoundMagic = 12582912.0f;     // 1.5 * 2^23: fma(d, 1/ln2, magic) - magic = round(d / ln2)
-constexpr float kLn2Hi32 = 0x1.62e430p-1f;     // float32(ln 2)
-constexpr float kLn2Lo32 = -0x1.05c610p-29f;   // ln 2 - kLn2Hi32
-// exp(r) on |r| <= ln2/2 + 2^-17: minimax (relative) degree 6, coefficients rounded to float32 (c0 = c1 = 1),
-// truncation error 2^-29.0 (mpmath Remez).
-constexpr float kExpC2 = 0x1.fffffap-2f, kExpC3 = 0x1.55540ap-3f, kExpC4 = 0x1.55589ap-5f,
-                kExpC5 = 0x1.126d0ep-7f, kExpC6 = 0x1.6ab97ep-10f;
+// Per-element weight in float32 (see WEIGHTS): w = 2^d2, d2 = (x - m) scale2 (two float32 roundings), clamped at
+// -127 (also x = -inf and NaN); d2 = k + r with k = round(d2) (magic-number rounding: exact) and r = d2 - k exact,
+// |r| <= 1/2; 2^r by a degree-6 minimax float32 polynomial (c0 = 1: w = 1 exactly at d2 = 0); times 2^k built in
+// the exponent bits, where k = -127 gives the scale +0 (w = 0 for d2 < -126.5, e^-87.7 = 9e-39; k = -126 can give
+// a subnormal w: exact IEEE arithmetic on both sides, unless the host flushes subnormals). d2 is returned clamped,
+// so w * d2 is finite.
+constexpr float kWeightFloor = -127.0f;
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (d + magic) - magic = round(d) for |d| < 2^22
+// 2^r on |r| <= 1/2: minimax (relative) degree 6, coefficients rounded to float32: error 2^-25.9 (mpmath Remez)
+constexpr float kExp2C1 = 0x1.62e430p-1f, kExp2C2 = 0x1.ebfbdap-3f, kExp2C3 = 0x1.c6aed4p-5f,
+                kExp2C4 = 0x1.3b2dbcp-7f, kExp2C5 = 0x1.5f456ap-10f, kExp2C6 = 0x1.41d334p-13f;
 
-MDLM_HD float weight32(float x, float m, float inv_t32, float& d) {
-  float dd = fmul_nc(fsub_nc(x, m), inv_t32);
+MDLM_HD float weight32(float x, float m, float scale2, float& d2) {
+  float dd = fmul_nc(fsub_nc(x, m), scale2);
   dd = dd > kWeightFloor ? dd : kWeightFloor;  // NaN -> floor as well
-  const float tk = fma_rn(dd, kInvLn2F, kRoundMagic);  // magic + k exactly (|k| <= 125)
-  const float kf = fsub_nc(tk, kRoundMagic);
-  float r = fma_rn(kf, -kLn2Hi32, dd);
-  r = fma_rn(kf, -kLn2Lo32, r);
-  float q = kExpC6;
-  q = fma_rn(q, r, kExpC5);
-  q = fma_rn(q, r, kExpC4);
-  q = fma_rn(q, r, kExpC3);
-  q = fma_rn(q, r, kExpC2);
+  const float tk = fadd_nc(dd, kRoundMagic);   // magic + k exactly (|k| <= 127)
+  const float r = fsub_nc(dd, fsub_nc(tk, kRoundMagic));
+  float q = kExp2C6;
+  q = fma_rn(q, r, kExp2C5);
+  q = fma_rn(q, r, kExp2C4);
+  q = fma_rn(q, r, kExp2C3);
+  q = fma_rn(q, r, kExp2C2);
+  q = fma_rn(q, r, kExp2C1);
   q = fma_rn(q, r, 1.0f);
-  q = fma_rn(q, r, 1.0f);  // q in [0.70, 1.42]: exponent field 126 or 127
-  // q 2^k: k << 23 added to q's exponent field; bits(tk) << 23 == k << 23 (mod 2^32) as magic's low 9 bits are 0
-  const float w = bits_as_float(float_as_bits(q) + (float_as_bits(tk) << 23));
-  d = dd;
-  return dd > kWeightFloor ? w : 0.0f;
+  // 2^k = bits((k + 127) << 23); bits(tk) << 23 == k << 23 (mod 2^32) as magic's low 9 bits are 0; k = -127 -> +0
+  const float scale = bits_as_float((float_as_bits(tk) << 23) + 0x3F800000u);
+  d2 = dd;
+  return fmul_nc(q, scale);
 }
 
 // ---- chunks, lanes and the fixed reduction order -----------------------------------------------------
@@ -430,13 +444,20 @@ constexpr int kChunkCols = kWarpLanes * kLaneCols;  // 512
 constexpr int64_t kMaxVocab = int64_t(1) << 19;     // chunk tables of 1024 chunks: 21 KB of CUDA shared memory
 
 // Column of lane l's k-th value in chunk c: lanes interleave (a warp's load k reads 32 consecutive columns).
-MDLM_HD int64_t lane_col(int64_t c, int l, int k) { return c * kChunkCols + int64_t(k) * kWarpLanes + l; }
+// 32-bit: V <= kMaxVocab.
+MDLM_HD int lane_col(int c, int l, int k) { return c * kChunkCols + k * kWarpLanes + l; }
 
 // A chunk takes the full path (no per-element checks) iff all its columns exist, MASK is not among them and no
-// top-k / top-p key filters the row.
-MDLM_HD bool chunk_full(int64_t c, int64_t V, uint32_t mask, uint32_t keep_key) {
-  const int64_t lo = c * kChunkCols, hi = lo + kChunkCols;
-  return keep_key == 0u && hi <= V && !(int64_t(mask) >= lo && int64_t(mask) < hi);
+// top-k / top-p key filters the row (a row's chunk grid, set once per row).
+struct ChunkGrid {
+  int n_full;      // chunks with all 512 columns < V
+  int mask_chunk;  // the chunk holding MASK
+  bool keep_all;   // no key filter (keep_key == 0)
+  MDLM_HD bool full(int c) const { return keep_all && c < n_full && c != mask_chunk; }
+};
+
+MDLM_HD ChunkGrid chunk_grid(int64_t V, uint32_t mask, uint32_t keep_key) {
+  return ChunkGrid{static_cast<int>(V / kChunkCols), static_cast<int>(mask / kChunkCols), keep_key == 0u};
 }
 
 // Largest and second largest kept logit (with multiplicity) and the lowest index of the largest.
@@ -474,7 +495,7 @@ MDLM_HD Top2 top2_combine(Top2 a, const Top2& b) {  // order-free (ties -> lowes
 // maximum max_nan then flags the row). The sign of a zero differs between the paths (-0 stays -0 in a full
 // chunk); it changes no output: d = (x - m) inv_t is +-0 either way and w(+-0) = 1.
 template <typename Row>
-MDLM_HD void lane_load(const Row& x, int64_t c, int l, int64_t V, uint32_t mask, uint32_t keep_key, bool full,
+MDLM_HD void lane_load(const Row& x, int c, int l, int64_t V, uint32_t mask, uint32_t keep_key, bool full,
                        float out[kLaneCols]) {
   if (full) {
 #pragma unroll
@@ -483,7 +504,7 @@ MDLM_HD void lane_load(const Row& x, int64_t c, int l, int64_t V, uint32_t mask,
   }
 #pragma unroll
   for (int k = 0; k < kLaneCols; ++k) {
-    const int64_t v = lane_col(c, l, k);
+    const int v = lane_col(c, l, k);
     out[k] = -inf32();
     if (v >= V || v == int64_t(mask)) continue;
     const float xv = load_logit(x, v);
@@ -501,15 +522,16 @@ MDLM_HD float lane_max(const float xs[kLaneCols]) {
 }
 
 // The lane's weights relative to the chunk maximum m (w = 0 for -inf), their sum s as a fixed pairwise tree
-// ((w0 + w1) + (w2 + w3)) + ... over k (float32), and h = sum w d as an fma chain over k = 0..15.
-MDLM_HD void lane_weights(const float xs[kLaneCols], float m, float inv_t32, float w[kLaneCols], float& s, float& h) {
+// ((w0 + w1) + (w2 + w3)) + ... over k (float32), and h = sum w d2 as an fma chain over k = 0..15 (base-2 units:
+// the chunk's h is converted to nats, h ln2, in float64 when stored).
+MDLM_HD void lane_weights(const float xs[kLaneCols], float m, float scale2, float w[kLaneCols], float& s, float& h) {
   float pair[kLaneCols / 2];
   h = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneCols; k += 2) {
     float d0, d1;
-    w[k] = weight32(xs[k], m, inv_t32, d0);
-    w[k + 1] = weight32(xs[k + 1], m, inv_t32, d1);
+    w[k] = weight32(xs[k], m, scale2, d0);
+    w[k + 1] = weight32(xs[k + 1], m, scale2, d1);
     pair[k / 2] = fadd_nc(w[k], w[k + 1]);
     h = fma_rn(w[k], d0, h);
     h = fma_rn(w[k + 1], d1, h);
@@ -533,10 +555,13 @@ MDLM_HD double lane_total64(const float w[kLaneCols]) {
 MDLM_HD double chunk_mass(float s32, double t64, bool max_chunk) { return max_chunk ? t64 : static_cast<double>(s32); }
 
 // Lane top two (pass 1b): v = lane_col(c, l, k) increases with k.
-MDLM_HD void lane_top2(const float xs[kLaneCols], int64_t c, int l, Top2& t) {
+MDLM_HD void lane_top2(const float xs[kLaneCols], int c, int l, Top2& t) {
 #pragma unroll
   for (int k = 0; k < kLaneCols; ++k) top2_add(t, xs[k], static_cast<uint32_t>(lane_col(c, l, k)));
 }
+
+// The chunk's entropy sum in nats from the float32 base-2 sum h2 (float64).
+MDLM_HD double chunk_h_nats(float h2) { return dmul(static_cast<double>(h2), kLn2d); }
 
 // The row's top two (CONFIDENCE, greedy) from pass 1's top two over the chunk maxima (i1: the first chunk holding
 // the maximum) and pass 1b's top two within that chunk: the maximum and its lowest index come from the chunk, the
