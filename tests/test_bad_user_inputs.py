@@ -299,3 +299,143 @@ def test_mdlm_accepts_an_attribute_config_and_trains_and_samples_alike():
     for impl in IMPLS:
         assert torch.equal(mdlm.sample(a, 2, steps=3, impl=impl, generator=_gen()),
                            mdlm.sample(b, 2, steps=3, impl=impl, generator=_gen()))
+
+
+# ------------------------------------------------------------------------------------------------ token shards
+
+def _toy_tokenizer():
+    from mdlm.data.tokenizers import Tokenizer
+
+    class Backend:
+        def encode(self, text):
+            return [3 + ord(ch) % 90 for ch in text]
+
+        def encode_batch(self, texts):
+            return [self.encode(t) for t in texts]
+
+    return Tokenizer("toy", Backend(), vocab_size=100, model_vocab_size=101, mask_id=100, bos_id=1, eos_id=2,
+                     pad_id=0, fingerprint="toy-v1")
+
+
+def _shard(tmp_path, mode="wrap", name="s"):
+    import mdlm.data as D
+    docs = ["some text for a few blocks of tokens " * 3, "another document, shorter", "third one here"]
+    ds = D.build_shards(docs, tmp_path / name, _toy_tokenizer(), 8, mode=mode, num_workers=0)
+    return tmp_path / name, len(ds)
+
+
+def _edit_meta(path, **changes):
+    meta = json.loads((path / "meta.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    (path / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_shards_carry_a_checksum_that_catches_a_consistent_layout_change(tmp_path):
+    """length 8 x n blocks -> length 4 x 2n: same file size, so the size check passes; the old code served
+    wrongly shaped blocks. The checksum binds the layout to the bytes."""
+    import mdlm.data as D
+    path, n = _shard(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["checksum"].startswith("sha256:") and len(meta["checksum"]) == 7 + 64
+    assert (path / "tokens.bin").stat().st_size == n * 8 * 2
+    _edit_meta(path, length=4, n_blocks=2 * n)                 # same bytes, other blocks
+    with pytest.raises(ValueError, match=rf"tokens\.bin: checksum mismatch: .*\(length 4, n_blocks {2 * n},"):
+        D.BlockDataset(path)
+
+
+@pytest.mark.parametrize("mode", ["wrap", "pad"])
+def test_a_changed_token_or_block_length_fails_the_checksum(tmp_path, mode):
+    import mdlm.data as D
+    path, n = _shard(tmp_path, mode)
+    D.BlockDataset(path)                                       # intact: opens, no warning
+    arr = np.fromfile(path / "tokens.bin", dtype=np.uint16)
+    arr[5] = 7 if arr[5] != 7 else 8                           # still a valid id: only the checksum can tell
+    arr.tofile(path / "tokens.bin")
+    with pytest.raises(ValueError, match=r"tokens\.bin: checksum mismatch"):
+        D.BlockDataset(path)
+    D.BlockDataset(path, validate=False)                       # the workers' reopen skips the pass
+    if mode == "pad":
+        path, _ = _shard(tmp_path, mode, name="p2")
+        lens = np.fromfile(path / "lengths.bin", dtype=np.int32)
+        lens[0] = lens[0] - 1 if lens[0] > 1 else 2
+        lens.tofile(path / "lengths.bin")
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            D.BlockDataset(path)
+
+
+def test_build_shards_rebuilds_a_shard_that_fails_its_checksum(tmp_path):
+    import mdlm.data as D
+    path, n = _shard(tmp_path)
+    good = D.BlockDataset(path).tokens.copy()
+    arr = np.fromfile(path / "tokens.bin", dtype=np.uint16)
+    arr[3] = 7 if arr[3] != 7 else 8
+    arr.tofile(path / "tokens.bin")
+    path2, _ = _shard(tmp_path)                                # same inputs: cache hit -> checksum fails -> rebuilt
+    assert np.array_equal(D.BlockDataset(path2).tokens, good)
+
+
+def test_a_shard_without_a_checksum_opens_with_one_warning_line(tmp_path):
+    """Shards written before checksums keep working (existing caches), with a one-line warning."""
+    import mdlm.data as D
+    path, n = _shard(tmp_path)
+    _edit_meta(path, checksum=None)
+    with pytest.warns(UserWarning, match=r"meta\.json: no checksum") as rec:
+        ds = D.BlockDataset(path)
+    mine = [w for w in rec if "checksum" in str(w.message)]
+    assert len(ds) == n and len(mine) == 1 and "\n" not in str(mine[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        D.BlockDataset(path, validate=False)                  # no pass, no warning
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("length", 1e400, r"'length' must be an integer >= 1, got inf"),
+    ("length", 8.0, r"'length' must be an integer >= 1, got 8.0"),
+    ("length", "8", r"'length' must be an integer >= 1, got '8'"),
+    ("n_blocks", True, r"'n_blocks' must be an integer >= 1, got True"),
+    ("n_blocks", -1, r"'n_blocks' must be an integer >= 1, got -1"),
+    ("model_vocab_size", None, r"key 'model_vocab_size' is missing"),
+    ("model_vocab_size", 1e400, r"'model_vocab_size' must be an integer >= 1, got inf"),
+    ("checksum", 12, r"'checksum' must be 'sha256:<hex>', got 12"),
+])
+def test_malformed_meta_values_name_the_file_and_the_key(tmp_path, key, value, msg):
+    """"length": 1e400 (JSON's inf) raised a bare OverflowError; 8.0 or "8" were taken; a meta.json without
+    model_vocab_size served ids past the vocabulary (nothing to check them against)."""
+    import mdlm.data as D
+    path, _ = _shard(tmp_path)
+    text = json.dumps({**json.loads((path / "meta.json").read_text()), key: value})
+    if value is None:
+        _edit_meta(path, **{key: None})
+    else:
+        (path / "meta.json").write_text(text.replace("Infinity", "1e400"))
+    with pytest.raises(ValueError, match=rf"meta\.json: malformed shard metadata: {msg}"):
+        D.BlockDataset(path)
+
+
+def test_ids_are_checked_against_the_model_vocabulary_when_training(tmp_path):
+    """The trainer turns the model's per-batch id check off ("validated when opened"); blocks checked against a
+    larger vocabulary than the model's (another tokenizer's shard, in-memory blocks without meta) must be
+    refused when the trainer is built, naming the block, not reach the embedding."""
+    import mdlm.data as D
+    from mdlm.train import Trainer
+    path, n = _shard(tmp_path)
+    ds = D.BlockDataset(path)
+    assert ds.meta["model_vocab_size"] == 101
+    ds.check_vocab(101)                                         # checked at open: free
+    with pytest.raises(ValueError, match=r"tokens\.bin: token id \d+ at block \d+, position \d+ is outside the "
+                                         r"vocabulary \(the model's vocabulary size 20\)"):
+        ds.check_vocab(20)
+    x0 = torch.full((4, 8), 5)
+    x0[2, 3] = 50
+    cfg = mdlm.preset("tiny", **{**SIZES, "model.length": 8, "trainer.out_dir": str(tmp_path / "run"),
+                                 "loader.global_batch_size": 2})
+    model = MDLM(cfg, 20, mask_index=19)
+    with pytest.raises(ValueError, match=r"in-memory blocks: token id 50 at block 2, position 3 .* size 20\)"):
+        Trainer(cfg, train_data=x0, val_data=x0[:2], model=model, resume="never")
+    x0[2, 3] = 7
+    Trainer(cfg, train_data=x0, val_data=x0[:2], model=model, resume="never")   # in range: builds
