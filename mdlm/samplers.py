@@ -75,7 +75,8 @@ import numbers
 import torch
 
 from .nn import _autocast
-from .sampling import INVALID_LOGITS, check_eps, check_int, check_real, initial_tokens, resolve_steps
+from .sampling import (INVALID_LOGITS, check_bool, check_eps, check_generator, check_int, check_real,
+                       initial_tokens, resolve_steps)
 
 __all__ = ["sample", "fast_sample", "fast_semi_ar_sample", "FAST_SAMPLERS", "masked_row_logits"]
 
@@ -246,6 +247,8 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     eps = check_eps(eps)
     remask_eta = check_real(remask_eta, "remask_eta", 0.0, 1.0)
+    noise_removal = check_bool(noise_removal, "noise_removal")
+    check_generator(generator)
     if steps is not None:    # checked whatever the sampler (first_hitting / confidence ignore a valid value)
         steps = check_int(steps, "steps")
     device = next(model.parameters()).device
@@ -579,8 +582,9 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, st
     does for any invalid row.) With a threshold the count is data dependent: one read per model call."""
     import mdlm_kernels as mk
     k = check_int(k, "tokens_per_step")
-    if threshold is not None and not 0 < threshold <= 1:
-        raise ValueError(f"confidence_threshold must be in (0, 1], got {threshold}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                  or not 0 < threshold <= 1):
+        raise ValueError(f"confidence_threshold must be in (0, 1], got {threshold!r}")
     B, L = x.shape
     M = opts["mask_index"]
     device = x.device

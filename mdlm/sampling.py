@@ -59,6 +59,22 @@ def check_eps(eps) -> float:
     return check_real(eps, "eps", 0.0, 1.0, " (the last time of the grid 1 -> eps)")
 
 
+def check_bool(value, name: str) -> bool:
+    """value as a bool (True / False, numpy's, 0 / 1): anything else (a string such as "no" is truthy) is a
+    ValueError naming the argument."""
+    import numpy as np
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_generator(generator) -> None:
+    """None or a ``torch.Generator`` (a seed must be wrapped: ``torch.Generator().manual_seed(seed)``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                        "(use torch.Generator().manual_seed(seed))")
+
+
 def resolve_steps(model, steps) -> int:
     """``steps`` (an integer >= 1), or config.sampling.steps when None (checked the same way)."""
     if steps is None:
@@ -235,7 +251,8 @@ def sample(model, batch_size: int = 1, length: int | None = None, steps: int | N
 
     Checked as the fused samplers check them (shared functions, same ValueErrors naming the argument):
     batch_size, steps and length integers >= 1, eps in [0, 1] (> 0 for analytic with noise removal),
-    x_init integer ids in [0, V) of shape (batch_size, length). Invalid logits (NaN / inf: no distribution to
+    x_init integer ids in [0, V) of shape (batch_size, length), noise_removal a bool, generator a
+    ``torch.Generator`` or None; gumbel_dtype float32 or float64. Invalid logits (NaN / inf: no distribution to
     draw from) leave their positions masked and raise ``INVALID_LOGITS`` after the loop (one host read), as
     the fused samplers do; the published code would emit token 0 there.
     """
@@ -252,7 +269,10 @@ def sample(model, batch_size: int = 1, length: int | None = None, steps: int | N
         raise ValueError("the 'ddpm_cache' sampler assumes the loglinear schedule (published); use 'ddpm'")
     steps = resolve_steps(model, steps)
     eps = check_eps(cfg_get(cfg, "eps", 1e-5) if eps is None else eps)
-    noise_removal = bool(cfg.noise_removal if noise_removal is None else noise_removal)
+    noise_removal = check_bool(cfg.noise_removal if noise_removal is None else noise_removal, "noise_removal")
+    check_generator(generator)
+    if gumbel_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gumbel_dtype must be torch.float32 (published) or torch.float64, got {gumbel_dtype}")
     if sampler == "analytic" and noise_removal and eps == 0:
         raise ValueError("eps must be > 0 for the analytic sampler with noise removal (its denoising step at "
                          "t = eps divides by expm1(sigma(eps)) = 0)")
@@ -324,6 +344,9 @@ def semi_ar_sample(model, batch_size: int = 1, stride_length: int | None = None,
     stride, num_strides, L = semi_ar_geometry(model, stride_length, num_strides, length)
     steps = resolve_steps(model, steps)
     batch_size = check_int(batch_size, "batch_size")
+    check_generator(generator)
+    if gumbel_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gumbel_dtype must be torch.float32 (published) or torch.float64, got {gumbel_dtype}")
     if model.noise.name != "loglinear":
         raise ValueError("semi-autoregressive sampling uses ddpm_cache, which assumes the loglinear schedule")
     device = next(model.parameters()).device

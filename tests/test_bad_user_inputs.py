@@ -439,3 +439,32 @@ def test_ids_are_checked_against_the_model_vocabulary_when_training(tmp_path):
         Trainer(cfg, train_data=x0, val_data=x0[:2], model=model, resume="never")
     x0[2, 3] = 7
     Trainer(cfg, train_data=x0, val_data=x0[:2], model=model, resume="never")   # in range: builds
+
+
+BAD_OPTIONS = [  # options of both implementations: (kwargs, exception type, message)
+    ({"noise_removal": "no"}, ValueError, r"^noise_removal must be True or False, got 'no'$"),
+    ({"noise_removal": 2}, ValueError, r"^noise_removal must be True or False, got 2$"),
+    ({"generator": 5}, TypeError, r"^generator must be a torch.Generator or None, got int"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,msg", BAD_OPTIONS, ids=[str(kw) for kw, _, _ in BAD_OPTIONS])
+def test_option_types_are_checked_alike(kw, exc, msg):
+    """noise_removal="no" was truthy (noise removal ON); generator=5 failed inside torch.rand / as an
+    AttributeError. The same exception from both implementations."""
+    m = _model()
+    for impl in IMPLS:
+        with pytest.raises(exc, match=msg):
+            mdlm.sample(m, 2, steps=3, impl=impl, **kw)
+    assert mdlm.sample(m, 2, steps=3, noise_removal=np.bool_(False), generator=_gen()).shape == (2, L)
+
+
+def test_reference_gumbel_dtype_and_fused_confidence_threshold():
+    m = _model()
+    with pytest.raises(ValueError, match=r"^gumbel_dtype must be torch.float32 \(published\) or torch.float64"):
+        ref.sample(m, 2, steps=3, gumbel_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^gumbel_dtype"):
+        ref.semi_ar_sample(m, 2, stride_length=2, num_strides=1, steps=3, gumbel_dtype=torch.float16)
+    for th in ("a", float("nan"), 0.0, True):
+        with pytest.raises(ValueError, match=rf"^confidence_threshold must be in \(0, 1\], got {th!r}"):
+            fast_sample(m, 2, sampler="confidence", confidence_threshold=th)
