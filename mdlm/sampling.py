@@ -9,7 +9,6 @@ All functions take an ``MDLM`` (``mdlm.diffusion``) and return token ids (B, L) 
 """
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 
@@ -102,8 +101,9 @@ def initial_tokens(model, batch_size, length, x_init, device) -> torch.Tensor:
 
 
 def _invalid_rows(probs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) bool: the rows of probs (B, L, V) >= 0 with no valid categorical (a NaN or inf entry, or no
-    mass at all), among ``rows`` (B, L) bool (default every row). The fused kernel's test for invalid logits."""
+    """(B, L) bool: the rows of the unnormalised probabilities probs (B, L, V) with no valid categorical (a NaN
+    or inf entry, or no positive mass), among ``rows`` (B, L) bool (default every row); what the fused kernel
+    calls invalid logits."""
     bad = ~torch.isfinite(probs).all(-1) | ~(probs.sum(-1) > 0)
     return bad if rows is None else bad & rows
 

@@ -14,11 +14,11 @@ A shard directory holds
 Opening a shard (``BlockDataset(path)``) reads ``tokens.bin`` once, in chunks, for two checks in the same pass:
 every id below ``model_vocab_size``, and the checksum (so a ``tokens.bin`` changed after the build, or a
 ``meta.json`` whose length and block count were changed together -- same file size, wrongly shaped blocks -- is
-refused). Why the whole file and not a sample of blocks: the id scan reads every byte anyway, sha256 adds
-~0.55 s per GB on one core (1.8 GB/s measured on this project's 2-core CPU; the id scan ~12 GB/s), i.e. ~10 s
-for OpenWebText's ~18 GB once per process, comparable to reading the file cold; a sample would miss a change
-outside the sampled blocks. ``validate=False`` (worker processes reopening a checked shard) skips both. A shard
-written before checksums existed opens with a one-line warning (rebuild it to add one).
+refused). Why the whole file and not a sample of blocks: the id scan reads every byte anyway, and sha256 adds
+~0.55 s per GB on one core (1.8 GB/s measured on this project's 2-core CPU; the id scan ~12 GB/s): an estimated
+~10 s for OpenWebText (~9B tokens, ~18 GB as uint16) once per process, comparable to reading the file cold; a
+sample would miss a change outside the sampled blocks. ``validate=False`` (worker processes reopening a checked
+shard) skips both. A shard written before checksums existed opens with a one-line warning (rebuild it to add one).
 
 Two ways to cut documents into blocks of ``length`` tokens, as in the published data loader:
 
