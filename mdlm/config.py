@@ -7,10 +7,12 @@ an OmegaConf ``DictConfig`` (or any object with the same attributes) works every
 from __future__ import annotations
 
 import copy
+import numbers
+import operator
 from typing import Any, Mapping
 
 __all__ = ["Config", "to_config", "preset", "PRESETS", "DATA_PRESETS", "QUICK", "apply_overrides", "describe_model",
-           "model_differences"]
+           "model_differences", "cfg_get", "check_config"]
 
 
 class Config(dict):
@@ -49,6 +51,78 @@ def to_config(cfg: Any) -> Any:
         return cfg
     if isinstance(cfg, Mapping) and type(cfg).__module__.split(".")[0] != "omegaconf":
         return Config(cfg)
+    return cfg
+
+
+def cfg_get(node: Any, name: str, default: Any = None) -> Any:
+    """``node.name``, or ``default`` when the field is absent, for every config kind the library accepts: a
+    ``Config`` / dict / OmegaConf ``DictConfig`` (mappings: ``node.get``) or any object with attribute access
+    (e.g. ``types.SimpleNamespace``, as the published ``DIT(config, vocab_size)`` reads its config)."""
+    if isinstance(node, Mapping):
+        return node.get(name, default)
+    return getattr(node, name, default)
+
+
+_MISSING = object()
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int | None:
+    """value as an int >= minimum (None when the field is absent); a bool, float or text is a ValueError naming
+    ``key`` (integers that are not Python ints, e.g. numpy's, are accepted through ``operator.index``)."""
+    if value is _MISSING:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"config key {key} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"config key {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_real(key: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> None:
+    if value is _MISSING:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and (
+        lo <= value < hi if hi_open else lo <= value <= hi)
+    if not ok:
+        raise ValueError(f"config key {key} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+
+
+def check_config(cfg: Any) -> Any:
+    """Check the fields that size a model or a sampler run; a ValueError names the key
+    (``config key model.n_heads must be an integer >= 1, got 0``). Fields that are absent are not checked (a
+    partial config, e.g. the published DiT's ``config.model`` alone, is fine). Works on any config kind
+    (``cfg_get``). Called by ``apply_overrides`` (so ``preset``, the CLIs and checkpoint loading) and by the
+    backbones' constructors (``DIT``, ``AR``). Returns ``cfg``.
+
+    model: hidden_size, n_heads, n_blocks, cond_dim, length integers >= 1; hidden_size divisible by n_heads
+    with an even head dim (rotary pairs the two halves); dropout in [0, 1). sampling: steps >= 1, eps in
+    [0, 1], stride_length >= 1, num_strides >= 0. trainer: sample_steps >= 1, num_samples >= 0."""
+    m = cfg_get(cfg, "model", None)
+    if m is not None:
+        sizes = {k: _check_int(f"model.{k}", cfg_get(m, k, _MISSING), 1)
+                 for k in ("hidden_size", "n_heads", "n_blocks", "cond_dim", "length")}
+        d, h = sizes["hidden_size"], sizes["n_heads"]
+        if d is not None and h is not None:
+            if d % h:
+                raise ValueError(f"config key model.hidden_size ({d}) must be divisible by model.n_heads ({h})")
+            if (d // h) % 2:
+                raise ValueError(f"config keys model.hidden_size / model.n_heads: the head dim {d} / {h} = {d // h} "
+                                 "must be even (rotary embeddings rotate pairs of halves)")
+        _check_real("model.dropout", cfg_get(m, "dropout", _MISSING), 0.0, 1.0, hi_open=True)
+    s = cfg_get(cfg, "sampling", None)
+    if s is not None:
+        _check_int("sampling.steps", cfg_get(s, "steps", _MISSING), 1)
+        _check_real("sampling.eps", cfg_get(s, "eps", _MISSING), 0.0, 1.0)
+        _check_int("sampling.stride_length", cfg_get(s, "stride_length", _MISSING), 1)
+        _check_int("sampling.num_strides", cfg_get(s, "num_strides", _MISSING), 0)
+    tr = cfg_get(cfg, "trainer", None)
+    if tr is not None:   # the samples drawn during training: a bad value would only fail after hours of training
+        _check_int("trainer.sample_steps", cfg_get(tr, "sample_steps", _MISSING), 1)
+        _check_int("trainer.num_samples", cfg_get(tr, "num_samples", _MISSING), 0)
     return cfg
 
 
@@ -187,7 +261,9 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | list[str]) -> Co
     A value must fit the type of the value it replaces: an integer field takes an integer (``1e6`` too, as it
     is whole), a float field a number, a boolean field true / false / 0 / 1; a string field takes any text
     (and true / false where the default is a mode such as ``"auto"``); a field whose default is None takes
-    anything. A mismatch is a ValueError naming the key, e.g. ``trainer.max_steps=ten``."""
+    anything. A mismatch is a ValueError naming the key, e.g. ``trainer.max_steps=ten``; so is a value out of
+    range for a field that sizes the model or the sampler (``check_config``, run on the result: ``model.n_heads=0``,
+    a hidden size not divisible by the heads, negative sizes)."""
     raw: dict = {}
     if not isinstance(overrides, Mapping):
         parsed = {}
@@ -208,7 +284,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | list[str]) -> Co
         if parts[-1] not in node:
             raise KeyError(f"unknown config key {dotted!r} (known at that level: {sorted(node)})")
         node[parts[-1]] = _coerce(dotted, node[parts[-1]], value, raw.get(dotted))
-    return cfg
+    return check_config(cfg)
 
 
 def _coerce(key: str, old: Any, value: Any, text: str | None) -> Any:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import contextlib
 
-from .config import to_config
+from .config import cfg_get, to_config
 from .losses import Loss, SUBSLoss, subs_loss_from_hidden, subs_nelbo_masked_rows
 from .nn import AR, DIT
 from .schedules import get_noise
@@ -159,9 +159,9 @@ class MDLM(nn.Module):
         self.parameterization = config.parameterization
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {self.parameterization!r}; one of {PARAMETERIZATIONS}")
-        self.T = int(config.get("T", 0))
+        self.T = int(cfg_get(config, "T", 0))
         self.time_conditioning = bool(config.time_conditioning)
-        self.subs_masking = bool(config.get("subs_masking", False))
+        self.subs_masking = bool(cfg_get(config, "subs_masking", False))
         tr = config.training
         self.antithetic_sampling = bool(tr.antithetic_sampling)
         self.importance_sampling = bool(tr.importance_sampling)
@@ -286,7 +286,8 @@ class MDLM(nn.Module):
         nz = self.config.noise
         out = mk.forward_mask(
             x0, seed, 0, mask_index=self.mask_index, schedule=self.noise.name,
-            noise_eps=float(nz.get("eps", 1e-3)), sigma_min=nz.get("sigma_min"), sigma_max=nz.get("sigma_max"),
+            noise_eps=float(cfg_get(nz, "eps", 1e-3)), sigma_min=cfg_get(nz, "sigma_min"),
+            sigma_max=cfg_get(nz, "sigma_max"),
             sampling_eps=self.sampling_eps, antithetic=self.antithetic_sampling)
         return out.t, out.sigma, out.weight, out.xt
 
@@ -296,8 +297,9 @@ class MDLM(nn.Module):
         None: a bound for every seed, a constant under torch.compile)."""
         import mdlm_kernels as mk
         nz = self.config.noise
-        return mk.masked_rows_bound(B, L, seed, 0, schedule=self.noise.name, noise_eps=float(nz.get("eps", 1e-3)),
-                                    sigma_min=nz.get("sigma_min"), sigma_max=nz.get("sigma_max"),
+        return mk.masked_rows_bound(B, L, seed, 0, schedule=self.noise.name,
+                                    noise_eps=float(cfg_get(nz, "eps", 1e-3)), sigma_min=cfg_get(nz, "sigma_min"),
+                                    sigma_max=cfg_get(nz, "sigma_max"),
                                     sampling_eps=self.sampling_eps, antithetic=self.antithetic_sampling, tail=tail)
 
     def subs_loss_given(self, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor, weight: torch.Tensor,
@@ -343,7 +345,7 @@ class MDLM(nn.Module):
                                      self.mask_index, mask, impl)
 
     def default_loss_impl(self) -> str:
-        impl = self.config.get("loss_impl", "auto")
+        impl = cfg_get(self.config, "loss_impl", "auto")
         if impl in (None, "auto"):
             ar_fusable = self.parameterization == "ar" and hasattr(self.backbone, "hidden_states")
             return "fused" if (self.supports_masked_rows() or ar_fusable) else "reference"

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import to_config
+from .config import cfg_get, check_config, to_config
 from .losses import SUBSLoss  # noqa: F401  (re-exported: the drop-in loss next to the modules)
 from .losses import autocast_bf16 as _autocast
 
@@ -257,8 +257,11 @@ class DIT(nn.Module):
     """The published diffusion transformer: ``DIT(config, vocab_size)``.
 
     forward(indices (B, L) int, sigma (B,) or (B, 1) float) -> logits (B, L, V); bf16 on CUDA under the
-    published autocast, the parameter dtype on CPU. ``config`` is a ``mdlm.config.Config``, a dict or an
-    OmegaConf tree with ``config.model.{hidden_size, n_blocks, n_heads, cond_dim, dropout, scale_by_sigma}``.
+    published autocast, the parameter dtype on CPU. ``config`` is a ``mdlm.config.Config``, a dict, an
+    OmegaConf tree or any object with attribute access (e.g. ``types.SimpleNamespace``, as the published DIT
+    takes) with ``config.model.{hidden_size, n_blocks, n_heads, cond_dim, dropout}`` (optional:
+    ``scale_by_sigma``, ``use_kernels``); the sizes are checked (``mdlm.config.check_config``: ValueError
+    naming the key).
 
     ``use_kernels`` (or ``config.model.use_kernels``): None (default) runs the fused block kernels of
     ``mdlm_kernels`` for CUDA inputs and the reference math on CPU; True / False force them on / off (on CPU
@@ -276,20 +279,17 @@ class DIT(nn.Module):
         config = to_config(config)
         self.config = config
         self.vocab_size = vocab_size
+        check_config(config)   # sizes: a ValueError naming the key (model.n_heads=0, d not divisible by H, ...)
         m = config.model
         # None: fused kernels for CUDA inputs, the reference math on CPU; True / False: always / never.
-        self.use_kernels = m.get("use_kernels", None) if use_kernels is None else use_kernels
-        if m.hidden_size % m.n_heads:
-            raise ValueError(f"hidden_size {m.hidden_size} is not divisible by n_heads {m.n_heads}")
-        if (m.hidden_size // m.n_heads) % 2:
-            raise ValueError(f"head dim {m.hidden_size // m.n_heads} must be even for rotary embeddings")
+        self.use_kernels = cfg_get(m, "use_kernels", None) if use_kernels is None else use_kernels
         self.vocab_embed = EmbeddingLayer(m.hidden_size, vocab_size)
         self.sigma_map = TimestepEmbedder(m.cond_dim)
         self.rotary_emb = Rotary(m.hidden_size // m.n_heads)
         self.blocks = nn.ModuleList([
             DDiTBlock(m.hidden_size, m.n_heads, m.cond_dim, dropout=m.dropout) for _ in range(m.n_blocks)])
         self.output_layer = DDitFinalLayer(m.hidden_size, vocab_size, m.cond_dim)
-        self.scale_by_sigma = m.get("scale_by_sigma", True)
+        self.scale_by_sigma = cfg_get(m, "scale_by_sigma", True)
         self.validate_inputs = True  # one host sync per forward for the token-id range check
         self.bf16_autocast = True    # the published bf16 autocast of the blocks (CUDA only); False: fp32
 
@@ -429,6 +429,7 @@ class AR(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.mask_index = mask_index
+        check_config(config)
         m = config.model
         self.vocab_embed = EmbeddingLayer(m.hidden_size, vocab_size)
         self.rotary_emb = Rotary(m.hidden_size // m.n_heads)

@@ -70,10 +70,13 @@ remasking); 2^43 + i the ReMDM remask uniforms (fast_sample enforces steps < 2^3
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .nn import _autocast, check_token_ids
+from .nn import _autocast
+from .sampling import (INVALID_LOGITS, check_bool, check_eps, check_generator, check_int, check_real,
+                       initial_tokens, resolve_steps)
 
 __all__ = ["sample", "fast_sample", "fast_semi_ar_sample", "FAST_SAMPLERS", "masked_row_logits"]
 
@@ -239,26 +242,22 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
         raise ValueError("fast samplers need a SUBS model with a DIT backbone")
     if model.noise.name != "loglinear":
         raise ValueError("fast samplers assume the loglinear schedule (move chance = t), as ddpm_cache does")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    if not 0 <= eps <= 1:
-        raise ValueError(f"eps (the last time of the grid 1 -> eps) must be in [0, 1], got {eps}")
-    if not 0 <= remask_eta <= 1:
-        raise ValueError(f"remask_eta must be in [0, 1], got {remask_eta}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0
+            or not math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    eps = check_eps(eps)
+    remask_eta = check_real(remask_eta, "remask_eta", 0.0, 1.0)
+    noise_removal = check_bool(noise_removal, "noise_removal")
+    check_generator(generator)
+    if steps is not None:    # checked whatever the sampler (first_hitting / confidence ignore a valid value)
+        steps = check_int(steps, "steps")
     device = next(model.parameters()).device
     if cuda_graph and sampler not in GRAPH_SAMPLERS:
         raise ValueError(f"cuda_graph=True applies to the samplers {GRAPH_SAMPLERS}, not {sampler!r} (its "
                          "per-step row count shrinks every step)")
     if cuda_graph and device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model on a CUDA device")
-    length = int(length or (x_init.shape[1] if x_init is not None else model.config.model.length))
-    if x_init is None:
-        x = torch.full((batch_size, length), model.mask_index, dtype=torch.int64, device=device)
-    else:
-        check_token_ids(x_init, model.vocab_size, "x_init")
-        if x_init.shape[0] != batch_size:
-            raise ValueError(f"x_init has batch {x_init.shape[0]}, expected {batch_size}")
-        x = x_init.to(device=device, dtype=torch.int64).clone()
+    x = initial_tokens(model, batch_size, length, x_init, device)   # the checks of the published sampler
     given = x != model.mask_index
     B, L = x.shape
     M = model.mask_index
@@ -272,8 +271,8 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     left = grid = None  # ddpm*: masked flat positions after the loop (known without a sync), the time grid
     try:
         if sampler in ("ddpm", "ddpm_cache"):
-            n_steps = int(steps or model.config.sampling.steps)
-            if not 1 <= n_steps < _MAX_STEPS:
+            n_steps = resolve_steps(model, steps)
+            if n_steps >= _MAX_STEPS:
                 raise ValueError(f"steps must be in [1, 2^38), got {n_steps}")
             grid = torch.linspace(1, eps, n_steps + 1, dtype=torch.float64)  # the published grid
             x, left = _ancestral(model, x, given, grid, remask_eta, seed, opts, stats, progress, invalid,
@@ -293,8 +292,7 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
                 x.view(-1).index_copy_(0, idx, _sanitize(tok, M, invalid))
         if invalid:
             if any(_read(stats, torch.stack(invalid).any().view(1))):   # one read, after the loop
-                    raise ValueError("the model produced logits with NaN/inf (or nothing left after top-k/top-p) for "
-                                 "some masked positions; those positions were left masked")
+                raise ValueError(INVALID_LOGITS)
     finally:
         model.train(was_training)
         model.backbone.validate_inputs = was_validating
@@ -583,10 +581,10 @@ def _confidence(model, x, k, threshold, seed, opts, stats, progress, invalid, st
     truth, the extra positions are left out of later gathers and the sampler raises after the loop, as it
     does for any invalid row.) With a threshold the count is data dependent: one read per model call."""
     import mdlm_kernels as mk
-    if k < 1:
-        raise ValueError(f"tokens_per_step must be >= 1, got {k}")
-    if threshold is not None and not 0 < threshold <= 1:
-        raise ValueError(f"confidence_threshold must be in (0, 1], got {threshold}")
+    k = check_int(k, "tokens_per_step")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                  or not 0 < threshold <= 1):
+        raise ValueError(f"confidence_threshold must be in (0, 1], got {threshold!r}")
     B, L = x.shape
     M = opts["mask_index"]
     device = x.device
@@ -651,6 +649,7 @@ def fast_semi_ar_sample(model, batch_size: int = 1, stride_length: int | None = 
     """
     from .sampling import semi_ar_geometry
     stride, num_strides, L = semi_ar_geometry(model, stride_length, num_strides, length)
+    batch_size = check_int(batch_size, "batch_size")
     if kwargs.get("x_init") is not None:
         raise ValueError("semi-autoregressive sampling builds its own x_init per window")
     device = next(model.parameters()).device

@@ -160,7 +160,8 @@ def get_noise(config_or_name, **kwargs) -> Noise:
     else:
         node = config_or_name.noise
         name = node.type
-        params = {k: node[k] for k in ("sigma_min", "sigma_max", "eps") if k in node}
+        from .config import _MISSING, cfg_get   # any config kind: Config, dict, OmegaConf, attribute objects
+        params = {k: v for k in ("sigma_min", "sigma_max", "eps") if (v := cfg_get(node, k, _MISSING)) is not _MISSING}
         params.update(kwargs)
     if name == "loglinear":
         return LogLinearNoise(eps=params.get("eps", 1e-3))

@@ -507,7 +507,10 @@ class Trainer:
             backbone = DIT(cfg, V, use_kernels=uk) if cfg.parameterization != "ar" else None
             model = MDLM(cfg, V, mask_index=mask, backbone=backbone)
         self.model = model.to(self.device)
-        self.model.validate_inputs = False    # the shards were validated when opened
+        for ds in (self.train_data, self.val_data):   # ids against THIS model's vocabulary (a shard without
+            if hasattr(ds, "check_vocab"):            # model_vocab_size, in-memory blocks, another tokenizer)
+                ds.check_vocab(int(self.model.vocab_size))
+        self.model.validate_inputs = False    # the data's ids were checked above (and when the shards were opened)
         if hasattr(self.model.backbone, "validate_inputs"):
             self.model.backbone.validate_inputs = False
         prec = tr.precision if tr.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")

@@ -80,3 +80,15 @@ def test_sample_cli_mistakes_give_a_message_and_exit_2(ckpt, tmp_path, capsys, a
     rc, _ = _run(ckpt, tmp_path, *args)
     err = capsys.readouterr().err
     assert rc == 2 and "error" in err and what in err, err
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--steps", "0"], "mdlm sample: error: steps must be an integer >= 1, got 0"),
+    (["--steps", "-2", "--impl", "reference"], "mdlm sample: error: steps must be an integer >= 1, got -2"),
+    (["--num", "0"], "mdlm sample: error: batch_size must be an integer >= 1, got 0"),
+])
+def test_sample_cli_bad_counts_are_one_line_not_the_config_default(ckpt, tmp_path, capsys, args, line):
+    """``--steps 0`` ran config.sampling.steps (128) steps; now one line naming the argument, exit 2."""
+    rc, _ = _run(ckpt, tmp_path, *args)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines() == [line], err

@@ -117,6 +117,29 @@ def test_remasking_rate_and_posterior():
     check((out[:, 3:] == MASK).double().mean().item(), 0.18 / 0.6, B * (L - 3))
 
 
+def test_remasking_rate_at_the_cap():
+    """The step above never reaches the cap (s / (1 - t) = 0.75 > eta). Here t = 0.4 -> s = 0.2 with eta = 0.45:
+    the cap s / (1 - t) = 1/3 binds, so decoded tokens are re-masked with probability exactly 1/3 (t and s
+    swapped, t / (1 - s) = 0.5, would give min(eta, 0.5) = 0.45: 19 standard errors away at these counts), and
+    the unmask target s' = s - sigma (1 - t) = 0: every masked token unmasks."""
+    from mdlm.samplers import _ancestral, _remask_schedule
+    grid = torch.tensor([0.4, 0.2], dtype=torch.float64)
+    (t, s, sig, s_eff), = _remask_schedule(grid, 0.45)
+    assert (t, s) == (0.4, 0.2) and sig == pytest.approx(1 / 3, rel=1e-12) and s_eff == pytest.approx(0, abs=1e-15)
+    m = _model()
+    B = 3000
+    x = torch.full((B, L), MASK)
+    x[:, :3] = 5
+    given = torch.zeros(B, L, dtype=torch.bool)
+    given[:, 0] = True
+    opts = dict(mask_index=MASK, temperature=1.0, top_k=0, top_p=1.0, validate=False)
+    out, _ = _ancestral(m, x.clone(), given, grid, 0.45, 11, opts, {"model_calls": 0, "steps": 0}, False, [])
+    frac = (out[:, 1:3] == MASK).double().mean().item()
+    n = B * 2
+    assert abs(frac - 1 / 3) < 5 * ((1 / 3) * (2 / 3) / n) ** 0.5, frac
+    assert torch.all(out[:, 0] == 5) and not torch.any(out[:, 3:] == MASK)
+
+
 def test_invalid_rows_stay_masked_and_raise_once(monkeypatch):
     m = _model()
     with torch.no_grad():

@@ -324,7 +324,8 @@ def _run_guarded_on_meta(monkeypatch, m, B, x_init=None, **kw):
 
     monkeypatch.setattr(ms, "_read", replay)
     monkeypatch.setattr(ms, "_progress", armed)
-    monkeypatch.setattr(ms, "check_token_ids", lambda *a, **k: None)   # x_init's range check reads the host
+    monkeypatch.setattr(mdlm.sampling, "check_token_ids", lambda *a, **k: None)   # x_init's range check reads
+    # the host (the fused samplers check x_init with the published sampler's ``initial_tokens``)
     meta = copy.deepcopy(m).to("meta")
     with guard:
         out = ms.fast_sample(meta, B, x_init=None if x_init is None else x_init.to("meta"),
