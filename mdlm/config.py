@@ -66,20 +66,26 @@ def cfg_get(node: Any, name: str, default: Any = None) -> Any:
 _MISSING = object()
 
 
-def _check_int(key: str, value: Any, minimum: int) -> int | None:
-    """value as an int >= minimum (None when the field is absent); a bool, float or text is a ValueError naming
-    ``key`` (integers that are not Python ints, e.g. numpy's, are accepted through ``operator.index``)."""
-    if value is _MISSING:
-        return None
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """value as an int >= minimum, else a ValueError naming ``name``. bool, float (2.0 too) and text are refused;
+    integers that are not Python ints (numpy's, one-element integer tensors) are taken through ``operator.index``.
+    (Shared by the config checks below and the samplers' argument checks, mdlm.sampling.)"""
     try:
         if isinstance(value, bool):
             raise TypeError
-        value = operator.index(value)
+        v = operator.index(value)
     except TypeError:
-        raise ValueError(f"config key {key} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"config key {key} must be an integer >= {minimum}, got {value!r}")
-    return value
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int | None:
+    """check_int for config key ``key`` (None when the field is absent)."""
+    if value is _MISSING:
+        return None
+    return check_int(value, f"config key {key}", minimum)
 
 
 def _check_real(key: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> None:

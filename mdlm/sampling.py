@@ -10,12 +10,11 @@ All functions take an ``MDLM`` (``mdlm.diffusion``) and return token ids (B, L) 
 from __future__ import annotations
 
 import numbers
-import operator
 
 import torch
 import torch.nn.functional as F
 
-from .config import cfg_get
+from .config import cfg_get, check_int
 from .nn import check_token_ids
 
 __all__ = ["sample", "semi_ar_sample", "sample_categorical", "ddpm_update", "ddpm_caching_update",
@@ -30,19 +29,7 @@ INVALID_LOGITS = ("the model produced logits with NaN/inf (or nothing left after
 
 # --- argument checks shared by the published samplers here and the fused ones (mdlm.samplers) -----------------
 
-def check_int(value, name: str, minimum: int = 1) -> int:
-    """value as an int >= minimum, else a ValueError naming the argument. bool, float (2.0 too) and text are
-    refused; integers that are not Python ints (numpy's, one-element integer tensors) are taken through
-    ``operator.index``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v}")
-    return v
+# check_int (value as an int >= minimum, else a ValueError naming the argument) lives in mdlm.config
 
 
 def check_real(value, name: str, lo: float, hi: float, what: str = "") -> float:

@@ -29,7 +29,7 @@ import torch
 
 import mdlm
 from mdlm import config as C
-from mdlm.checkpoint import CheckpointError, load_training_checkpoint
+from mdlm.checkpoint import load_training_checkpoint
 from mdlm.data import _local
 from mdlm.data import datasets as dsets
 

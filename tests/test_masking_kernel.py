@@ -13,7 +13,6 @@ Tolerances:
 - GPU vs CPU twin (loglinear): xt, t, row_counts, move_chance, weight exact; sigma within 1 ulp.
 """
 
-import math
 
 import pytest
 import torch

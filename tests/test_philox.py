@@ -3,7 +3,6 @@ torch.compile, errors. Exact (bitwise) comparisons throughout: every backend mus
 same bits, so there are no tolerances in this file."""
 
 import math
-import os
 
 import pytest
 import torch

@@ -38,7 +38,6 @@ import torch
 import mdlm_kernels as mk
 from mdlm_kernels import _ext
 from mdlm_kernels import backend as B
-from mdlm_kernels.ops import sampling as SM
 from mdlm_kernels.ops.philox import _buf
 
 HAS_EXT = _ext.available()

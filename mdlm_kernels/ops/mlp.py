@@ -40,7 +40,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .. import backend as _backend
 from . import _checks
 from . import gelu as _gelu
 

@@ -275,6 +275,19 @@ MDLM_HD double exp64(double x) {
   return dmul(p, bits_as_double(static_cast<uint64_t>(k + 1023) << 52));
 }
 
+// exp(r) for |r| <= ~0.35: degree-7 Taylor polynomial in float32 (truncation < 2^-27 relative), Horner with
+// separately rounded multiplies and adds (expf32 and exp_weight).
+MDLM_HD float taylor7_exp(float r) {
+  float p = 1.0f / 5040.0f;
+  p = fadd_nc(1.0f / 720.0f, fmul_nc(r, p));
+  p = fadd_nc(1.0f / 120.0f, fmul_nc(r, p));
+  p = fadd_nc(1.0f / 24.0f, fmul_nc(r, p));
+  p = fadd_nc(1.0f / 6.0f, fmul_nc(r, p));
+  p = fadd_nc(0.5f, fmul_nc(r, p));
+  p = fadd_nc(1.0f, fmul_nc(r, p));
+  return fadd_nc(1.0f, fmul_nc(r, p));
+}
+
 // exp in float32 for the online log-sum-exp: same scheme, degree-7 Taylor (truncation < 2^-27
 // relative). Results below 2^-126 flush to 0; callers only pass x <= 0.
 MDLM_HD float expf32(float x) {
@@ -288,14 +301,7 @@ MDLM_HD float expf32(float x) {
   kf = std::floor(kf);
 #endif
   const float r = fsub_nc(fsub_nc(x, fmul_nc(kf, kLn2HiF)), fmul_nc(kf, kLn2LoF));
-  float p = 1.0f / 5040.0f;
-  p = fadd_nc(1.0f / 720.0f, fmul_nc(r, p));
-  p = fadd_nc(1.0f / 120.0f, fmul_nc(r, p));
-  p = fadd_nc(1.0f / 24.0f, fmul_nc(r, p));
-  p = fadd_nc(1.0f / 6.0f, fmul_nc(r, p));
-  p = fadd_nc(0.5f, fmul_nc(r, p));
-  p = fadd_nc(1.0f, fmul_nc(r, p));
-  p = fadd_nc(1.0f, fmul_nc(r, p));
+  float p = taylor7_exp(r);
   int k = static_cast<int>(kf);
   if (k > 127) {
     p = fmul_nc(p, 2.0f);
@@ -378,14 +384,7 @@ MDLM_HD double exp_weight(double d) {
   kd = std::floor(kd);
 #endif
   const float r = static_cast<float>(dsub(dsub(d, dmul(kd, kLn2Hi)), dmul(kd, kLn2Lo)));  // |r| <= ~0.347
-  float q = 1.0f / 5040.0f;
-  q = fadd_nc(1.0f / 720.0f, fmul_nc(r, q));
-  q = fadd_nc(1.0f / 120.0f, fmul_nc(r, q));
-  q = fadd_nc(1.0f / 24.0f, fmul_nc(r, q));
-  q = fadd_nc(1.0f / 6.0f, fmul_nc(r, q));
-  q = fadd_nc(0.5f, fmul_nc(r, q));
-  q = fadd_nc(1.0f, fmul_nc(r, q));
-  q = fadd_nc(1.0f, fmul_nc(r, q));
+  const float q = taylor7_exp(r);
   int k = static_cast<int>(kd);  // in [-1022, 1] for d <= 0.35
   if (k < -1022) return 0.0;
   if (k > 1023) k = 1023;
