@@ -802,6 +802,33 @@ def _run_batch(ctx, spec_index, spec, backend, indices, case_list, timeout) -> l
     return results
 
 
+def _forkserver_context(preload: list):
+    """The forkserver context with ``preload`` imported in the server under this process's import path.
+
+    The server is started as ``python -c ...``, which puts the working directory first on its path, and
+    Python 3.11's forkserver receives the parent's ``sys.path`` but does not apply it before the preload.
+    Run from a checkout whose installed package is not editable, the preload then imports the source tree
+    (``mdlm_kernels`` without its compiled ``_C``) instead of the installed package the tests run against.
+    So the server is started here, once, with ``PYTHONSAFEPATH`` (no working-directory entry) and
+    ``PYTHONPATH`` set to this process's path, and the environment restored afterwards.
+    """
+    from multiprocessing import forkserver
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    saved = {k: os.environ.get(k) for k in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    os.environ["PYTHONSAFEPATH"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ctx
+
+
 def run(run_all: Optional[bool] = None, ops: Optional[list] = None, backends: Optional[list] = None,
         entries: Optional[list] = None, jobs: int = 2, timeout: float = BATCH_TIMEOUT_S, verbose: bool = False):
     """Run the suite; returns (results, stats). ``run_all`` None: MDLM_BAD_INPUTS=all decides."""
@@ -810,9 +837,8 @@ def run(run_all: Optional[bool] = None, ops: Optional[list] = None, backends: Op
         run_all = os.environ.get("MDLM_BAD_INPUTS", "").strip().lower() == "all"
     from mdlm_kernels import backend as kb
     sp, cl = all_specs_and_cases()
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "mdlm_kernels", "mdlm_kernels.ops.mlp", "mdlm_kernels.ops.attention",
-                                __name__ if __name__ != "__main__" else "bad_inputs"])
+    ctx = _forkserver_context(["torch", "mdlm_kernels", "mdlm_kernels.ops.mlp", "mdlm_kernels.ops.attention",
+                               __name__ if __name__ != "__main__" else "bad_inputs"])
     jobs_list = []
     n_cases = n_valid = 0
     for i, spec in enumerate(sp):
