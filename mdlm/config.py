@@ -7,6 +7,7 @@ an OmegaConf ``DictConfig`` (or any object with the same attributes) works every
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 import operator
 from typing import Any, Mapping
@@ -88,13 +89,16 @@ def _check_int(key: str, value: Any, minimum: int) -> int | None:
     return check_int(value, f"config key {key}", minimum)
 
 
-def _check_real(key: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> None:
+def _check_real(key: str, value: Any, lo: float, hi: float, hi_open: bool = False, lo_open: bool = False) -> None:
+    """A real number (not bool, not NaN) in the interval; ``hi = inf`` means any finite number above ``lo``."""
     if value is _MISSING:
         return
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and (
-        lo <= value < hi if hi_open else lo <= value <= hi)
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi))
     if not ok:
-        raise ValueError(f"config key {key} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+        what = (f"a finite number {'>' if lo_open else '>='} {lo}" if hi == math.inf else
+                f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+        raise ValueError(f"config key {key} must be {what}, got {value!r}")
 
 
 def check_config(cfg: Any) -> Any:
@@ -106,7 +110,11 @@ def check_config(cfg: Any) -> Any:
 
     model: hidden_size, n_heads, n_blocks, cond_dim, length integers >= 1; hidden_size divisible by n_heads
     with an even head dim (rotary pairs the two halves); dropout in [0, 1). sampling: steps >= 1, eps in
-    [0, 1], stride_length >= 1, num_strides >= 0. trainer: sample_steps >= 1, num_samples >= 0."""
+    [0, 1], stride_length >= 1, num_strides >= 0. trainer: sample_steps, keep_checkpoints, max_nonfinite >= 1;
+    num_samples, max_steps, log_every, val_every, val_blocks, save_every, sample_every >= 0; grad_clip a
+    number. loader: global_batch_size >= 1, batch_size / eval_batch_size >= 0. optim: lr, weight_decay finite
+    >= 0, beta1 / beta2 in [0, 1), eps finite > 0. lr_scheduler: type known, warmup_steps >= 0,
+    warmup_fraction in [0, 1], warmup_lr_init / lr_min finite >= 0."""
     m = cfg_get(cfg, "model", None)
     if m is not None:
         sizes = {k: _check_int(f"model.{k}", cfg_get(m, k, _MISSING), 1)
@@ -125,10 +133,41 @@ def check_config(cfg: Any) -> Any:
         _check_real("sampling.eps", cfg_get(s, "eps", _MISSING), 0.0, 1.0)
         _check_int("sampling.stride_length", cfg_get(s, "stride_length", _MISSING), 1)
         _check_int("sampling.num_strides", cfg_get(s, "num_strides", _MISSING), 0)
+    # training keys: a bad value would otherwise fail late (after hours of training, at the first sample or
+    # checkpoint), or silently (a NaN learning rate or clip threshold skips every step as non-finite)
     tr = cfg_get(cfg, "trainer", None)
-    if tr is not None:   # the samples drawn during training: a bad value would only fail after hours of training
+    if tr is not None:
         _check_int("trainer.sample_steps", cfg_get(tr, "sample_steps", _MISSING), 1)
-        _check_int("trainer.num_samples", cfg_get(tr, "num_samples", _MISSING), 0)
+        for k in ("num_samples", "max_steps", "log_every", "val_every", "val_blocks", "save_every", "sample_every"):
+            _check_int(f"trainer.{k}", cfg_get(tr, k, _MISSING), 0)
+        _check_int("trainer.keep_checkpoints", cfg_get(tr, "keep_checkpoints", _MISSING), 1)
+        _check_int("trainer.max_nonfinite", cfg_get(tr, "max_nonfinite", _MISSING), 1)
+        clip = cfg_get(tr, "grad_clip", _MISSING)   # <= 0 turns clipping off; inf is a valid "never"
+        if clip is not _MISSING and not (not isinstance(clip, bool) and isinstance(clip, numbers.Real)
+                                         and not math.isnan(clip)):
+            raise ValueError(f"config key trainer.grad_clip must be a number (<= 0: no clipping), got {clip!r}")
+    lo = cfg_get(cfg, "loader", None)
+    if lo is not None:
+        _check_int("loader.global_batch_size", cfg_get(lo, "global_batch_size", _MISSING), 1)
+        _check_int("loader.batch_size", cfg_get(lo, "batch_size", _MISSING), 0)
+        _check_int("loader.eval_batch_size", cfg_get(lo, "eval_batch_size", _MISSING), 0)
+    op = cfg_get(cfg, "optim", None)
+    if op is not None:
+        _check_real("optim.lr", cfg_get(op, "lr", _MISSING), 0.0, math.inf)
+        _check_real("optim.beta1", cfg_get(op, "beta1", _MISSING), 0.0, 1.0, hi_open=True)
+        _check_real("optim.beta2", cfg_get(op, "beta2", _MISSING), 0.0, 1.0, hi_open=True)
+        _check_real("optim.eps", cfg_get(op, "eps", _MISSING), 0.0, math.inf, lo_open=True)
+        _check_real("optim.weight_decay", cfg_get(op, "weight_decay", _MISSING), 0.0, math.inf)
+    sc = cfg_get(cfg, "lr_scheduler", None)
+    if sc is not None:
+        kind = cfg_get(sc, "type", _MISSING)
+        if kind is not _MISSING and kind not in ("constant_warmup", "cosine_decay_warmup"):
+            raise ValueError(f"config key lr_scheduler.type must be constant_warmup or cosine_decay_warmup, "
+                             f"got {kind!r}")
+        _check_int("lr_scheduler.warmup_steps", cfg_get(sc, "warmup_steps", _MISSING), 0)
+        _check_real("lr_scheduler.warmup_fraction", cfg_get(sc, "warmup_fraction", _MISSING), 0.0, 1.0)
+        _check_real("lr_scheduler.warmup_lr_init", cfg_get(sc, "warmup_lr_init", _MISSING), 0.0, math.inf)
+        _check_real("lr_scheduler.lr_min", cfg_get(sc, "lr_min", _MISSING), 0.0, math.inf)
     return cfg
 
 

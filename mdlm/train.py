@@ -59,7 +59,7 @@ import torch.nn as nn
 
 from .checkpoint import (CheckpointError, list_training_checkpoints, load_training_checkpoint, model_meta,
                          save_training_checkpoint)
-from .config import QUICK, Config, apply_overrides, describe_model, model_differences, preset
+from .config import QUICK, Config, apply_overrides, check_config, describe_model, model_differences, preset
 
 __all__ = ["Trainer", "EMA", "DeviceAdamW", "NonFiniteError", "ForcedStop", "global_grad_norm", "clip_scale",
            "optimizer_step_on_device", "lr_factor", "micro_seed", "main"]
@@ -91,6 +91,8 @@ def micro_seed(seed: int, g: int, stream: int = 0) -> int:
 def lr_factor(cfg, step: int) -> float:
     """Multiplier of ``optim.lr`` after ``step`` optimizer updates (``lr_scheduler.type``)."""
     sc, lr = cfg.lr_scheduler, float(cfg.optim.lr)
+    if lr == 0.0:                                    # optim.lr = 0 (allowed: a dry run): any factor gives 0
+        return 1.0
     if sc.type == "constant_warmup":                 # transformers' constant schedule with warm-up
         w = int(sc.warmup_steps)
         return step / w if step < w else 1.0
@@ -465,7 +467,7 @@ class Trainer:
         from .diffusion import MDLM
         from .nn import DIT
 
-        self.cfg = cfg
+        self.cfg = check_config(cfg)   # a config built or edited by hand: the same checks as the overrides
         tr = cfg.trainer
         self._init_distributed(tr.strategy)
         self.out_dir = Path(tr.out_dir)

@@ -204,6 +204,21 @@ BAD_CONFIG = [
     ("sampling.steps=0", r"config key sampling\.steps must be an integer >= 1, got 0"),
     ("sampling.eps=2", r"config key sampling\.eps must be a number in \[0.0, 1.0\], got 2.0"),
     ("trainer.sample_steps=0", r"config key trainer\.sample_steps must be an integer >= 1, got 0"),
+    ("trainer.max_steps=-1", r"config key trainer\.max_steps must be an integer >= 0, got -1"),
+    ("trainer.save_every=-10", r"config key trainer\.save_every must be an integer >= 0, got -10"),
+    ("trainer.keep_checkpoints=0", r"config key trainer\.keep_checkpoints must be an integer >= 1, got 0"),
+    ("trainer.max_nonfinite=0", r"config key trainer\.max_nonfinite must be an integer >= 1, got 0"),
+    ("trainer.grad_clip=nan", r"config key trainer\.grad_clip must be a number \(<= 0: no clipping\), got nan"),
+    ("loader.global_batch_size=0", r"config key loader\.global_batch_size must be an integer >= 1, got 0"),
+    ("loader.batch_size=-2", r"config key loader\.batch_size must be an integer >= 0, got -2"),
+    ("optim.lr=-0.001", r"config key optim\.lr must be a finite number >= 0\.0, got -0\.001"),
+    ("optim.lr=inf", r"config key optim\.lr must be a finite number >= 0\.0, got inf"),
+    ("optim.beta1=1", r"config key optim\.beta1 must be a number in \[0\.0, 1\.0\), got 1\.0"),
+    ("optim.eps=0", r"config key optim\.eps must be a finite number > 0\.0, got 0\.0"),
+    ("optim.weight_decay=-1", r"config key optim\.weight_decay must be a finite number >= 0\.0, got -1\.0"),
+    ("lr_scheduler.type=linear", r"config key lr_scheduler\.type must be constant_warmup or cosine_decay_warmup"),
+    ("lr_scheduler.warmup_steps=-5", r"config key lr_scheduler\.warmup_steps must be an integer >= 0, got -5"),
+    ("lr_scheduler.warmup_fraction=1.5", r"config key lr_scheduler\.warmup_fraction must be a number in \[0\.0, 1\.0\]"),
 ]
 
 
@@ -468,3 +483,14 @@ def test_reference_gumbel_dtype_and_fused_confidence_threshold():
     for th in ("a", float("nan"), 0.0, True):
         with pytest.raises(ValueError, match=rf"^confidence_threshold must be in \(0, 1\], got {th!r}"):
             fast_sample(m, 2, sampler="confidence", confidence_threshold=th)
+
+
+def test_trainer_checks_a_config_edited_by_hand(tmp_path):
+    """A config edited after ``preset`` (bypassing the overrides) is checked by the Trainer itself: a NaN
+    learning rate would otherwise skip every step as non-finite, a zero batch divide by zero."""
+    from mdlm.train import Trainer
+    cfg = mdlm.preset("tiny")
+    cfg.optim.lr = float("nan")
+    blocks = torch.randint(0, V, (8, int(cfg.model.length)))
+    with pytest.raises(ValueError, match=r"config key optim\.lr must be a finite number >= 0\.0, got nan"):
+        Trainer(cfg, train_data=blocks, val_data=blocks)
