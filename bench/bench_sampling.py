@@ -68,7 +68,8 @@ def step_rows(B, L, V, device, iters):
     ss = torch.full((n,), t - dt, device=device)
 
     def fused():
-        out = mk.sample_step(rows, tt, ss, 1234, 0, mask_index=M, row_ids=idx, validate=False)
+        out = mk.sample_step(rows, tt, ss, 1234, 0, mask_index=M, row_ids=idx, validate=False,
+                             entropy=False)   # the samplers' setting
         return x.view(-1).index_copy(0, idx, out.tokens)
 
     res = []

@@ -243,8 +243,9 @@ def _sample(c):
         return sample_categorical(q_xs)
 
     csp = torch.compile(spec)
+    # entropy=False: the samplers' setting (the published step computes no confidences either)
     fwd = _providers_map(lambda b: (lambda: mk.sample_step(logits, t, s, 1234, 0, mask_index=M, row_ids=row_ids,
-                                                           validate=False, backend=b)),
+                                                           validate=False, entropy=False, backend=b)),
                          lambda: csp(logits, t, s))
     fb = _nbytes(logits, t, s, row_ids) + N * 8 + N * 3 * 4                 # logits -> tokens, confidence
     return Case("sample_step", "sample_step", fwd, fb, rng=True)

@@ -3,8 +3,8 @@
     nvcc -cubin -arch=sm_90 -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc/include -DMDLM_WITH_CUDA=1 \
          csrc/cuda/sampling_cuda.cu -o /tmp/s90.cubin
     .venv/lib/python3.11/site-packages/triton/backends/nvidia/bin/cuobjdump -sass /tmp/s90.cubin > /tmp/s90.sass
-    python bench/sass_loops.py /tmp/s90.sass sample_step_kernelIt               # loops (backward branches) of bf16
-    python bench/sass_loops.py /tmp/s90.sass sample_step_kernelIt 7d90-7eb0 9970-9b60 9b70-b3d0   # count ranges
+    python bench/sass_loops.py /tmp/s90.sass sample_step_kernelItLb0        # loops (backward branches): bf16, entropy off
+    python bench/sass_loops.py /tmp/s90.sass sample_step_kernelItLb0 7de0-7ed0 9980-af70   # the full-chunk path: 368
 
 A range is "lo-hi" in hex byte addresses, both ends included (each instruction is 16 bytes). Counts are static:
 multiply by trip counts yourself. Figures derived this way are predictions, not measurements.

@@ -404,10 +404,11 @@ SampleCall check_sample_step(const char* op, const Buf& logits, int dtype, const
 void sample_step_cpu(const Buf& logits, int dtype, const Buf& t, const Buf& s, const Buf& row_ids, const Buf& tokens,
                      const Buf& conf, int64_t rows, int64_t vocab, uint64_t seed, uint64_t offset, int64_t mask_index,
                      double temperature, int64_t top_k, double top_p, bool greedy, const Buf& offset_buf,
-                     const Buf& loads) {
+                     const Buf& loads, bool entropy) {
   const char* op = "sample_step_cpu";
-  const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
-                                         mask_index, temperature, top_k, top_p, greedy, offset_buf);
+  SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
+                                   mask_index, temperature, top_k, top_p, greedy, offset_buf);
+  c.params.entropy = entropy ? 1 : 0;
   // none: do not count
   int64_t* l = static_cast<int64_t*>(optional_buffer(op, "loads", loads, checked_bytes(op, "loads", rows, 1, 8), 8));
   if (rows == 0) return;
@@ -418,10 +419,11 @@ void sample_step_cpu(const Buf& logits, int dtype, const Buf& t, const Buf& s, c
 void sample_step_cuda(const Buf& logits, int dtype, const Buf& t, const Buf& s, const Buf& row_ids, const Buf& tokens,
                       const Buf& conf, int64_t rows, int64_t vocab, uint64_t seed, uint64_t offset, int64_t mask_index,
                       double temperature, int64_t top_k, double top_p, bool greedy, std::uintptr_t stream,
-                      const Buf& offset_buf) {
+                      const Buf& offset_buf, bool entropy) {
   const char* op = "sample_step_cuda";
-  const SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
-                                         mask_index, temperature, top_k, top_p, greedy, offset_buf);
+  SampleCall c = check_sample_step(op, logits, dtype, t, s, row_ids, tokens, conf, rows, vocab, seed, offset,
+                                   mask_index, temperature, top_k, top_p, greedy, offset_buf);
+  c.params.entropy = entropy ? 1 : 0;
 #if MDLM_WITH_CUDA
   if (rows == 0) return;
   require_device(op);
@@ -561,16 +563,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("sample_step_cpu", &sample_step_cpu, py::arg("logits"), py::arg("dtype_code"), py::arg("t"), py::arg("s"),
         py::arg("row_ids"), py::arg("tokens"), py::arg("conf"), py::arg("rows"), py::arg("vocab"), py::arg("seed"),
         py::arg("offset"), py::arg("mask_index"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
-        py::arg("greedy"), py::arg("offset_buf") = none, py::arg("loads") = none,
+        py::arg("greedy"), py::arg("offset_buf") = none, py::arg("loads") = none, py::arg("entropy") = true,
         "Fused categorical sampling step (mdlm/sampling.h) on host buffers, each (address, nbytes): logits "
         "(rows, vocab) of dtype_code; t, s (rows,) float32 ((0, 0) allowed when greedy); row_ids (rows,) int64 "
         "or (0, 0) for row i; tokens (rows,) int64 out; conf (rows, 3) float32 out; offset_buf: (0, 0), or one "
         "int64 the kernel adds to offset (mod 2^64) when it runs; loads: (0, 0), or (rows,) int64 receiving how "
-        "many logits each row's sampling read (tests).");
+        "many logits each row's sampling read (tests); entropy false: conf[:, 2] is NaN (not computed).");
   m.def("sample_step_cuda", &sample_step_cuda, py::arg("logits"), py::arg("dtype_code"), py::arg("t"), py::arg("s"),
         py::arg("row_ids"), py::arg("tokens"), py::arg("conf"), py::arg("rows"), py::arg("vocab"), py::arg("seed"),
         py::arg("offset"), py::arg("mask_index"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
-        py::arg("greedy"), py::arg("stream"), py::arg("offset_buf") = none,
+        py::arg("greedy"), py::arg("stream"), py::arg("offset_buf") = none, py::arg("entropy") = true,
         "Same as sample_step_cpu on device buffers, launched on `stream` (cudaStream_t as int); offset_buf "
         "((0, 0) or a device buffer) is read by the kernel.");
   m.def("sample_threshold_cpu", &sample_threshold_cpu, py::arg("logits"), py::arg("dtype_code"), py::arg("keys"),

@@ -263,7 +263,8 @@ def fast_sample(model, batch_size: int = 1, length: int | None = None, steps: in
     M = model.mask_index
     stats = {"model_calls": 0, "steps": 0, "host_syncs": 0}
     seed = _seed_from(generator, stats)
-    opts = dict(mask_index=M, temperature=temperature, top_k=top_k, top_p=top_p, validate=False)
+    # entropy=False: no sampler reads the entropy confidence (the kernel then skips its per-element term)
+    opts = dict(mask_index=M, temperature=temperature, top_k=top_k, top_p=top_p, validate=False, entropy=False)
     was_training, was_validating = model.training, model.backbone.validate_inputs
     model.eval()
     model.backbone.validate_inputs = False  # x is checked once above; no range-check sync per model call

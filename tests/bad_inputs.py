@@ -208,7 +208,8 @@ def specs() -> list:
              SArg("temperature", 1.0, (0.0, -1.0, NAN, INF, 1e-40, 1e31, "1", None, True), (1e-3, 50.0)),
              SArg("top_k", 0, (-1, 2.0, None, "3", True), (1, 3, V - 1, V + 5)),
              SArg("top_p", 1.0, (0.0, -0.5, 1.5, NAN, None, "1"), (0.5, 1e-9)),
-             SArg("greedy", False, BAD_BOOL, (True,)), SArg("validate", True, BAD_BOOL, (False,))]
+             SArg("greedy", False, BAD_BOOL, (True,)), SArg("validate", True, BAD_BOOL, (False,)),
+             SArg("entropy", True, BAD_BOOL, (False,))]
     out.append(OpSpec("sample_step", "public", mk.sample_step, [
         TArg("logits", (4, V), f, "float", ok_dtypes=(torch.bfloat16,)),
         TArg("t", (4,), f, "unit"), TArg("s", (4,), f, "small"),
@@ -227,7 +228,8 @@ def specs() -> list:
         SArg("top_k", 0, (-1, 2.0, None), (1, 3, V + 5)),
         SArg("top_p", 1.0, (0.0, 1.5, NAN, None), (0.5,)),
         SArg("greedy", False, ("False",), (True,)), SArg("backend", None),
-        TArg("offset_tensor", (1,), torch.int64, "offset", optional=True)], ("cpp", "reference"), positional=True,
+        TArg("offset_tensor", (1,), torch.int64, "offset", optional=True),
+        SArg("entropy", True, ("False",), (False,))], ("cpp", "reference"), positional=True,
         groups=(("t <= s", dict(t=torch.tensor([0.5, 0.3, 0.9, 0.9]), s=torch.tensor([0.1, 0.3, 0.1, 0.1])), "any"),
                 ("t None, not greedy", dict(t=None), "error"))))
     # ---- subs_linear_cross_entropy -----------------------------------------------------------------------------

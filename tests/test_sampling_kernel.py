@@ -663,14 +663,55 @@ def test_gpu_matches_cpu_twin(shape, dtype):
     rid = torch.randint(0, 2**32, (N,), generator=torch.Generator().manual_seed(4))
     for i, kw in enumerate(OPTIONS + [dict(top_p=0.3, temperature=1.7), dict(top_k=1)]):
         seed, offset = SEEDS[i % len(SEEDS)]
-        for row_ids in (None, rid):
-            common = dict(mask_index=V - 1, row_ids=row_ids, validate=False, **kw)
+        for row_ids, entropy in ((None, True), (rid, True), (rid, False)):   # entropy=False: the other kernel
+            common = dict(mask_index=V - 1, row_ids=row_ids, validate=False, entropy=entropy, **kw)
             cpu = mk.sample_step(x, t, s, seed, offset, backend="cpp", **common)
             gpu = mk.sample_step(x.cuda(), t.cuda(), s.cuda(), seed, offset, backend="cpp",
                                  **dict(common, row_ids=None if row_ids is None else row_ids.cuda()))
             assert gpu.tokens.is_cuda
             assert torch.equal(gpu.tokens.cpu(), cpu.tokens), (shape, dtype, kw)
             assert _eq_nan(gpu.confidence.cpu(), cpu.confidence), (shape, dtype, kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 1023), (5, 50258)])
+def test_entropy_off_changes_nothing_else(shape, dtype):
+    """entropy=False (what the samplers pass) skips the entropy's per-element term: confidence[:, 2] is NaN on both
+    backends, and the tokens, max prob and margin are the same bits as with entropy=True (the weights and the
+    chunk sums do not depend on it), for every option, invalid rows included."""
+    N, V = shape
+    x, t, s = _inputs(N, V, dtype, seed=V)
+    x[0, 3] = float("nan")                                    # an invalid row: NaN confidences either way
+    for i, kw in enumerate(OPTIONS):
+        seed, offset = SEEDS[i % len(SEEDS)]
+        common = dict(mask_index=V // 2, validate=False, **kw)
+        on = mk.sample_step(x, t, s, seed, offset, backend="cpp", **common)
+        off = mk.sample_step(x, t, s, seed, offset, backend="cpp", entropy=False, **common)
+        ref = mk.sample_step(x, t, s, seed, offset, backend="reference", entropy=False, **common)
+        assert torch.equal(on.tokens, off.tokens) and torch.equal(ref.tokens, off.tokens), kw
+        assert _eq_nan(on.confidence[:, :2], off.confidence[:, :2]), kw
+        assert bool(off.confidence[:, 2].isnan().all()) and bool(ref.confidence[:, 2].isnan().all()), kw
+        assert bool(on.confidence[1:, 2].isfinite().all()), kw     # on: the entropy of every valid row
+
+
+def test_samplers_do_not_ask_for_the_entropy(monkeypatch):
+    """The fused samplers never read confidence[:, 2], so they pass entropy=False (the faster kernel)."""
+    import mdlm
+    from mdlm.samplers import fast_sample
+    seen = []
+    real = mk.sample_step
+
+    def spy(*a, **k):
+        seen.append(k.get("entropy", True))
+        return real(*a, **k)
+
+    monkeypatch.setattr(mk, "sample_step", spy)
+    cfg = mdlm.preset("tiny", **{"model.length": 8})
+    model = mdlm.MDLM(cfg, 50)
+    for sampler in ("ddpm_cache", "first_hitting", "confidence"):
+        fast_sample(model, 2, steps=4, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert seen and not any(seen)
 
 
 @pytest.mark.cuda

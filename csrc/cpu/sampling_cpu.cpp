@@ -168,11 +168,17 @@ void load_chunk(const Row& x, int c, int64_t V, uint32_t mask, uint32_t keep, Ch
   for (int l = 0; l < kWarpLanes; ++l) lane_load(x, c, l, V, mask, keep, full, ch.x[l]);
 }
 
-// The chunk's weights relative to m and its float32 sums (the warp's butterflies).
-void chunk_weights(ChunkLanes& ch, float m, float scale2, float& s, float& h) {
-  for (int l = 0; l < kWarpLanes; ++l) lane_weights(ch.x[l], m, scale2, ch.w[l], ch.s[l], ch.h[l]);
+// The chunk's weights relative to m and its float32 sums (the warp's butterflies); h = 0 unless entropy.
+void chunk_weights(ChunkLanes& ch, float m, float scale2, bool entropy, float& s, float& h) {
+  for (int l = 0; l < kWarpLanes; ++l) {
+    if (entropy) {
+      lane_weights<true>(ch.x[l], m, scale2, ch.w[l], ch.s[l], ch.h[l]);
+    } else {
+      lane_weights<false>(ch.x[l], m, scale2, ch.w[l], ch.s[l], ch.h[l]);
+    }
+  }
   s = butterfly_sum32(ch.s);
-  h = butterfly_sum32(ch.h);
+  h = entropy ? butterfly_sum32(ch.h) : 0.0f;
 }
 
 // Float64 inclusive scan over the lanes of the k-th weights (one step of pass 2's column-order prefix).
@@ -200,7 +206,7 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
     for (int l = 0; l < kWarpLanes; ++l) ch.m[l] = lane_max(ch.x[l]);
     const float m = fadd_nc(butterfly_max32(ch.m), 0.0f);  // -0 -> +0
     float sw, hw;
-    chunk_weights(ch, m, p.scale2, sw, hw);
+    chunk_weights(ch, m, p.scale2, p.entropy != 0, sw, hw);
     sc.m[c] = m;
     sc.s[c] = static_cast<double>(sw);
     sc.h[c] = chunk_h_nats(hw);
@@ -227,7 +233,7 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   double incl[kWarpLanes];
   {
     float sw, hw;
-    chunk_weights(ch, mrow, p.scale2, sw, hw);
+    chunk_weights(ch, mrow, p.scale2, false, sw, hw);
     for (int l = 0; l < kWarpLanes; ++l) incl[l] = lane_total64(ch.w[l]);
     sc.s[cm] = butterfly_sum64(incl);
   }
@@ -248,7 +254,7 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
     Hrow = g == 0 ? hg : dadd(Hrow, hg);
   }
   const double Z = sc.G[ng];
-  row_confidences(row, Z, Hrow, p.inv_t_w, conf);
+  row_confidences(row, Z, Hrow, p.inv_t_w, p.entropy, conf);
   if (p.greedy) return static_cast<int64_t>(row.i1);
   double u1, u2;
   row_uniforms(p.seed, p.offset, row_key, u1, u2);
@@ -264,7 +270,7 @@ int64_t sample_row(const Row& x, float t, float s, uint32_t row_key, uint32_t fl
   const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t_w));
   load_chunk(x, cs, V, mask, keep, ch);
   float sw, hw;
-  chunk_weights(ch, mc, p.scale2, sw, hw);
+  chunk_weights(ch, mc, p.scale2, false, sw, hw);
   for (int l = 0; l < kWarpLanes; ++l) incl[l] = lane_total64(ch.w[l]);
   const double T = butterfly_sum64(incl);
   const double Sc = dmul(chunk_mass(sw, T, cs == cm), e);

@@ -266,7 +266,7 @@ __device__ uint32_t threshold_key(const T* __restrict__ x, int64_t V, uint32_t m
   return prefix > keep ? prefix : keep;
 }
 
-template <typename T>
+template <typename T, bool kEntropy>
 __global__ void __launch_bounds__(kThreads, 4)
 sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, const float* __restrict__ s,
                    const int64_t* __restrict__ row_ids, int64_t* __restrict__ tokens, float* __restrict__ conf,
@@ -299,9 +299,9 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
       float xs[kLaneCols], w[kLaneCols], sl, hl;
       lane_load(x, c, lane, V, mask, keep, grid.full(c), xs);
       const float m = fadd_nc(warp_max_nan(lane_max(xs)), 0.0f);  // -0 -> +0
-      lane_weights(xs, m, p.scale2, w, sl, hl);
+      lane_weights<kEntropy>(xs, m, p.scale2, w, sl, hl);
       sl = warp_sum32(sl);
-      hl = warp_sum32(hl);
+      if (kEntropy) hl = warp_sum32(hl);
       if (lane == 0) {
         S[c] = static_cast<double>(sl);
         H[c] = chunk_h_nats(hl);
@@ -350,7 +350,7 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
       Top2 in_chunk = top2_init();
       lane_top2(xs, cm, lane, in_chunk);
       in_chunk = warp_top2(in_chunk);
-      lane_weights(xs, mrow, p.scale2, w, sl, hl);
+      lane_weights<false>(xs, mrow, p.scale2, w, sl, hl);
       const double Tc = warp_butterfly(lane_total64(w));
       if (lane == 0) {
         rs.row = row_top2(chunks, in_chunk);
@@ -379,7 +379,7 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
       const double Z = G[ng];
       const Top2 row = rs.row;
       float c3[3];
-      row_confidences(row, Z, Hrow, p.inv_t_w, c3);
+      row_confidences(row, Z, Hrow, p.inv_t_w, p.entropy, c3);
       conf[3 * i + 0] = c3[0];
       conf[3 * i + 1] = c3[1];
       conf[3 * i + 2] = c3[2];
@@ -408,7 +408,7 @@ sample_step_kernel(const T* __restrict__ logits, const float* __restrict__ t, co
       const double e = exp_weight(scaled_gap(mc, mrow, p.inv_t_w));
       float xs[kLaneCols], w[kLaneCols], sl, hl;
       lane_load(x, cs, lane, V, mask, keep, grid.full(cs), xs);
-      lane_weights(xs, mc, p.scale2, w, sl, hl);
+      lane_weights<false>(xs, mc, p.scale2, w, sl, hl);
       const double Tc = warp_butterfly(lane_total64(w));
       const double Sc = dmul(chunk_mass(warp_sum32(sl), Tc, cs == cm), e);
       const double thr = chunk_threshold(rs.tau, Sc, Tc);
@@ -449,18 +449,25 @@ size_t dyn_bytes(int64_t V, bool filter) {
   return (filter && hist > tables) ? hist : tables;
 }
 
-template <typename T>
-int launch(const T* logits, const float* t, const float* s, const int64_t* row_ids, int64_t* tokens, float* conf,
-           int64_t N, const SampleParams& p, cudaStream_t stream) {
+template <typename T, bool kEntropy>
+int launch_as(const T* logits, const float* t, const float* s, const int64_t* row_ids, int64_t* tokens, float* conf,
+              int64_t N, const SampleParams& p, cudaStream_t stream) {
   const size_t smem = dyn_bytes(p.vocab, use_top_k(p) || use_top_p(p));
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(sample_step_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+    const cudaError_t e = cudaFuncSetAttribute(sample_step_kernel<T, kEntropy>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return static_cast<int>(e);
   }
   const unsigned int grid = static_cast<unsigned int>(N < int64_t(kMaxGrid) ? N : int64_t(kMaxGrid));
-  sample_step_kernel<T><<<grid, kThreads, smem, stream>>>(logits, t, s, row_ids, tokens, conf, N, p);
+  sample_step_kernel<T, kEntropy><<<grid, kThreads, smem, stream>>>(logits, t, s, row_ids, tokens, conf, N, p);
   return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch(const T* logits, const float* t, const float* s, const int64_t* row_ids, int64_t* tokens, float* conf,
+           int64_t N, const SampleParams& p, cudaStream_t stream) {
+  return p.entropy ? launch_as<T, true>(logits, t, s, row_ids, tokens, conf, N, p, stream)
+                   : launch_as<T, false>(logits, t, s, row_ids, tokens, conf, N, p, stream);
 }
 
 }  // namespace
