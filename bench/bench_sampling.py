@@ -2,6 +2,7 @@
 
     python bench/bench_sampling.py                       # GPU: B=16, L=1024, V=50258, DiT small
     python bench/bench_sampling.py --batch 2 --length 64 --preset tiny --steps 16   # CPU smoke run
+    python bench/bench_sampling.py --checkpoint runs/quick --batch 4 --steps 64 --gen-ppl gpt2   # a trained model
 
 1. Step arithmetic after the model forward (half the positions masked): the published ddpm_cache
    arithmetic on full (B, L, V) log-probabilities (exp, q_xs, fp32 Gumbel noise over every position,
@@ -10,8 +11,12 @@
 2. Generation of B x L tokens from scratch with ``--steps`` ddpm_cache steps: reference sampler
    (``mdlm.sampling.sample``) vs fused (``mdlm.fast_sample``), plus the first-hitting sampler (fused), each
    fused sampler eagerly and (CUDA) replayed from CUDA graphs (``cuda_graph=True``; fused ddpm runs the same
-   loop as fused ddpm_cache): wall time, generated tokens/s, model calls, graph replays. The model is randomly
-   initialised (speed only).
+   loop as fused ddpm_cache): wall time, generated tokens/s and the ratio to the reference's, model calls,
+   graph replays, and sample quality side by side: the unigram entropy of each provider's samples
+   (``mdlm.eval.unigram_entropy``) and, with ``--gen-ppl EVALUATOR`` and a tokenizer, their generative
+   perplexity (``mdlm.eval.generative_perplexity``; skipped with the reason when the evaluator cannot be
+   loaded, e.g. offline). The model is randomly initialised (speed; the entropies still compare the two
+   samplers' laws), or a trained one with ``--checkpoint`` (anything ``mdlm sample --checkpoint`` takes).
 3. Host time per step of the fused samplers, eager and graphed: a second run with ``timing=True``, which
    synchronises before every model call of the loop and measures with time.perf_counter the CPU time spent
    issuing it (launches, Python, graph replay) and with CUDA events its device time (from an event recorded
@@ -87,16 +92,36 @@ def _median(v):
     return None if n == 0 else (v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2]))
 
 
-def generation_rows(preset, B, L, steps, device, timing: bool = True):
+def _quality(ids, decode, evaluator, device) -> dict:
+    """Sample quality of one provider's (B, L) ids: unigram entropy, and gen PPL when asked and possible."""
+    from mdlm.eval import generative_perplexity, unigram_entropy
+    q = {"entropy": unigram_entropy(ids), "gen_ppl": None, "gen_ppl_skipped": None}
+    if evaluator:
+        if decode is None:
+            q["gen_ppl_skipped"] = "no tokenizer to decode the samples into text"
+        else:
+            try:
+                q["gen_ppl"] = generative_perplexity(decode(ids), evaluator, device=device,
+                                                     max_length=int(ids.shape[1]), tokens=ids)["gen_ppl"]
+            except (RuntimeError, OSError, ImportError) as e:   # evaluator weights absent (offline), ...
+                q["gen_ppl_skipped"] = f"{type(e).__name__}: {e}"
+    return q
+
+
+def generation_rows(preset, B, L, steps, device, timing: bool = True, model=None, decode=None, evaluator=None):
     """Generation rows (see the module docstring); with ``timing`` each fused row also gets the host and device
-    time per model call of its loop (seconds: host_s_median / host_s_mean / device_s_median / device_s_mean)."""
-    cfg = mdlm.preset(preset)
-    cfg.model.length = L
-    torch.manual_seed(0)
-    model = mdlm.MDLM(cfg, 50258).to(device).eval()
-    with torch.no_grad():  # a non-degenerate random model (the published init has a zero output layer)
-        for p in model.backbone.output_layer.parameters():
-            p.normal_(0, 0.02)
+    time per model call of its loop (seconds: host_s_median / host_s_mean / device_s_median / device_s_mean).
+    ``model``: a trained MDLM (default: a random one of ``preset`` with length L); ``decode`` ((B, L) ids -> B
+    strings) and ``evaluator`` (an evaluator name) add the generative perplexity."""
+    if model is None:
+        cfg = mdlm.preset(preset)
+        cfg.model.length = L
+        torch.manual_seed(0)
+        model = mdlm.MDLM(cfg, 50258).to(device).eval()
+        with torch.no_grad():  # a non-degenerate random model (the published init has a zero output layer)
+            for p in model.backbone.output_layer.parameters():
+                p.normal_(0, 0.02)
+    model = model.to(device).eval()
     model.validate_inputs = model.backbone.validate_inputs = False
     res = []
     cases = [("reference ddpm_cache", lambda **kw: mdlm.sampling.sample(model, B, L, steps, "ddpm_cache"))]
@@ -118,8 +143,11 @@ def generation_rows(preset, B, L, steps, device, timing: bool = True):
             torch.cuda.synchronize()
         sec = time.perf_counter() - t0
         stats = out[1] if isinstance(out, tuple) else {}
+        ids = (out[0] if isinstance(out, tuple) else out).cpu()
         row = {"provider": name, "seconds": sec, "tokens_per_s": B * L / sec,
-               "model_calls": stats.get("model_calls"), "graph_replays": stats.get("graph_replays")}
+               "x_reference": res[0]["seconds"] / sec if res else 1.0,
+               "model_calls": stats.get("model_calls"), "graph_replays": stats.get("graph_replays"),
+               **_quality(ids, decode, evaluator, device)}
         if timing and not name.startswith("reference"):
             st = fn(timing=True)[1]
             host, dev = st.get("host_s", []), st.get("device_s", [])
@@ -140,11 +168,32 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000 if cuda else 16)
     p.add_argument("--iters", type=int, default=20 if cuda else 3)
     p.add_argument("--skip-generation", action="store_true")
+    p.add_argument("--checkpoint", default=None,
+                   help="generate with this trained model (a checkpoint file / run folder / HF snapshot) instead "
+                        "of a random one; its length is the default --length")
+    p.add_argument("--gen-ppl", default=None, metavar="EVALUATOR",
+                   help="also report each provider's generative perplexity under this evaluator (e.g. gpt2, "
+                        "gpt2-large); needs its weights (transformers) and the model's tokenizer")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    model = decode = None
+    if args.checkpoint is not None:
+        from mdlm.checkpoint import load_model
+        model, info = load_model(args.checkpoint)
+        args.preset = f"checkpoint {info['path']}"
+        if "--length" not in (argv if argv is not None else sys.argv[1:]):
+            args.length = int(model.config.model.length)
+        args.vocab = int(model.vocab_size)
+        if info["tokenizer"]:
+            try:
+                from mdlm import data as mdata
+                tok = mdata.get_tokenizer(info["tokenizer"])
+                decode = lambda ids: mdata.decode(ids, tok, mask_index=model.mask_index)  # noqa: E731
+            except Exception as e:  # tokenizer files absent: no gen PPL (said in the rows)
+                print(f"# tokenizer {info['tokenizer']!r} unavailable ({type(e).__name__}: {e}): no gen PPL")
     env = environment(device)
     bw = copy_bandwidth(device, 2 ** 30 if device.type == "cuda" else 2 ** 26)
     steps, n = step_rows(args.batch, args.length, args.vocab, device, args.iters)
@@ -154,13 +203,19 @@ def main(argv=None):
         extra = (f"  read {r['read_GBps']:.0f} GB/s = {r['read_GBps'] * 1e9 / bw * 100:.0f}% of copy "
                  f"({r['backend']})" if "read_GBps" in r else "")
         print(f"  {r['provider']:<12} {r['ms']:>9.3f} ms{extra}")
-    gen = [] if args.skip_generation else generation_rows(args.preset, args.batch, args.length, args.steps, device)
+    gen = [] if args.skip_generation else generation_rows(args.preset, args.batch, args.length, args.steps, device,
+                                                           model=model, decode=decode, evaluator=args.gen_ppl)
     if gen:
-        print(f"# generation: {args.preset}, B={args.batch} x L={args.length}, {args.steps} steps")
+        print(f"# generation: {args.preset}, B={args.batch} x L={args.length}, {args.steps} steps "
+              f"({'trained' if model is not None else 'random'} model); entropy: mean unigram entropy of the "
+              f"samples (nats){'; gen PPL under ' + args.gen_ppl if args.gen_ppl else ''}")
         for r in gen:
             calls = f"  model calls {r['model_calls']}" if r["model_calls"] is not None else ""
             calls += f" ({r['graph_replays']} graph replays)" if r.get("graph_replays") is not None else ""
-            print(f"  {r['provider']:<26} {r['seconds']:>8.2f} s {r['tokens_per_s']:>10,.0f} tokens/s{calls}")
+            ppl = (f"  gen PPL {r['gen_ppl']:.2f}" if r.get("gen_ppl") is not None else
+                   f"  gen PPL skipped ({r['gen_ppl_skipped']})" if r.get("gen_ppl_skipped") else "")
+            print(f"  {r['provider']:<26} {r['seconds']:>8.2f} s {r['tokens_per_s']:>10,.0f} tokens/s "
+                  f"{r['x_reference']:>6.2f}x  entropy {r['entropy']:.3f}{ppl}{calls}")
         timed = [r for r in gen if r.get("host_s_median") is not None]
         if timed:
             print("# per model call of the loop (timing run: synchronised before each call), median (mean):")

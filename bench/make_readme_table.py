@@ -161,7 +161,7 @@ def _sampling_blocks(d):
 def sampling_section(runs):
     shead = RUN + ["source", "B x L, V", "masked rows", "provider", "ms per step", "% of copy bandwidth (read)"]
     ghead = RUN + ["source", "preset", "B x L", "steps", "sampler", "seconds", "generated tokens/s",
-                   "model calls"]
+                   "model calls", "sample entropy", "gen PPL"]
     srows, grows = [], []
     for _, d in runs:
         src, s = _sampling_blocks(d)
@@ -180,10 +180,12 @@ def sampling_section(runs):
             grows.append(run + [str(s.get("preset", "-")), f"{s.get('batch', '-')} x {s.get('length', '-')}",
                                 str(s.get("steps", "-")), r.get("provider", "?"), _num(r.get("seconds"), "{:.2f}"),
                                 _num(r.get("tokens_per_s"), "{:,.0f}"),
-                                "-" if r.get("model_calls") is None else str(r["model_calls"])])
+                                "-" if r.get("model_calls") is None else str(r["model_calls"]),
+                                _num(r.get("entropy"), "{:.3f}"), _num(r.get("gen_ppl"), "{:.2f}")])
     out = ["### Sampling (`bench/bench_sampling.py`, sampling section of `bench/throughput.py`)", "",
            "Step arithmetic after the model forward (half the positions masked):", ""] + _table(shead, srows)
-    out += ["", "Generation from scratch (randomly initialised model; `steps` applies to ddpm_cache):", ""] \
+    out += ["", "Generation from scratch (randomly initialised model unless the preset names a checkpoint; `steps` "
+            "applies to ddpm_cache; sample entropy: mean unigram entropy of the samples, nats):", ""] \
         + _table(ghead, grows)
     return out
 

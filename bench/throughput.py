@@ -311,11 +311,12 @@ def print_sampling(s: dict):
     print(f"# sampling: generation from scratch, {s['preset']}, B={s['batch']} x L={s['length']}, "
           f"{s['steps']} ddpm_cache steps (first_hitting: one event per position), random model")
     ref = next((r for r in s["generation"] if r["provider"] == "reference ddpm_cache"), None)
-    print(f"{'sampler':<24} {'seconds':>9} {'tokens/s':>11} {'vs ref':>7} {'model calls':>12}")
+    print(f"{'sampler':<24} {'seconds':>9} {'tokens/s':>11} {'vs ref':>7} {'model calls':>12} {'entropy':>8}")
     for r in s["generation"]:
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         calls = "-" if r["model_calls"] is None else str(r["model_calls"])
-        print(f"{r['provider']:<24} {r['seconds']:>9.3f} {r['tokens_per_s']:>11,.1f} {speed:>7} {calls:>12}")
+        ent = "-" if r.get("entropy") is None else f"{r['entropy']:.3f}"   # sample quality, side by side
+        print(f"{r['provider']:<24} {r['seconds']:>9.3f} {r['tokens_per_s']:>11,.1f} {speed:>7} {calls:>12} {ent:>8}")
 
 
 def print_budget(rows):
