@@ -93,7 +93,8 @@ def _median(v):
 
 
 def _quality(ids, decode, evaluator, device) -> dict:
-    """Sample quality of one provider's (B, L) ids: unigram entropy, and gen PPL when asked and possible."""
+    """Sample quality of one provider's (B, L) ids: unigram entropy, and gen PPL when asked and possible.
+    ``evaluator``: a name or a loaded (model, tokenizer) pair (``mdlm.eval.load_evaluator``)."""
     from mdlm.eval import generative_perplexity, unigram_entropy
     q = {"entropy": unigram_entropy(ids), "gen_ppl": None, "gen_ppl_skipped": None}
     if evaluator:
@@ -108,7 +109,8 @@ def _quality(ids, decode, evaluator, device) -> dict:
     return q
 
 
-def generation_rows(preset, B, L, steps, device, timing: bool = True, model=None, decode=None, evaluator=None):
+def generation_rows(preset, B, L, steps, device, timing: bool = True, model=None, decode=None, evaluator=None,
+                    vocab: int = 50258):
     """Generation rows (see the module docstring); with ``timing`` each fused row also gets the host and device
     time per model call of its loop (seconds: host_s_median / host_s_mean / device_s_median / device_s_mean).
     ``model``: a trained MDLM (default: a random one of ``preset`` with length L); ``decode`` ((B, L) ids -> B
@@ -117,12 +119,18 @@ def generation_rows(preset, B, L, steps, device, timing: bool = True, model=None
         cfg = mdlm.preset(preset)
         cfg.model.length = L
         torch.manual_seed(0)
-        model = mdlm.MDLM(cfg, 50258).to(device).eval()
+        model = mdlm.MDLM(cfg, vocab).to(device).eval()
         with torch.no_grad():  # a non-degenerate random model (the published init has a zero output layer)
             for p in model.backbone.output_layer.parameters():
                 p.normal_(0, 0.02)
     model = model.to(device).eval()
     model.validate_inputs = model.backbone.validate_inputs = False
+    if evaluator and decode is not None and isinstance(evaluator, str):   # load the evaluator once for all rows
+        from mdlm.eval import load_evaluator
+        try:
+            evaluator = load_evaluator(evaluator, device)
+        except (RuntimeError, OSError, ImportError):
+            pass   # each row records the reason (the same load fails there)
     res = []
     cases = [("reference ddpm_cache", lambda **kw: mdlm.sampling.sample(model, B, L, steps, "ddpm_cache"))]
     fused = [("fused ddpm_cache", dict(steps=steps, sampler="ddpm_cache")),
@@ -161,10 +169,14 @@ def generation_rows(preset, B, L, steps, device, timing: bool = True, model=None
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small" if cuda else "tiny", choices=mdlm.PRESETS)
+    p.add_argument("--preset", default=None, choices=mdlm.PRESETS,
+                   help="the random model's preset (default small on CUDA, tiny on CPU); with --checkpoint, the "
+                        "preset of a checkpoint that stores no config (default small)")
     p.add_argument("--batch", type=int, default=16 if cuda else 2)
-    p.add_argument("--length", type=int, default=1024 if cuda else 64)
-    p.add_argument("--vocab", type=int, default=50258)
+    p.add_argument("--length", type=int, default=None,
+                   help="sequence length (default: the checkpoint's, else 1024 on CUDA, 64 on CPU)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary of the step-arithmetic section (default: the checkpoint's, else 50258)")
     p.add_argument("--steps", type=int, default=1000 if cuda else 16)
     p.add_argument("--iters", type=int, default=20 if cuda else 3)
     p.add_argument("--skip-generation", action="store_true")
@@ -182,11 +194,12 @@ def main(argv=None):
     model = decode = None
     if args.checkpoint is not None:
         from mdlm.checkpoint import load_model
-        model, info = load_model(args.checkpoint)
+        model, info = load_model(args.checkpoint, preset_name=args.preset)
         args.preset = f"checkpoint {info['path']}"
-        if "--length" not in (argv if argv is not None else sys.argv[1:]):
+        if args.length is None:
             args.length = int(model.config.model.length)
-        args.vocab = int(model.vocab_size)
+        if args.vocab is None:
+            args.vocab = int(model.vocab_size)
         if info["tokenizer"]:
             try:
                 from mdlm import data as mdata
@@ -194,6 +207,12 @@ def main(argv=None):
                 decode = lambda ids: mdata.decode(ids, tok, mask_index=model.mask_index)  # noqa: E731
             except Exception as e:  # tokenizer files absent: no gen PPL (said in the rows)
                 print(f"# tokenizer {info['tokenizer']!r} unavailable ({type(e).__name__}: {e}): no gen PPL")
+    if args.preset is None:
+        args.preset = "small" if device.type == "cuda" else "tiny"
+    if args.length is None:
+        args.length = 1024 if device.type == "cuda" else 64
+    if args.vocab is None:
+        args.vocab = 50258
     env = environment(device)
     bw = copy_bandwidth(device, 2 ** 30 if device.type == "cuda" else 2 ** 26)
     steps, n = step_rows(args.batch, args.length, args.vocab, device, args.iters)
@@ -204,7 +223,8 @@ def main(argv=None):
                  f"({r['backend']})" if "read_GBps" in r else "")
         print(f"  {r['provider']:<12} {r['ms']:>9.3f} ms{extra}")
     gen = [] if args.skip_generation else generation_rows(args.preset, args.batch, args.length, args.steps, device,
-                                                           model=model, decode=decode, evaluator=args.gen_ppl)
+                                                           model=model, decode=decode, evaluator=args.gen_ppl,
+                                                           vocab=args.vocab)
     if gen:
         print(f"# generation: {args.preset}, B={args.batch} x L={args.length}, {args.steps} steps "
               f"({'trained' if model is not None else 'random'} model); entropy: mean unigram entropy of the "

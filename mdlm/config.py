@@ -13,7 +13,7 @@ import operator
 from typing import Any, Mapping
 
 __all__ = ["Config", "to_config", "preset", "PRESETS", "DATA_PRESETS", "QUICK", "apply_overrides", "describe_model",
-           "model_differences", "cfg_get", "check_config"]
+           "model_differences", "cfg_get", "check_config", "check_training_keys"]
 
 
 class Config(dict):
@@ -101,7 +101,7 @@ def _check_real(key: str, value: Any, lo: float, hi: float, hi_open: bool = Fals
         raise ValueError(f"config key {key} must be {what}, got {value!r}")
 
 
-def check_config(cfg: Any) -> Any:
+def check_config(cfg: Any, training: bool = False) -> Any:
     """Check the fields that size a model or a sampler run; a ValueError names the key
     (``config key model.n_heads must be an integer >= 1, got 0``). Fields that are absent are not checked (a
     partial config, e.g. the published DiT's ``config.model`` alone, is fine). Works on any config kind
@@ -110,11 +110,11 @@ def check_config(cfg: Any) -> Any:
 
     model: hidden_size, n_heads, n_blocks, cond_dim, length integers >= 1; hidden_size divisible by n_heads
     with an even head dim (rotary pairs the two halves); dropout in [0, 1). sampling: steps >= 1, eps in
-    [0, 1], stride_length >= 1, num_strides >= 0. trainer: sample_steps, keep_checkpoints, max_nonfinite >= 1;
-    num_samples, max_steps, log_every, val_every, val_blocks, save_every, sample_every >= 0; grad_clip a
-    number. loader: global_batch_size >= 1, batch_size / eval_batch_size >= 0. optim: lr, weight_decay finite
-    >= 0, beta1 / beta2 in [0, 1), eps finite > 0. lr_scheduler: type known, warmup_steps >= 0,
-    warmup_fraction in [0, 1], warmup_lr_init / lr_min finite >= 0."""
+    [0, 1], stride_length >= 1, num_strides >= 0. trainer: sample_steps >= 1, num_samples >= 0.
+
+    ``training=True`` (the ``Trainer``) also checks the training keys (``TRAINING_CHECKS``); they are not read
+    to build or sample a model, so loading a checkpoint or building a ``DIT`` from the published (Hydra) config
+    never evaluates them. ``apply_overrides`` checks those among the keys it sets."""
     m = cfg_get(cfg, "model", None)
     if m is not None:
         sizes = {k: _check_int(f"model.{k}", cfg_get(m, k, _MISSING), 1)
@@ -133,41 +133,66 @@ def check_config(cfg: Any) -> Any:
         _check_real("sampling.eps", cfg_get(s, "eps", _MISSING), 0.0, 1.0)
         _check_int("sampling.stride_length", cfg_get(s, "stride_length", _MISSING), 1)
         _check_int("sampling.num_strides", cfg_get(s, "num_strides", _MISSING), 0)
-    # training keys: a bad value would otherwise fail late (after hours of training, at the first sample or
-    # checkpoint), or silently (a NaN learning rate or clip threshold skips every step as non-finite)
     tr = cfg_get(cfg, "trainer", None)
-    if tr is not None:
+    if tr is not None:   # the samples drawn during training: a bad value would only fail after hours of training
         _check_int("trainer.sample_steps", cfg_get(tr, "sample_steps", _MISSING), 1)
-        for k in ("num_samples", "max_steps", "log_every", "val_every", "val_blocks", "save_every", "sample_every"):
-            _check_int(f"trainer.{k}", cfg_get(tr, k, _MISSING), 0)
-        _check_int("trainer.keep_checkpoints", cfg_get(tr, "keep_checkpoints", _MISSING), 1)
-        _check_int("trainer.max_nonfinite", cfg_get(tr, "max_nonfinite", _MISSING), 1)
-        clip = cfg_get(tr, "grad_clip", _MISSING)   # <= 0 turns clipping off; inf is a valid "never"
-        if clip is not _MISSING and not (not isinstance(clip, bool) and isinstance(clip, numbers.Real)
-                                         and not math.isnan(clip)):
-            raise ValueError(f"config key trainer.grad_clip must be a number (<= 0: no clipping), got {clip!r}")
-    lo = cfg_get(cfg, "loader", None)
-    if lo is not None:
-        _check_int("loader.global_batch_size", cfg_get(lo, "global_batch_size", _MISSING), 1)
-        _check_int("loader.batch_size", cfg_get(lo, "batch_size", _MISSING), 0)
-        _check_int("loader.eval_batch_size", cfg_get(lo, "eval_batch_size", _MISSING), 0)
-    op = cfg_get(cfg, "optim", None)
-    if op is not None:
-        _check_real("optim.lr", cfg_get(op, "lr", _MISSING), 0.0, math.inf)
-        _check_real("optim.beta1", cfg_get(op, "beta1", _MISSING), 0.0, 1.0, hi_open=True)
-        _check_real("optim.beta2", cfg_get(op, "beta2", _MISSING), 0.0, 1.0, hi_open=True)
-        _check_real("optim.eps", cfg_get(op, "eps", _MISSING), 0.0, math.inf, lo_open=True)
-        _check_real("optim.weight_decay", cfg_get(op, "weight_decay", _MISSING), 0.0, math.inf)
-    sc = cfg_get(cfg, "lr_scheduler", None)
-    if sc is not None:
-        kind = cfg_get(sc, "type", _MISSING)
-        if kind is not _MISSING and kind not in ("constant_warmup", "cosine_decay_warmup"):
-            raise ValueError(f"config key lr_scheduler.type must be constant_warmup or cosine_decay_warmup, "
-                             f"got {kind!r}")
-        _check_int("lr_scheduler.warmup_steps", cfg_get(sc, "warmup_steps", _MISSING), 0)
-        _check_real("lr_scheduler.warmup_fraction", cfg_get(sc, "warmup_fraction", _MISSING), 0.0, 1.0)
-        _check_real("lr_scheduler.warmup_lr_init", cfg_get(sc, "warmup_lr_init", _MISSING), 0.0, math.inf)
-        _check_real("lr_scheduler.lr_min", cfg_get(sc, "lr_min", _MISSING), 0.0, math.inf)
+        _check_int("trainer.num_samples", cfg_get(tr, "num_samples", _MISSING), 0)
+    if training:
+        check_training_keys(cfg)
+    return cfg
+
+
+def _grad_clip(key: str, value: Any) -> None:
+    if value is _MISSING:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"config key {key} must be a number (<= 0: no clipping), got {value!r}")
+
+
+def _scheduler_type(key: str, value: Any) -> None:
+    if value is not _MISSING and value not in ("constant_warmup", "cosine_decay_warmup"):
+        raise ValueError(f"config key {key} must be constant_warmup or cosine_decay_warmup, got {value!r}")
+
+
+# The training keys' checks (key -> check(key, value)): a bad value would otherwise fail late (after hours of
+# training, at the first checkpoint) or silently (a NaN learning rate or clip threshold skips every step as
+# non-finite). 0 keeps its documented meaning where it has one (val_every / save_every / sample_every 0: only
+# at the end / never; batch_size 0: derived; keep_checkpoints below 2: 2; max_nonfinite 0: stop at the first).
+_INT0 = lambda k, v: _check_int(k, v, 0)  # noqa: E731
+TRAINING_CHECKS = {
+    **{f"trainer.{k}": _INT0 for k in ("max_steps", "log_every", "val_every", "val_blocks", "save_every",
+                                        "sample_every", "keep_checkpoints", "max_nonfinite")},
+    "trainer.grad_clip": _grad_clip,
+    "loader.global_batch_size": lambda k, v: _check_int(k, v, 1),
+    "loader.batch_size": _INT0,
+    "loader.eval_batch_size": _INT0,
+    "optim.lr": lambda k, v: _check_real(k, v, 0.0, math.inf),
+    "optim.beta1": lambda k, v: _check_real(k, v, 0.0, 1.0, hi_open=True),
+    "optim.beta2": lambda k, v: _check_real(k, v, 0.0, 1.0, hi_open=True),
+    "optim.eps": lambda k, v: _check_real(k, v, 0.0, math.inf, lo_open=True),
+    "optim.weight_decay": lambda k, v: _check_real(k, v, 0.0, math.inf),
+    "lr_scheduler.type": _scheduler_type,
+    "lr_scheduler.warmup_steps": _INT0,
+    "lr_scheduler.warmup_fraction": lambda k, v: _check_real(k, v, 0.0, 1.0),
+    "lr_scheduler.warmup_lr_init": lambda k, v: _check_real(k, v, 0.0, math.inf),
+    "lr_scheduler.lr_min": lambda k, v: _check_real(k, v, 0.0, math.inf),
+}
+
+
+def check_training_keys(cfg: Any, keys=None) -> Any:
+    """Check the training keys of ``cfg`` (all of ``TRAINING_CHECKS``, or those among ``keys``): trainer
+    counts (max_steps, log_every, val_every, val_blocks, save_every, sample_every, keep_checkpoints,
+    max_nonfinite) integers >= 0, grad_clip a number (not NaN; <= 0 turns clipping off); loader:
+    global_batch_size >= 1, batch_size / eval_batch_size >= 0; optim: lr, weight_decay finite >= 0, beta1 /
+    beta2 in [0, 1), eps finite > 0; lr_scheduler: type known, warmup_steps >= 0, warmup_fraction in [0, 1],
+    warmup_lr_init / lr_min finite >= 0. A ValueError names the key. Returns ``cfg``."""
+    for key, check in TRAINING_CHECKS.items():
+        if keys is not None and key not in keys:
+            continue
+        section, name = key.split(".")
+        node = cfg_get(cfg, section, None)
+        if node is not None:
+            check(key, cfg_get(node, name, _MISSING))
     return cfg
 
 
@@ -329,6 +354,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | list[str]) -> Co
         if parts[-1] not in node:
             raise KeyError(f"unknown config key {dotted!r} (known at that level: {sorted(node)})")
         node[parts[-1]] = _coerce(dotted, node[parts[-1]], value, raw.get(dotted))
+    check_training_keys(cfg, keys=set(overrides))   # the training keys set here (all of them: the Trainer)
     return check_config(cfg)
 
 

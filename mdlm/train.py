@@ -467,7 +467,7 @@ class Trainer:
         from .diffusion import MDLM
         from .nn import DIT
 
-        self.cfg = check_config(cfg)   # a config built or edited by hand: the same checks as the overrides
+        self.cfg = check_config(cfg, training=True)   # also the training keys (a config built or edited by hand)
         tr = cfg.trainer
         self._init_distributed(tr.strategy)
         self.out_dir = Path(tr.out_dir)

@@ -807,22 +807,33 @@ def _run_batch(ctx, spec_index, spec, backend, indices, case_list, timeout) -> l
 def _forkserver_context(preload: list):
     """The forkserver context with ``preload`` imported in the server under this process's import path.
 
-    The server is started as ``python -c ...``, which puts the working directory first on its path, and
-    Python 3.11's forkserver receives the parent's ``sys.path`` but does not apply it before the preload.
+    The server is started as ``python -c ...``, which puts the working directory first on its path, and the
+    forkserver (3.10-3.13 at least) receives the parent's ``sys.path`` but does not apply it before the preload.
     Run from a checkout whose installed package is not editable, the preload then imports the source tree
-    (``mdlm_kernels`` without its compiled ``_C``) instead of the installed package the tests run against.
-    So the server is started here, once, with ``PYTHONSAFEPATH`` (no working-directory entry) and
-    ``PYTHONPATH`` set to this process's path, and the environment restored afterwards.
+    (``mdlm_kernels`` without its compiled ``_C``) instead of the installed package the tests run against. So
+    the server is started here, once, from an empty temporary directory (the ``-c`` path entry then holds
+    nothing; ``PYTHONSAFEPATH`` drops it on 3.11+) with ``PYTHONPATH`` set to this process's path; this
+    process's working directory and environment are restored afterwards (the forked children return to this
+    process's directory and ``sys.path`` themselves).
     """
+    import atexit
+    import shutil
+    import tempfile
     from multiprocessing import forkserver
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(preload)
     saved = {k: os.environ.get(k) for k in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    here, empty = os.getcwd(), tempfile.mkdtemp(prefix="mdlm_forkserver_")
     os.environ["PYTHONSAFEPATH"] = "1"
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    os.environ["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
     try:
+        os.chdir(empty)
         forkserver.ensure_running()
     finally:
+        os.chdir(here)
+        # the server keeps the directory as its working directory (removing it under the live server broke
+        # the children's MKL load): removed when this process exits
+        atexit.register(shutil.rmtree, empty, True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

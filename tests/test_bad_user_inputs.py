@@ -206,8 +206,8 @@ BAD_CONFIG = [
     ("trainer.sample_steps=0", r"config key trainer\.sample_steps must be an integer >= 1, got 0"),
     ("trainer.max_steps=-1", r"config key trainer\.max_steps must be an integer >= 0, got -1"),
     ("trainer.save_every=-10", r"config key trainer\.save_every must be an integer >= 0, got -10"),
-    ("trainer.keep_checkpoints=0", r"config key trainer\.keep_checkpoints must be an integer >= 1, got 0"),
-    ("trainer.max_nonfinite=0", r"config key trainer\.max_nonfinite must be an integer >= 1, got 0"),
+    ("trainer.keep_checkpoints=-1", r"config key trainer\.keep_checkpoints must be an integer >= 0, got -1"),
+    ("trainer.max_nonfinite=-3", r"config key trainer\.max_nonfinite must be an integer >= 0, got -3"),
     ("trainer.grad_clip=nan", r"config key trainer\.grad_clip must be a number \(<= 0: no clipping\), got nan"),
     ("loader.global_batch_size=0", r"config key loader\.global_batch_size must be an integer >= 1, got 0"),
     ("loader.batch_size=-2", r"config key loader\.batch_size must be an integer >= 0, got -2"),
@@ -483,6 +483,34 @@ def test_reference_gumbel_dtype_and_fused_confidence_threshold():
     for th in ("a", float("nan"), 0.0, True):
         with pytest.raises(ValueError, match=rf"^confidence_threshold must be in \(0, 1\], got {th!r}"):
             fast_sample(m, 2, sampler="confidence", confidence_threshold=th)
+
+
+def test_training_keys_do_not_block_building_or_loading_a_model(tmp_path):
+    """The training keys are checked where a run trains (the Trainer) and where they are set (overrides), never
+    to build or load a model: a checkpoint whose config carries a value accepted before these checks (here
+    trainer.keep_checkpoints = 0, which the trainer reads as 2) still loads, and a published-style config whose
+    training sections cannot be evaluated (Hydra interpolations needing resolvers or devices) still builds a DIT."""
+    from mdlm.checkpoint import load_model
+    cfg = mdlm.preset("tiny", **SIZES)
+    cfg.trainer.keep_checkpoints = 0
+    cfg.optim.lr = float("nan")                       # would stop a Trainer; irrelevant to sampling
+    model = MDLM(cfg, V)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()},
+                "config": json.loads(json.dumps(cfg)), "model_meta": {"vocab_size": V, "mask_index": MASK}}, path)
+    loaded, _ = load_model(path)
+    assert loaded.config.trainer.keep_checkpoints == 0
+
+    class Unresolvable:                                # attribute access fails, as an unresolved interpolation
+        def __getattr__(self, name):
+            raise RuntimeError(f"cannot resolve {name}")
+
+    published = _namespace({"model": {"hidden_size": 32, "cond_dim": 16, "n_blocks": 1, "n_heads": 2,
+                                       "dropout": 0.0}})
+    published.loader = published.optim = published.lr_scheduler = Unresolvable()
+    mdlm.nn.DIT(published, V)
+    with pytest.raises(ValueError, match=r"config key optim\.lr must be a finite number >= 0\.0, got nan"):
+        mdlm.config.check_config(cfg, training=True)
 
 
 def test_trainer_checks_a_config_edited_by_hand(tmp_path):

@@ -27,6 +27,11 @@ def test_generation_rows_report_quality_side_by_side(tmp_path):
         assert 0.0 <= r["entropy"] <= math.log(16) + 1e-9          # per-sample unigram entropy of 16 tokens
         # no evaluator weights here (offline / no transformers): the reason is recorded, never a number
         assert r["gen_ppl"] is None and r["gen_ppl_skipped"]
+    # an explicit length wins over the checkpoint's, in every spelling argparse accepts
+    for flag in (["--length", "8"], ["--length=8"], ["--len", "8"]):
+        assert bs.main(["--device", "cpu", "--checkpoint", str(snap), "--batch", "1", "--steps", "1", "--iters",
+                        "1", "--skip-generation", "--out", str(tmp_path), "--tag", "l", *flag]) == 0
+        assert json.loads((tmp_path / "l.json").read_text())["length"] == 8, flag
 
 
 def test_quality_without_a_tokenizer_says_why():
