@@ -92,20 +92,29 @@ def _median(v):
     return None if n == 0 else (v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2]))
 
 
-def _quality(ids, decode, evaluator, device) -> dict:
-    """Sample quality of one provider's (B, L) ids: unigram entropy, and gen PPL when asked and possible.
-    ``evaluator``: a name or a loaded (model, tokenizer) pair (``mdlm.eval.load_evaluator``)."""
+def _evaluator(evaluator, decode, device):
+    """(loaded evaluator or None, reason gen PPL is skipped or None) for ``--gen-ppl``: loaded once for all rows."""
+    if not evaluator:
+        return None, None
+    if decode is None:
+        return None, "no tokenizer to decode the samples into text"
+    if not isinstance(evaluator, str):
+        return evaluator, None
+    from mdlm.eval import load_evaluator
+    try:
+        return load_evaluator(evaluator, device), None
+    except (RuntimeError, OSError, ImportError) as e:   # transformers or the weights absent (offline), ...
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _quality(ids, decode, evaluator, skipped, device) -> dict:
+    """Sample quality of one provider's (B, L) ids: unigram entropy, and gen PPL under a loaded ``evaluator``
+    (``_evaluator``), else the reason it is ``skipped`` (None: not asked)."""
     from mdlm.eval import generative_perplexity, unigram_entropy
-    q = {"entropy": unigram_entropy(ids), "gen_ppl": None, "gen_ppl_skipped": None}
-    if evaluator:
-        if decode is None:
-            q["gen_ppl_skipped"] = "no tokenizer to decode the samples into text"
-        else:
-            try:
-                q["gen_ppl"] = generative_perplexity(decode(ids), evaluator, device=device,
-                                                     max_length=int(ids.shape[1]), tokens=ids)["gen_ppl"]
-            except (RuntimeError, OSError, ImportError) as e:   # evaluator weights absent (offline), ...
-                q["gen_ppl_skipped"] = f"{type(e).__name__}: {e}"
+    q = {"entropy": unigram_entropy(ids), "gen_ppl": None, "gen_ppl_skipped": skipped}
+    if evaluator is not None:
+        q["gen_ppl"] = generative_perplexity(decode(ids), evaluator, device=device, max_length=int(ids.shape[1]),
+                                             tokens=ids)["gen_ppl"]
     return q
 
 
@@ -125,12 +134,7 @@ def generation_rows(preset, B, L, steps, device, timing: bool = True, model=None
                 p.normal_(0, 0.02)
     model = model.to(device).eval()
     model.validate_inputs = model.backbone.validate_inputs = False
-    if evaluator and decode is not None and isinstance(evaluator, str):   # load the evaluator once for all rows
-        from mdlm.eval import load_evaluator
-        try:
-            evaluator = load_evaluator(evaluator, device)
-        except (RuntimeError, OSError, ImportError):
-            pass   # each row records the reason (the same load fails there)
+    evaluator, skipped = _evaluator(evaluator, decode, device)
     res = []
     cases = [("reference ddpm_cache", lambda **kw: mdlm.sampling.sample(model, B, L, steps, "ddpm_cache"))]
     fused = [("fused ddpm_cache", dict(steps=steps, sampler="ddpm_cache")),
@@ -155,7 +159,7 @@ def generation_rows(preset, B, L, steps, device, timing: bool = True, model=None
         row = {"provider": name, "seconds": sec, "tokens_per_s": B * L / sec,
                "x_reference": res[0]["seconds"] / sec if res else 1.0,
                "model_calls": stats.get("model_calls"), "graph_replays": stats.get("graph_replays"),
-               **_quality(ids, decode, evaluator, device)}
+               **_quality(ids, decode, evaluator, skipped, device)}
         if timing and not name.startswith("reference"):
             st = fn(timing=True)[1]
             host, dev = st.get("host_s", []), st.get("device_s", [])

@@ -37,9 +37,13 @@ def test_generation_rows_report_quality_side_by_side(tmp_path):
 def test_quality_without_a_tokenizer_says_why():
     bs = load_bench("bench_sampling")
     ids = torch.tensor([[1, 1, 2, 3], [5, 5, 5, 5]])
-    q = bs._quality(ids, None, "gpt2", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    ev, skipped = bs._evaluator("gpt2", None, cpu)
+    assert ev is None and "no tokenizer" in skipped
+    q = bs._quality(ids, None, ev, skipped, cpu)
     # sample 0: counts {1: 2, 2: 1, 3: 1} -> 1.0397 nats; sample 1: one token -> 0
     want = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)) / 2
     assert abs(q["entropy"] - want) < 1e-12
-    assert q["gen_ppl"] is None and "no tokenizer" in q["gen_ppl_skipped"]
-    assert bs._quality(ids, None, None, torch.device("cpu"))["gen_ppl_skipped"] is None   # not asked: silent
+    assert q["gen_ppl"] is None and q["gen_ppl_skipped"] == skipped
+    assert bs._evaluator(None, None, cpu) == (None, None)                  # not asked: silent
+    assert bs._quality(ids, None, None, None, cpu)["gen_ppl_skipped"] is None
