@@ -26,6 +26,7 @@ import torch
 import mdlm_kernels as mk
 from mdlm_kernels import _ext
 from mdlm_kernels import backend as B
+from test_sampling_kernel import _chi2_crit   # the chi-square quantile the kernel tests use
 
 HAS_EXT = _ext.available()
 pytestmark = pytest.mark.skipif(not HAS_EXT, reason=f"extension not built: {_ext.error() if not HAS_EXT else ''}")
@@ -228,25 +229,6 @@ def test_distribution_across_chunks():
     stat = sum((o - q * n) ** 2 / (q * n) for o, q in zip(obs, probs))
     crit = _chi2_crit(len(probs) - 1)
     assert stat < crit, (stat, crit, obs, [q * n for q in probs])
-
-
-def _chi2_sf(x, k):
-    a, z = k / 2.0, x / 2.0
-    term = s = 1.0 / a
-    n = 1
-    while term > 1e-17 * s:
-        term *= z / (a + n)
-        s += term
-        n += 1
-    return 1.0 - math.exp(a * math.log(z) - z - math.lgamma(a)) * s
-
-
-def _chi2_crit(k, p=1e-6):
-    lo, hi = 0.0, 1000.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _chi2_sf(mid, k) > p else (lo, mid)
-    return lo
 
 
 # ---------------------------------------------------------------------------------------------
